@@ -23,9 +23,9 @@ setup(
     long_description_content_type="text/x-rst",
     license="GPL-2.0-only",
     python_requires=">=3.9",
-    packages=["buildbot_mailext", "buildbot_mailext.templates"],
-    package_dir={"buildbot_mailext": "buildbot_mailext", "buildbot_mailext.templates": "templates"},
-    package_data={"buildbot_mailext.templates": ["*.j2"]},
+    packages=["buildbot_mailext", "buildbot_mailext.packaged_templates"],
+    package_dir={"buildbot_mailext": "buildbot_mailext", "buildbot_mailext.packaged_templates": "templates"},
+    package_data={"buildbot_mailext.packaged_templates": ["*.j2"]},
     include_package_data=False,
     install_requires=["buildbot>=4.0,<5", "twisted", "jinja2", "pyOpenSSL", "service_identity"],
     extras_require={

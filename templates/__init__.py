@@ -1,1 +1,1 @@
-"""Packaged Jinja2 templates of buildbot-mailext (installed as buildbot_mailext.templates)."""
+"""Packaged Jinja2 templates of buildbot-mailext, installed as buildbot_mailext.packaged_templates."""
