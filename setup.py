@@ -1,8 +1,8 @@
 """Packaging for buildbot-mailext.
 
 The Jinja2 templates live in the top-level ``templates/`` folder (the layout
-promised to users) and are installed as the package ``buildbot_mailext.templates``
-so that a plain, non-editable ``pip install .`` carries them.
+promised to users) and are installed as the package ``buildbot_mailext.packaged_templates``
+(``buildbot_mailext.templates`` is the Jinja2 module) so that a plain, non-editable ``pip install .`` carries them.
 """
 import re
 from pathlib import Path

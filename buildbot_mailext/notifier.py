@@ -1,0 +1,471 @@
+"""The notifier: a drop-in ``MailNotifier`` subclass that wires the mail path together.
+
+It owns configuration glue (``checkConfig`` validates and reports every problem with
+``config.error``; ``reconfigService`` applies) and the order of the one-way path::
+
+    build event -> route generators (routes.py) -> formatter (formatter.py)
+                -> MIME message (message.py) -> transport (transport.py)
+
+Reports made by a route are sent one mail per report, to that route's recipients.
+Reports from plain generators (``generators=``, or the stock defaults when neither
+``routes`` nor ``generators`` is given) keep stock semantics: one mail per event, to the
+interested users and ``extraRecipients``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from types import SimpleNamespace
+from typing import Any, Sequence
+
+from buildbot import config
+from buildbot.process.properties import Properties
+from buildbot.process.results import statusToString
+from buildbot.reporters.generators.build import BuildStatusGenerator
+from buildbot.reporters.mail import MailNotifier
+from buildbot.reporters.utils import (
+    getURLForBuild,
+    merge_reports_prop,
+    merge_reports_prop_take_first,
+)
+from twisted.internet import defer
+from twisted.python import log
+
+from buildbot_mailext import message as mime
+from buildbot_mailext import preflight as preflight_mod
+from buildbot_mailext.formatter import MailExtFormatter
+from buildbot_mailext.relay import SmtpSettings, check_smtp_settings
+from buildbot_mailext.routes import (
+    MailExtWorkerMissingGenerator,
+    MailRoute,
+    RouteGenerator,
+    is_valid_address,
+)
+from buildbot_mailext.templates import TemplateSet
+from buildbot_mailext.transport import MailTransport
+
+# Template used when no routes are configured: it must read well for every result,
+# since the stock default modes mail passing builds too.
+DEFAULT_BUILD_TEMPLATE = "build_summary"
+WORKER_MISSING_TEMPLATE = "worker_missing"
+
+
+def _smtp_kwargs(
+    relayhost, smtpPort, useTls, useSmtps, smtpUser, smtpPassword,
+    tls_ca_file, tls_verify, allow_plaintext_auth, smtp_timeout,
+) -> dict[str, Any]:
+    return {
+        "relayhost": relayhost,
+        "smtpPort": smtpPort,
+        "useTls": useTls,
+        "useSmtps": useSmtps,
+        "smtpUser": smtpUser,
+        "smtpPassword": smtpPassword,
+        "tls_ca_file": tls_ca_file,
+        "tls_verify": tls_verify,
+        "allow_plaintext_auth": allow_plaintext_auth,
+        "smtp_timeout": smtp_timeout,
+    }
+
+
+class MailExtNotifier(MailNotifier):
+    """``MailNotifier`` with per-builder routes, file templates, a verified-TLS,
+    relayhost-aware transport and a preflight. Every stock argument keeps its meaning."""
+
+    def checkConfig(
+        self,
+        fromaddr,
+        relayhost="localhost",
+        lookup=None,
+        extraRecipients=None,
+        sendToInterestedUsers=True,
+        extraHeaders=None,
+        useTls=False,
+        useSmtps=False,
+        smtpUser=None,
+        smtpPassword=None,
+        smtpPort=25,
+        dumpMailsToLog=False,
+        generators=None,
+        routes=None,
+        templates_dir=None,
+        preflight="fail",
+        smtp_timeout=30.0,
+        tls_ca_file=None,
+        tls_verify=True,
+        allow_plaintext_auth=False,
+    ):
+        errors: list[str] = []
+        if not is_valid_address(fromaddr):
+            errors.append(
+                f"MailExtNotifier: fromaddr {fromaddr!r} is not a valid email address; "
+                "write it as 'buildbot@example.org' or 'Buildbot <buildbot@example.org>'"
+            )
+        routes = self._route_list(routes, errors)
+        if generators is not None and not isinstance(generators, list):
+            errors.append("MailExtNotifier: generators must be a list (or None)")
+            generators = None
+        if templates_dir is not None and not os.path.isdir(str(templates_dir)):
+            errors.append(
+                f"MailExtNotifier: templates_dir {templates_dir!r} is not a directory; "
+                "create it or fix the path (relative paths are relative to the master's "
+                "working directory)"
+            )
+            templates_dir = None
+        for route in routes:
+            errors.extend(route.config_errors())
+        errors.extend(self._template_errors(routes, generators, templates_dir))
+        errors.extend(mime.extra_header_errors(extraHeaders))
+        smtp = _smtp_kwargs(
+            relayhost, smtpPort, useTls, useSmtps, smtpUser, smtpPassword,
+            tls_ca_file, tls_verify, allow_plaintext_auth, smtp_timeout,
+        )
+        errors.extend(check_smtp_settings(**smtp))
+        errors.extend(preflight_mod.check_preflight_mode(preflight))
+
+        if self.name is None:
+            self.name = self._stable_name(fromaddr, smtp, routes, generators, templates_dir)
+        for error in errors:
+            config.error(error)
+
+        built = self._build_generators(routes, generators, templates_dir)
+        super().checkConfig(
+            fromaddr,
+            relayhost=relayhost,
+            lookup=lookup,
+            extraRecipients=extraRecipients,
+            sendToInterestedUsers=sendToInterestedUsers,
+            extraHeaders=extraHeaders if isinstance(extraHeaders, dict) else None,
+            useTls=useTls,
+            useSmtps=useSmtps,
+            smtpUser=smtpUser,
+            smtpPassword=smtpPassword,
+            smtpPort=smtpPort,
+            dumpMailsToLog=dumpMailsToLog,
+            generators=built,
+        )
+        if errors:
+            return
+        # What `preflight_targets()` and the CLI probe: known only after validation.
+        self._preflight_targets = (
+            SmtpSettings.from_notifier_args(**smtp),
+            fromaddr,
+            self._probe_recipients(routes, extraRecipients),
+        )
+        preflight_mod.run_at_config_load(*self._preflight_targets, preflight, self.name)
+
+    @defer.inlineCallbacks
+    def reconfigService(
+        self,
+        fromaddr,
+        relayhost="localhost",
+        lookup=None,
+        extraRecipients=None,
+        sendToInterestedUsers=True,
+        extraHeaders=None,
+        useTls=False,
+        useSmtps=False,
+        smtpUser=None,
+        smtpPassword=None,
+        smtpPort=25,
+        dumpMailsToLog=False,
+        generators=None,
+        routes=None,
+        templates_dir=None,
+        preflight="fail",
+        smtp_timeout=30.0,
+        tls_ca_file=None,
+        tls_verify=True,
+        allow_plaintext_auth=False,
+    ):
+        routes = self._route_list(routes, [])
+        yield super().reconfigService(
+            fromaddr,
+            relayhost=relayhost,
+            lookup=lookup,
+            extraRecipients=extraRecipients,
+            sendToInterestedUsers=sendToInterestedUsers,
+            extraHeaders=extraHeaders,
+            useTls=useTls,
+            useSmtps=useSmtps,
+            smtpUser=smtpUser,
+            smtpPassword=smtpPassword,
+            smtpPort=smtpPort,
+            dumpMailsToLog=dumpMailsToLog,
+            generators=self._build_generators(routes, generators, templates_dir),
+        )
+        self.routes = routes
+        self.templates_dir = templates_dir
+        self.preflight = preflight
+        # Secrets are rendered by now (BuildbotService renders `secrets` kwargs).
+        settings = SmtpSettings.from_notifier_args(
+            **_smtp_kwargs(
+                relayhost, smtpPort, useTls, useSmtps, smtpUser, smtpPassword,
+                tls_ca_file, tls_verify, allow_plaintext_auth, smtp_timeout,
+            )
+        )
+        if getattr(self, "transport", None) is None:
+            self.transport = MailTransport(settings)
+        elif self.transport.settings != settings:
+            # Pending retries go to the new server: that is usually why the config changed.
+            self.transport.settings = settings
+        if settings.tls != "none" and not settings.tls_verify:
+            log.msg(
+                f"{self.name}: WARNING tls_verify=False: the certificate of "
+                f"{settings.endpoint_label()} is NOT verified; anyone on the path can read "
+                "the mail and the SMTP password. Set tls_ca_file= instead."
+            )
+        start_check = getattr(preflight_mod, "run_at_start", None)
+        if start_check is not None:
+            # Not awaited: a slow relay must not delay the master's start.
+            recipients = self._probe_recipients(routes, extraRecipients)
+            start_check(settings, fromaddr, recipients, preflight, self.name)
+
+    @defer.inlineCallbacks
+    def stopService(self):
+        yield super().stopService()
+        if getattr(self, "transport", None) is not None:
+            yield self.transport.stop()
+
+    # ------------------------------------------------------------------ config helpers
+
+    @staticmethod
+    def _route_list(routes, errors: list[str]) -> list[MailRoute]:
+        if routes is None:
+            return []
+        if not isinstance(routes, (list, tuple)):
+            errors.append("MailExtNotifier: routes must be a list of MailRoute(...)")
+            return []
+        good = []
+        for route in routes:
+            if isinstance(route, MailRoute):
+                good.append(route)
+            else:
+                errors.append(
+                    f"MailExtNotifier: routes must contain MailRoute(...) objects, got {route!r}"
+                )
+        return good
+
+    @staticmethod
+    def _template_errors(routes, generators, templates_dir) -> list[str]:
+        template_set = TemplateSet(templates_dir)
+        names = {r.template for r in routes if isinstance(r.template, str) and r.template}
+        if not routes and generators is None:
+            names |= {DEFAULT_BUILD_TEMPLATE, WORKER_MISSING_TEMPLATE}
+        errors = []
+        for name in sorted(names):
+            for problem in template_set.validate(name):
+                errors.append(f"MailExtNotifier: template {name!r}: {problem}")
+        for route in routes:
+            if isinstance(route.subject, str):
+                errors.extend(
+                    f"MailRoute {route.name!r}: subject: {p}"
+                    for p in template_set.validate_string(route.subject, "subject")
+                )
+        return errors
+
+    @staticmethod
+    def _probe_recipients(routes, extraRecipients) -> list[str]:
+        recipients: list[str] = []
+        for address in [a for r in routes for a in r.to] + list(extraRecipients or []):
+            bare = mime.bare_address(address)
+            if bare and bare not in recipients:
+                recipients.append(bare)
+        return recipients
+
+    def _stable_name(self, fromaddr, smtp, routes, generators, templates_dir) -> str:
+        # Derived from the configuration only, so two notifiers never collide and an
+        # unchanged master.cfg keeps the same name on reconfig (no churn).
+        parts = [
+            repr(fromaddr),
+            repr(smtp["relayhost"]),
+            repr(smtp["smtpPort"]),
+            repr(templates_dir),
+            *(repr(sorted(vars(r).items(), key=lambda kv: kv[0])) for r in routes),
+            *(g.generate_name() for g in (generators or [])),
+        ]
+        digest = hashlib.sha1("\n".join(parts).encode("utf-8", "replace")).hexdigest()[:10]
+        return f"MailExtNotifier_{digest}"
+
+    def _build_generators(self, routes, generators, templates_dir) -> list:
+        built = [
+            RouteGenerator(
+                route,
+                MailExtFormatter(
+                    template=route.template,
+                    templates_dir=templates_dir,
+                    log_tail_lines=route.log_tail_lines,
+                    subject=route.subject,
+                ),
+            )
+            for route in routes
+        ]
+        if generators is not None:
+            built.extend(generators)
+        elif not routes:
+            built.extend(self._default_generators(templates_dir))
+        return built
+
+    @staticmethod
+    def _default_generators(templates_dir) -> list:
+        # Exactly stock's defaults (who gets mail does not change), rendered with ours.
+        return [
+            BuildStatusGenerator(
+                add_patch=True,
+                message_formatter=MailExtFormatter(
+                    template=DEFAULT_BUILD_TEMPLATE, templates_dir=templates_dir
+                ),
+            ),
+            MailExtWorkerMissingGenerator(
+                workers="all",
+                message_formatter=MailExtFormatter(
+                    template=WORKER_MISSING_TEMPLATE, templates_dir=templates_dir
+                ),
+            ),
+        ]
+
+    def preflight_targets(self) -> tuple[SmtpSettings, str, list[str]]:
+        """(settings, fromaddr, recipients) the preflight probes for this notifier."""
+        return self._preflight_targets
+
+    # ------------------------------------------------------------------ sending
+
+    @defer.inlineCallbacks
+    def sendMessage(self, reports):
+        routed = [r for r in reports if r.get("mailext_route") is not None]
+        plain = [r for r in reports if r.get("mailext_route") is None]
+        for report in routed:
+            yield self._send_route_report(report)
+        if plain:
+            yield self._send_merged_reports(plain)
+
+    @defer.inlineCallbacks
+    def _send_route_report(self, report):
+        route: MailRoute = report["mailext_route"]
+        to = list(route.to)
+        if route.send_to_interested_users:
+            interested = yield self._interested_addresses(report.get("users") or [])
+            to.extend(a for a in sorted(interested) if a not in to)
+        yield self._compose_and_send(
+            [report], to=to, cc=[], what=f"route {route.name!r}"
+        )
+
+    @defer.inlineCallbacks
+    def _send_merged_reports(self, reports):
+        worker = merge_reports_prop_take_first(reports, "worker")
+        users = merge_reports_prop(reports, "users")
+        if worker is not None:
+            # Worker-missing mail goes to the worker's notify addresses, as in stock.
+            to, cc = list(users), []
+        else:
+            interested = yield self.findInterrestedUsersEmails(list(users))
+            to, cc = self._stock_to_cc(interested)
+        yield self._compose_and_send(reports, to=to, cc=cc, what="generator")
+
+    def _stock_to_cc(self, interested) -> tuple[list[str], list[str]]:
+        # Same rule as stock processRecipients(): extras go to Cc when mailing
+        # interested users, so they can tell they are copied.
+        to = sorted(set(interested))
+        extras = list(self.extraRecipients or [])
+        if self.sendToInterestedUsers and to:
+            return to, [e for e in extras if e not in to]
+        return sorted(set(to) | set(extras)), []
+
+    def _interested_addresses(self, users):
+        # Stock's lookup and address clean-up, applied whatever the notifier-wide
+        # sendToInterestedUsers says: the route asked for interested users.
+        stand_in = SimpleNamespace(sendToInterestedUsers=True, lookup=self.lookup)
+        return MailNotifier.findInterrestedUsersEmails(stand_in, list(users))
+
+    @defer.inlineCallbacks
+    def _compose_and_send(self, reports, to: Sequence[str], cc: Sequence[str], what: str):
+        builds = merge_reports_prop(reports, "builds") or []
+        text, html = self._bodies(reports)
+        subject = merge_reports_prop_take_first(reports, "subject") or "Buildbot mail"
+        headers = {}
+        if builds:
+            build = builds[0]
+            headers["X-Buildbot-Builder"] = build["builder"]["name"]
+            headers["X-Buildbot-Result"] = statusToString(build["results"])
+            headers["X-Buildbot-URL"] = getURLForBuild(
+                self.master, build["builder"]["builderid"], build["number"]
+            )
+        extra = self.extraHeaders
+        if extra and len(builds) == 1:
+            props = Properties.fromDict(builds[0]["properties"])
+            props.master = self.master
+            extra = yield props.render(extra)
+        msg = mime.build_email(
+            subject=subject,
+            from_addr=self.fromaddr,
+            to=to,
+            cc=cc,
+            text=text,
+            html=html,
+            headers=headers,
+            extra_headers=extra,
+            attachments=self._attachments(reports, builds),
+        )
+        recipients = [mime.bare_address(a) for a in list(to) + list(cc)]
+        recipients = [r for i, r in enumerate(recipients) if r and r not in recipients[:i]]
+        label = self._label(what, builds, msg)
+        if not recipients:
+            log.msg(f"{self.name}: {label}: no recipients (nobody to mail), nothing sent")
+            return
+        yield self.sendMail(msg, recipients, label=label)
+
+    @staticmethod
+    def _label(what: str, builds, msg) -> str:
+        if builds:
+            b = builds[0]
+            subject = f"build {mime.one_line(b['builder']['name'], 80)!r} #{b['number']}"
+        else:
+            subject = "mail"
+        return f"{what} {subject} {msg['Message-ID']}"
+
+    @staticmethod
+    def _bodies(reports) -> tuple[str | None, str | None]:
+        """Text and HTML bodies of the reports, concatenated like stock merges them."""
+        texts, htmls = [], []
+        for report in reports:
+            ours = (report.get("extra_info") or {}).get("mailext")
+            if ours:
+                texts.append(ours["text"])
+                htmls.append(ours["html"])
+                continue
+            body = report.get("body")
+            if isinstance(body, bytes):
+                body = body.decode("utf-8", "replace")
+            if body is None:
+                continue
+            (htmls if report.get("type") == "html" else texts).append(str(body))
+        return ("\n".join(texts) if texts else None, "\n".join(htmls) if htmls else None)
+
+    @staticmethod
+    def _attachments(reports, builds) -> list[tuple[str, bytes]]:
+        # Stock attaches patches (add_patch) and log contents (want_logs_content).
+        attachments = []
+        for index, patch in enumerate(merge_reports_prop(reports, "patches") or []):
+            body = patch["body"]
+            attachments.append(
+                (f"source patch {index}", body if isinstance(body, bytes) else body.encode())
+            )
+        for entry in merge_reports_prop(reports, "logs") or []:
+            name = f"{entry['stepname']}.{entry['name']}"
+            if len(builds) > 1:
+                name = f"{entry['buildername']}.{name}"
+            content = entry["content"]["content"]
+            attachments.append((name, content.encode("utf-8", "replace")))
+        return attachments
+
+    def sendMail(self, m, recipients, label: str | None = None):
+        """Hand one message to the transport. Never errbacks: the transport logs and
+        retries what it cannot deliver now."""
+        data = mime.message_bytes(m) if hasattr(m, "as_bytes") else m.as_string().encode()
+        label = label or f"mail {m['Message-ID']}"
+        log.msg(f"{self.name}: sending {label} ({len(data)} bytes) to {', '.join(recipients)}")
+        if self.dumpMailsToLog:
+            log.msg(f"mail data:\n{data.decode('utf-8', 'replace')}")
+        return self.transport.send(mime.bare_address(self.fromaddr), recipients, data, label)
+
