@@ -1,0 +1,7 @@
+"""Make ``import harness`` work whatever pytest's import mode is."""
+import sys
+from pathlib import Path
+
+HERE = str(Path(__file__).resolve().parent)
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
