@@ -1,0 +1,106 @@
+"""MIME assembly and header hygiene (buildbot_mailext.message)."""
+
+import email
+from email import policy
+
+import pytest
+
+from buildbot_mailext import message as mime
+
+HOSTILE = "main\r\nBcc: victim@example.net\r\n\r\n<b>body</b>"
+
+
+def parse(msg):
+    return email.message_from_bytes(mime.message_bytes(msg), policy=policy.default)
+
+
+def sample(**overrides):
+    kwargs = dict(
+        subject="Build failed",
+        from_addr="Buildbot <buildbot@example.org>",
+        to=["dev-list@example.org"],
+        text="plain body",
+        html="<p>html body</p>",
+    )
+    kwargs.update(overrides)
+    return mime.build_email(**kwargs)
+
+
+def test_multipart_alternative_with_text_then_html():
+    received = parse(sample())
+    assert received.get_content_type() == "multipart/alternative"
+    parts = [p.get_content_type() for p in received.iter_parts()]
+    assert parts == ["text/plain", "text/html"]  # clients show the last one they can
+    assert received.get_body(("plain",)).get_content().strip() == "plain body"
+    assert received.get_body(("html",)).get_content().strip() == "<p>html body</p>"
+
+
+def test_standard_headers_present():
+    received = parse(sample(headers={"X-Buildbot-Builder": "runtests"}))
+    assert received["Auto-Submitted"] == "auto-generated"
+    assert received["Message-ID"].endswith("@example.org>")
+    assert received["X-Buildbot-Builder"] == "runtests"
+    assert received["Date"]
+    assert received["To"] == "dev-list@example.org"
+
+
+@pytest.mark.parametrize("field", ["subject", "header", "extra"])
+def test_crlf_cannot_inject_headers(field):
+    overrides = {
+        "subject": {"subject": HOSTILE},
+        "header": {"headers": {"X-Buildbot-Builder": HOSTILE}},
+        "extra": {"extra_headers": {"X-Project": HOSTILE}},
+    }[field]
+    raw = mime.message_bytes(sample(**overrides))
+    received = email.message_from_bytes(raw, policy=policy.default)
+    assert "Bcc" not in received
+    assert b"\r\nBcc:" not in raw
+    # The hostile text survives, flattened onto one line.
+    values = [v for _, v in received.items() if "victim@example.net" in v]
+    assert values and all("\n" not in v and "\r" not in v for v in values)
+
+
+def test_subject_is_capped_and_single_line():
+    received = parse(sample(subject="x" * 5000 + "\n" + "y"))
+    assert "\n" not in received["Subject"]
+    assert len(received["Subject"]) <= mime.MAX_SUBJECT
+
+
+def test_non_ascii_and_undecodable_text_survive():
+    lone_surrogate = "bad byte: \udcff"
+    received = parse(sample(subject="échec ☠", text="café " + lone_surrogate, html="<p>café</p>"))
+    assert received["Subject"] == "échec ☠"
+    body = received.get_body(("plain",)).get_content()
+    assert "café" in body and "bad byte: ?" in body
+
+
+def test_long_lines_are_encoded_within_smtp_limit():
+    raw = mime.message_bytes(sample(text="a" * 5000))
+    assert max(len(line) for line in raw.split(b"\r\n")) <= 998
+    received = email.message_from_bytes(raw, policy=policy.default)
+    assert received.get_body(("plain",)).get_content().strip() == "a" * 5000
+
+
+def test_html_only_and_attachments_make_mixed():
+    received = parse(sample(text=None, attachments=[("runtests.stdio", b"log\n")]))
+    assert received.get_content_type() == "multipart/mixed"
+    kinds = [p.get_content_type() for p in received.walk()]
+    assert "text/html" in kinds and "text/plain" in kinds
+    (attachment,) = list(received.iter_attachments())
+    assert attachment.get_filename() == "runtests.stdio"
+    assert attachment.get_content() in (b"log\n", "log\n")
+
+
+def test_extra_headers_validation():
+    assert mime.extra_header_errors(None) == []
+    assert mime.extra_header_errors({"X-Project": "p", "Reply-To": "a@b.org"}) == []
+    assert "must be a dictionary" in mime.extra_header_errors(["X"])[0]
+    (bad_name,) = mime.extra_header_errors({"X Bad": "v"})
+    assert "'X Bad' is not a valid header name" in bad_name
+    (structural,) = mime.extra_header_errors({"Subject": "v"})
+    assert "'Subject' is set by the notifier" in structural
+
+
+def test_bare_address_and_domain():
+    assert mime.bare_address("Dev List <dev@example.org>") == "dev@example.org"
+    assert mime.address_domain("Buildbot <bb@ci.example.org>") == "ci.example.org"
