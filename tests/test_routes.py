@@ -1,0 +1,84 @@
+"""Routing rules (buildbot_mailext.routes): MailRoute validation and mode matching."""
+
+import pytest
+from buildbot.process.results import EXCEPTION, FAILURE, SUCCESS, WARNINGS
+
+from buildbot_mailext.routes import MailRoute, expand_modes, wanted_by_results
+
+
+def test_lone_string_is_one_recipient_not_characters():
+    # Buildbot #3913: stock splits extraRecipients="a@b.org" into characters.
+    assert MailRoute("dev@example.org").to == ["dev@example.org"]
+    assert MailRoute(["a@example.org", "b@example.org"]).to == ["a@example.org", "b@example.org"]
+
+
+def test_default_name_is_stable_and_descriptive():
+    a = MailRoute("dev@example.org", builders=["runtests"])
+    b = MailRoute("dev@example.org", builders=["runtests"])
+    assert a.name == b.name == "runtests->dev@example.org"
+    assert a == b  # reconfig with an identical route does not churn
+    assert a != MailRoute("dev@example.org", builders=["docs"])
+
+
+def test_valid_route_has_no_errors():
+    route = MailRoute(
+        ["Dev List <dev@example.org>"], builders=["runtests"], mode=("failing", "fixed")
+    )
+    assert route.config_errors() == []
+
+
+@pytest.mark.parametrize(
+    "kwargs, expected",
+    [
+        (dict(to="not-an-address"), "'not-an-address' in 'to' is not a valid email address"),
+        (dict(to="dev@example.org\r\nBcc: x@y.org"), "is not a valid email address"),
+        (dict(to="dev@example.org", mode=("failing", "sometimes")), "unknown mode 'sometimes'"),
+        (dict(to=[]), "'to' is empty and send_to_interested_users is False"),
+        (dict(to="d@example.org", builders="runtests"), "'builders' must be a list of strings"),
+        (
+            dict(to="d@example.org", builders=["a"], tags=["t"]),
+            "give either 'builders' or 'tags', not both",
+        ),
+        (dict(to="d@example.org", log_tail_lines=-1), "'log_tail_lines' must be a whole number"),
+    ],
+)
+def test_config_errors_name_the_setting(kwargs, expected):
+    errors = MailRoute(**kwargs).config_errors()
+    assert any(expected in e for e in errors), errors
+    assert all(e.startswith("MailRoute ") for e in errors)
+
+
+def test_empty_to_is_fine_with_interested_users():
+    assert MailRoute([], send_to_interested_users=True).config_errors() == []
+
+
+def test_mode_shortcuts_match_buildbot():
+    assert expand_modes("all") == ("failing", "passing", "warnings", "exception", "cancelled")
+    assert expand_modes("warnings") == ("failing", "warnings")
+    assert expand_modes("failing") == ("failing",)
+
+
+@pytest.mark.parametrize(
+    "mode, results, previous, wanted",
+    [
+        (("failing",), FAILURE, None, True),
+        (("failing",), SUCCESS, FAILURE, False),
+        (("passing",), SUCCESS, None, True),
+        (("warnings",), WARNINGS, SUCCESS, True),
+        (("exception",), EXCEPTION, SUCCESS, True),
+        (("change",), SUCCESS, FAILURE, True),
+        (("change",), SUCCESS, SUCCESS, False),
+        (("problem",), FAILURE, SUCCESS, True),
+        (("problem",), FAILURE, FAILURE, False),
+        (("new_failure",), FAILURE, SUCCESS, True),
+        (("new_failure",), FAILURE, FAILURE, False),
+        (("still_failing",), FAILURE, FAILURE, True),
+        (("still_failing",), FAILURE, SUCCESS, False),
+        (("fixed",), SUCCESS, FAILURE, True),
+        (("fixed",), SUCCESS, SUCCESS, False),
+        (("fixed",), FAILURE, FAILURE, False),
+        (("new_failure", "fixed"), SUCCESS, FAILURE, True),
+    ],
+)
+def test_wanted_by_results(mode, results, previous, wanted):
+    assert wanted_by_results(mode, results, previous) is wanted
