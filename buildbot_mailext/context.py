@@ -1,0 +1,711 @@
+"""Template context for buildbot-mailext.
+
+This module owns turning what Buildbot knows about a build (the dict produced by
+``buildbot.reporters.utils.getDetailsForBuild`` plus a few extra data API reads) into the plain
+dict that the Jinja2 templates see. It also owns:
+
+- :func:`transition_for` / :func:`previous_build_same_branch`: "new failure", "fixed", ... computed
+  against the previous build of the same builder *and branch* (the routing module uses them),
+- reading only the *tail* of failed steps' logs, sanitised so hostile or huge logs are harmless,
+- :func:`sample_context`: a realistic context used for config-time validation and previews,
+- :func:`worker_context`: the context of "worker missing" mails.
+
+Every string that comes from a build (log lines, commit messages, branch names, properties) is
+treated as hostile: templates escape it in HTML (autoescape) and the subject is collapsed to one
+line by :mod:`buildbot_mailext.templates`; here we bound sizes and drop characters that are
+invalid in mail.
+"""
+
+from __future__ import annotations
+
+import datetime
+import re
+from typing import Any
+
+from twisted.python import log
+
+from buildbot.process.results import CANCELLED
+from buildbot.process.results import EXCEPTION
+from buildbot.process.results import FAILURE
+from buildbot.process.results import RETRY
+from buildbot.process.results import SKIPPED
+from buildbot.process.results import SUCCESS
+from buildbot.process.results import WARNINGS
+from buildbot.process.results import Results
+from buildbot.reporters import utils
+from buildbot.reporters.message import get_projects_text
+from buildbot.util.twisted import async_to_deferred
+
+__all__ = [
+    "build_context",
+    "previous_build_same_branch",
+    "read_log_tail",
+    "result_name",
+    "sample_context",
+    "transition_for",
+    "worker_context",
+]
+
+# How far back previous_build_same_branch walks: bounds the data API reads per mail.
+PREVIOUS_BUILD_SEARCH_LIMIT = 50
+# Builds with these results say nothing about the state of the code, so transitions skip them.
+_UNINFORMATIVE_RESULTS = (RETRY, CANCELLED, SKIPPED)
+_FAILING = (FAILURE, EXCEPTION)
+_PASSING = (SUCCESS, WARNINGS)
+
+# Size limits that keep megabytes of build output out of a mail.
+MAX_LINE_CHARS = 500
+MAX_TAIL_CHARS_PER_LOG = 64 * 1024
+MAX_TAIL_CHARS_PER_MAIL = 256 * 1024
+MAX_FAILED_STEPS_WITH_TAIL = 5
+MAX_LOGS_PER_STEP = 3
+MAX_CHANGES = 50
+MAX_FILES_PER_CHANGE = 50
+MAX_COMMENT_CHARS = 4000
+# Only stdio ('s') and text ('t') logs are read; HTML logs ('h') make no sense as a tail.
+_TAIL_LOG_TYPES = ("s", "t")
+
+TRANSITIONS = (
+    "first build",
+    "new failure",
+    "still failing",
+    "fixed",
+    "still passing",
+    "changed",
+    "unchanged",
+)
+
+
+def result_name(results: int | None) -> str | None:
+    if results is None:
+        return None
+    if 0 <= results < len(Results):
+        return Results[results]
+    return str(results)
+
+
+def transition_for(results: int | None, previous_results: int | None) -> str:
+    """Classify a build result against the previous (same builder, same branch) result.
+
+    FAILURE and EXCEPTION count as failing, SUCCESS and WARNINGS as passing. Returns one of
+    "first build" (no previous result), "new failure", "still failing", "fixed", "still passing"
+    (same passing result), "changed" (any other difference, e.g. success -> warnings) and
+    "unchanged" (same non-pass/fail result, e.g. cancelled twice).
+    """
+    if previous_results is None:
+        return "first build"
+    if results in _FAILING:
+        return "still failing" if previous_results in _FAILING else "new failure"
+    if results in _PASSING:
+        if previous_results in _FAILING:
+            return "fixed"
+        if previous_results == results:
+            return "still passing"
+        return "changed"
+    return "unchanged" if previous_results == results else "changed"
+
+
+def _prop(properties: dict | None, name: str, default: Any = None) -> Any:
+    # Buildbot's data API gives properties as {name: (value, source)}
+    if not properties or name not in properties:
+        return default
+    value = properties[name]
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        return value[0]
+    return value
+
+
+async def _build_properties(master, build: dict) -> dict:
+    if build.get("properties") is not None:
+        return build["properties"]
+    props = await master.data.get(("builds", build["buildid"], "properties"))
+    return props or {}
+
+
+async def _build_branch(master, build: dict) -> str | None:
+    props = await _build_properties(master, build)
+    branch = _prop(props, "branch")
+    if branch is None:
+        # builds without a branch property (e.g. forced builds) still have a sourcestamp branch
+        buildset = build.get("buildset")
+        if buildset and buildset.get("sourcestamps"):
+            branch = buildset["sourcestamps"][0].get("branch")
+    return branch
+
+
+@async_to_deferred
+async def previous_build_same_branch(master, build: dict) -> dict | None:
+    """Return the most recent earlier finished build of the same builder and branch, or None.
+
+    Buildbot's ``getPreviousBuild`` only looks at build number n-1, which on a builder shared by
+    several branches compares against an unrelated branch. We walk back at most
+    ``PREVIOUS_BUILD_SEARCH_LIMIT`` build numbers, skipping unfinished builds and builds whose
+    result says nothing about the code (retry, cancelled, skipped). The branch is the ``branch``
+    property (falling back to the first sourcestamp's branch when the property is absent).
+    Returns the data API build dict of the previous build.
+    """
+    branch = await _build_branch(master, build)
+    number = build["number"] - 1
+    lowest = max(0, build["number"] - PREVIOUS_BUILD_SEARCH_LIMIT)
+    while number >= lowest:
+        prev = await master.data.get(("builders", build["builderid"], "builds", number))
+        number -= 1
+        if not prev or prev.get("results") is None or prev["results"] in _UNINFORMATIVE_RESULTS:
+            continue
+        props = await master.data.get(("builds", prev["buildid"], "properties"))
+        prev_branch = _prop(props, "branch")
+        if prev_branch is None:
+            # same fallback as for the current build, so both sides are compared alike
+            prev_branch = await _sourcestamp_branch_of(master, prev)
+        if prev_branch == branch:
+            return prev
+    return None
+
+
+async def _sourcestamp_branch_of(master, build: dict) -> str | None:
+    try:
+        breq = await master.data.get(("buildrequests", build["buildrequestid"]))
+        if not breq:
+            return None
+        buildset = await master.data.get(("buildsets", breq["buildsetid"]))
+        if buildset and buildset.get("sourcestamps"):
+            return buildset["sourcestamps"][0].get("branch")
+    except Exception as e:  # a broken old build must not stop the mail
+        log.msg(f"buildbot-mailext: cannot read sourcestamp of build {build.get('buildid')}: {e}")
+    return None
+
+
+# --- sanitising --------------------------------------------------------------------------------
+
+# ANSI escape sequences (colours, cursor moves) are common in build logs and useless in mail
+_ANSI_RE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b[@-Z\\-_]")
+# control characters other than TAB; they are invalid or dangerous in mail bodies
+_LINE_CONTROL_RE = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+
+
+def _safe_str(value: Any) -> str:
+    """Return ``value`` as a str that can be encoded as UTF-8 (lone surrogates -> U+FFFD)."""
+    if value is None:
+        return ""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    text = value if isinstance(value, str) else str(value)
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        # surrogatepass turns lone surrogates into bytes that are invalid UTF-8, which the
+        # decode then replaces: no surrogate survives, the rest of the text is unchanged
+        return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+
+
+def _clean_line(line: str, max_chars: int = MAX_LINE_CHARS) -> str:
+    text = _safe_str(line).rstrip("\r\n")
+    # a CR inside a line is a progress-bar redraw: only the last redraw is what a terminal shows
+    if "\r" in text:
+        text = text.rsplit("\r", 1)[-1] or text.replace("\r", "")
+    text = _ANSI_RE.sub("", text)
+    text = _LINE_CONTROL_RE.sub("", text)
+    if len(text) > max_chars:
+        text = text[:max_chars] + " [... line truncated]"
+    return text
+
+
+def _clean_text(value: Any, max_chars: int) -> str:
+    """Multi-line text (commit messages): keep newlines, drop other control chars, cap length."""
+    text = _safe_str(value).replace("\r\n", "\n").replace("\r", "\n")
+    text = _ANSI_RE.sub("", text)
+    text = re.sub("[\x00-\x08\x0b-\x1f\x7f-\x9f]", "", text)
+    if len(text) > max_chars:
+        text = text[:max_chars] + "\n[... truncated]"
+    return text
+
+
+def _fmt_time(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, (int, float)):
+        value = datetime.datetime.fromtimestamp(value, tz=datetime.timezone.utc)
+    if isinstance(value, datetime.datetime):
+        if value.tzinfo is not None:
+            value = value.astimezone(datetime.timezone.utc)
+        return value.strftime("%Y-%m-%d %H:%M:%S UTC")
+    return _safe_str(value)
+
+
+def _to_epoch(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, datetime.datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=datetime.timezone.utc)
+        return value.timestamp()
+    return None
+
+
+def format_duration(seconds: float | None) -> str | None:
+    """Human duration: "45s", "3m 05s", "2h 03m 05s", "1d 02h 03m"."""
+    if seconds is None or seconds < 0:
+        return None
+    s = int(round(seconds))
+    days, s = divmod(s, 86400)
+    hours, s = divmod(s, 3600)
+    minutes, s = divmod(s, 60)
+    if days:
+        return f"{days}d {hours:02d}h {minutes:02d}m"
+    if hours:
+        return f"{hours}h {minutes:02d}m {s:02d}s"
+    if minutes:
+        return f"{minutes}m {s:02d}s"
+    return f"{s}s"
+
+
+# --- log tails ---------------------------------------------------------------------------------
+
+
+async def read_log_tail(
+    master, log_dict: dict, n: int, max_chars: int = MAX_TAIL_CHARS_PER_LOG
+) -> dict:
+    """Read the last ``n`` lines of a log without reading the rest of it.
+
+    Returns ``{"name", "url", "lines": list[str], "entries": list[{"stream", "text"}],
+    "truncated": bool, "total_lines": int}``. For stdio logs the one-character stream prefix
+    ('o' stdout, 'e' stderr, 'h' header) is stripped from ``lines`` and kept in
+    ``entries[i]["stream"]``; header lines (e.g. "program finished with exit code 2") are kept
+    because they usually are the most useful lines of a failed step's tail.
+    ``truncated`` is True when the log has more lines than are shown.
+    """
+    total = int(log_dict.get("num_lines") or 0)
+    result: dict[str, Any] = {
+        "name": _clean_line(log_dict.get("name", "")),
+        "url": log_dict.get("url"),
+        "lines": [],
+        "entries": [],
+        "truncated": False,
+        "total_lines": total,
+    }
+    if n <= 0 or total <= 0:
+        result["truncated"] = total > 0
+        return result
+    first_line = max(0, total - n)
+    last_line = total - 1
+    try:
+        content = await master.db.logs.getLogLines(log_dict["logid"], first_line, last_line)
+    except Exception as e:  # e.g. undecodable bytes in a chunk: the mail must still go out
+        log.msg(f"buildbot-mailext: cannot read tail of log {log_dict.get('logid')}: {e}")
+        result["lines"] = [f"[log tail unavailable: {type(e).__name__}]"]
+        result["entries"] = [{"stream": "", "text": result["lines"][0]}]
+        result["truncated"] = True
+        return result
+
+    raw_lines = _safe_str(content).split("\n")
+    if raw_lines and raw_lines[-1] == "":
+        raw_lines.pop()  # getLogLines ends every line with "\n"
+    # never more than n, even if the db returned more
+    raw_lines = raw_lines[-n:]
+    is_stdio = log_dict.get("type") == "s"
+    entries = []
+    for raw in raw_lines:
+        stream = ""
+        if is_stdio and raw:
+            stream, raw = raw[0], raw[1:]
+        entries.append({"stream": stream, "text": _clean_line(raw)})
+
+    # keep the *end* of the tail when the size budget is exceeded
+    used = 0
+    kept: list[dict] = []
+    for entry in reversed(entries):
+        used += len(entry["text"]) + 1
+        if used > max_chars:
+            break
+        kept.append(entry)
+    kept.reverse()
+
+    result["entries"] = kept
+    result["lines"] = [e["text"] for e in kept]
+    result["truncated"] = len(kept) < total
+    return result
+
+
+# --- the build context -------------------------------------------------------------------------
+
+
+def _step_url(build_url: str, step: dict) -> str:
+    return f"{build_url}/steps/{step['number']}"
+
+
+def _step_summary(step: dict, build_url: str) -> dict:
+    return {
+        "name": _clean_line(step.get("name", ""), 200),
+        "number": step.get("number"),
+        "results": step.get("results"),
+        "result": result_name(step.get("results")),
+        "state_string": _clean_line(step.get("state_string") or "", 200),
+        "url": _step_url(build_url, step),
+        "hidden": bool(step.get("hidden")),
+        "duration": _duration(step.get("started_at"), step.get("complete_at")),
+    }
+
+
+def _duration(started_at: Any, complete_at: Any) -> str | None:
+    started, completed = _to_epoch(started_at), _to_epoch(complete_at)
+    if started is None or completed is None:
+        return None
+    return format_duration(completed - started)
+
+
+def _change_summary(change: dict) -> dict:
+    files = list(change.get("files") or [])
+    return {
+        "author": _clean_line(change.get("author") or "", 200),
+        "committer": _clean_line(change.get("committer") or "", 200),
+        "revision": _clean_line(change.get("revision") or "", 200) or None,
+        "comments": _clean_text(change.get("comments"), MAX_COMMENT_CHARS),
+        "branch": _clean_line(change.get("branch") or "", 200) or None,
+        "repository": _clean_line(change.get("repository") or "", 300),
+        "project": _clean_line(change.get("project") or "", 200),
+        "revlink": _clean_line(change.get("revlink") or "", 500) or None,
+        "when": _fmt_time(change.get("when_timestamp")),
+        "files": [_clean_line(f, 300) for f in files[:MAX_FILES_PER_CHANGE]],
+        "files_total": len(files),
+    }
+
+
+def _revision(properties: dict, sourcestamps: list) -> str | None:
+    got = _prop(properties, "got_revision")
+    if isinstance(got, dict):
+        # multi-codebase builds: {codebase: revision}
+        got = ", ".join(f"{cb}: {rev}" for cb, rev in sorted(got.items()) if rev) or None
+    if got:
+        return _clean_line(got, 200)
+    for ss in sourcestamps:
+        if ss.get("revision"):
+            return _clean_line(ss["revision"], 200)
+    return None
+
+
+def _summary(build: dict, results: int | None) -> str:
+    state = build.get("state_string") or ""
+    if results == SUCCESS:
+        return "Build succeeded"
+    if results == WARNINGS:
+        return f"Build had warnings: {state}" if state else "Build had warnings"
+    if results == CANCELLED:
+        return "Build was cancelled"
+    if results is None:
+        return f"Build in progress: {state}" if state else "Build in progress"
+    return f"Build failed: {state}" if state else "Build failed"
+
+
+def _build_line(build: dict) -> dict:
+    """A short description of one build, used for the ``builds`` list."""
+    builder = build.get("builder") or {}
+    return {
+        "buildername": _clean_line(builder.get("name", ""), 200),
+        "buildnumber": build.get("number"),
+        "results": build.get("results"),
+        "result": result_name(build.get("results")),
+        "state_string": _clean_line(build.get("state_string") or "", 200),
+        "url": build.get("url"),
+    }
+
+
+@async_to_deferred
+async def build_context(
+    master, build: dict, mode: Any, users: list[str] | None, log_tail_lines: int = 40
+) -> dict:
+    """Build the template context of ``build`` (a dict from ``utils.getDetailsForBuild``).
+
+    Missing details (properties, steps, logs) are fetched here, so a build dict prepared with fewer
+    ``want_*`` flags still gives a complete context. See docs/readme-templates.rst for the keys.
+    """
+    properties = await _build_properties(master, build)
+    builder = build.get("builder")
+    if builder is None:
+        builder = await master.data.get(("builders", build["builderid"])) or {}
+    buildset = build.get("buildset") or {}
+    sourcestamps = list(buildset.get("sourcestamps") or [])
+    build_url = utils.getURLForBuild(master, build["builderid"], build["number"])
+    results = build.get("results")
+
+    steps = build.get("steps")
+    if steps is None:
+        steps = list(await master.data.get(("builds", build["buildid"], "steps")) or [])
+
+    prev = await previous_build_same_branch(master, build)
+    previous_results = prev["results"] if prev else None
+
+    failed_steps = []
+    budget = MAX_TAIL_CHARS_PER_MAIL
+    for step in steps:
+        if step.get("results") not in _FAILING:
+            continue
+        summary = _step_summary(step, build_url)
+        summary["log_tail"] = []
+        if len(failed_steps) < MAX_FAILED_STEPS_WITH_TAIL and budget > 0 and log_tail_lines > 0:
+            logs = step.get("logs")
+            if logs is None:
+                logs = list(await master.data.get(("steps", step["stepid"], "logs")) or [])
+            for log_dict in [l for l in logs if l.get("type") in _TAIL_LOG_TYPES][
+                :MAX_LOGS_PER_STEP
+            ]:
+                if budget <= 0:
+                    break
+                if not log_dict.get("url"):
+                    log_dict = dict(log_dict)
+                    log_dict["url"] = utils.get_url_for_log(
+                        master, build["builderid"], build["number"], step["number"], log_dict["slug"]
+                    )
+                tail = await read_log_tail(
+                    master, log_dict, log_tail_lines, max_chars=min(MAX_TAIL_CHARS_PER_LOG, budget)
+                )
+                budget -= sum(len(l) + 1 for l in tail["lines"])
+                summary["log_tail"].append(tail)
+        failed_steps.append(summary)
+
+    changes = []
+    try:
+        raw_changes = await master.data.get(("builds", build["buildid"], "changes"))
+        changes = [_change_summary(c) for c in list(raw_changes or [])[:MAX_CHANGES]]
+    except Exception as e:  # changes are nice to have; never lose the mail over them
+        log.msg(f"buildbot-mailext: cannot read changes of build {build.get('buildid')}: {e}")
+
+    branch = _prop(properties, "branch")
+    if branch is None and sourcestamps:
+        branch = sourcestamps[0].get("branch")
+    worker = _prop(properties, "workername", "<unknown>")
+    reason = _prop(properties, "reason") or buildset.get("reason")
+
+    ctx = {
+        "build": build,
+        "buildername": _clean_line(builder.get("name", ""), 200),
+        "builder_tags": list(builder.get("tags") or []),
+        "buildnumber": build["number"],
+        "results": results,
+        "result": result_name(results),
+        "previous_results": previous_results,
+        "previous_result": result_name(previous_results),
+        "previous_build_url": (
+            utils.getURLForBuild(master, prev["builderid"], prev["number"]) if prev else None
+        ),
+        "transition": transition_for(results, previous_results),
+        "summary": _summary(build, results),
+        "state_string": _clean_line(build.get("state_string") or "", 300),
+        "failed_steps": failed_steps,
+        "steps": [_step_summary(s, build_url) for s in steps],
+        "changes": changes,
+        "blamelist": [_clean_line(u, 200) for u in (users or [])],
+        "worker": _clean_line(worker, 200),
+        "properties": {name: _prop(properties, name) for name in properties},
+        "branch": _clean_line(branch, 300) if branch is not None else None,
+        "revision": _revision(properties, sourcestamps),
+        "sourcestamps": [
+            {
+                "branch": ss.get("branch"),
+                "revision": ss.get("revision"),
+                "repository": ss.get("repository"),
+                "project": ss.get("project"),
+                "codebase": ss.get("codebase"),
+            }
+            for ss in sourcestamps
+        ],
+        "build_url": build_url,
+        "buildbot_url": master.config.buildbotURL,
+        "title": master.config.title,
+        "project": get_projects_text(sourcestamps, master),
+        "reason": _clean_line(reason, 500) if reason is not None else None,
+        "started_at": _fmt_time(build.get("started_at")),
+        "complete_at": _fmt_time(build.get("complete_at")),
+        "duration": _duration(build.get("started_at"), build.get("complete_at")),
+        "mode": list(mode) if isinstance(mode, (list, tuple)) else ([mode] if mode else []),
+        "is_buildset": False,
+        "template_error": None,
+    }
+    ctx["builds"] = [dict(_build_line(build), buildername=ctx["buildername"], url=build_url)]
+    return ctx
+
+
+def worker_context(master, worker: dict) -> dict:
+    """Context of a "worker missing" mail; ``worker`` is the dict WorkerMissingGenerator passes."""
+    info = worker.get("workerinfo") or {}
+    return {
+        "worker": _clean_line(worker.get("name", "<unknown>"), 200),
+        "workerid": worker.get("workerid"),
+        "worker_admin": _clean_line(info.get("admin"), 300) if info.get("admin") else None,
+        "worker_host": _clean_line(info.get("host"), 300) if info.get("host") else None,
+        "workerinfo": info,
+        "last_connection": _safe_str(worker.get("last_connection")) or None,
+        "notify": list(worker.get("notify") or []),
+        "buildbot_url": master.config.buildbotURL,
+        "title": master.config.title,
+        "template_error": None,
+    }
+
+
+# --- sample context ----------------------------------------------------------------------------
+
+
+def sample_context(kind: str = "build") -> dict:
+    """A realistic, fully populated context that needs no master.
+
+    ``kind="build"`` (default) gives a build context, ``kind="worker"`` a worker-missing context.
+    Used by :meth:`TemplateSet.validate` and the ``preview`` command. A new dict every call, so
+    callers may modify it.
+    """
+    if kind == "worker":
+        return {
+            "worker": "linux-worker-03",
+            "workerid": 3,
+            "worker_admin": "Build Team <build-team@example.org>",
+            "worker_host": "ci-linux-03.example.org",
+            "workerinfo": {"admin": "Build Team <build-team@example.org>", "host": "ci-linux-03.example.org"},
+            "last_connection": "Tue, 25 Nov 2025 17:02:11 UTC",
+            "notify": ["build-team@example.org"],
+            "buildbot_url": "https://buildbot.example.org/",
+            "title": "Example CI",
+            "template_error": None,
+        }
+    build_url = "https://buildbot.example.org/#/builders/7/builds/1234"
+    log_url = f"{build_url}/steps/3/logs/stdio"
+    tail_lines = [
+        "gcc -O2 -Wall -c src/parser.c -o build/parser.o",
+        "src/parser.c: In function 'parse_header':",
+        "src/parser.c:212:9: error: 'len' undeclared (first use in this function)",
+        "make: *** [Makefile:42: build/parser.o] Error 1",
+        "program finished with exit code 2",
+    ]
+    streams = ["o", "e", "e", "e", "h"]
+    build = {
+        "buildid": 4321,
+        "number": 1234,
+        "builderid": 7,
+        "buildrequestid": 9876,
+        "workerid": 3,
+        "masterid": 1,
+        "results": FAILURE,
+        "state_string": "failed compile",
+        "complete": True,
+        "started_at": datetime.datetime(2025, 11, 25, 17, 0, 0, tzinfo=datetime.timezone.utc),
+        "complete_at": datetime.datetime(2025, 11, 25, 17, 4, 5, tzinfo=datetime.timezone.utc),
+        "url": build_url,
+        "builder": {"builderid": 7, "name": "linux-x86_64", "tags": ["linux", "release"]},
+        "buildset": {
+            "bsid": 555,
+            "reason": "The SingleBranchScheduler scheduler named 'main' triggered this build",
+            "results": FAILURE,
+            "sourcestamps": [
+                {
+                    "ssid": 66,
+                    "branch": "main",
+                    "revision": "3f2a9c1d8e7b6a5f4e3d2c1b0a9f8e7d6c5b4a39",
+                    "repository": "https://git.example.org/project.git",
+                    "project": "example",
+                    "codebase": "",
+                    "patch": None,
+                }
+            ],
+        },
+        "properties": {
+            "branch": ("main", "Build"),
+            "got_revision": ("3f2a9c1d8e7b6a5f4e3d2c1b0a9f8e7d6c5b4a39", "Git"),
+            "workername": ("linux-worker-03", "Worker"),
+            "buildername": ("linux-x86_64", "Builder"),
+            "buildnumber": (1234, "Build"),
+            "reason": ("The SingleBranchScheduler scheduler named 'main' triggered this build", "Build"),
+            "scheduler": ("main", "Scheduler"),
+        },
+        "steps": [],
+        "prev_build": None,
+    }
+    steps = [
+        {"name": "git", "number": 0, "results": SUCCESS, "state_string": "update",
+         "url": f"{build_url}/steps/0", "hidden": False, "duration": "4s"},
+        {"name": "configure", "number": 1, "results": SUCCESS, "state_string": "configured",
+         "url": f"{build_url}/steps/1", "hidden": False, "duration": "12s"},
+        {"name": "lint", "number": 2, "results": WARNINGS, "state_string": "lint warnings=3",
+         "url": f"{build_url}/steps/2", "hidden": False, "duration": "31s"},
+        {"name": "compile", "number": 3, "results": FAILURE, "state_string": "failed compile",
+         "url": f"{build_url}/steps/3", "hidden": False, "duration": "3m 18s"},
+    ]
+    for s in steps:
+        s["result"] = result_name(s["results"])
+    failed = dict(steps[3])
+    failed["log_tail"] = [
+        {
+            "name": "stdio",
+            "url": log_url,
+            "lines": list(tail_lines),
+            "entries": [{"stream": st, "text": t} for st, t in zip(streams, tail_lines)],
+            "truncated": True,
+            "total_lines": 5123,
+        }
+    ]
+    props = {k: v[0] for k, v in build["properties"].items()}
+    return {
+        "build": build,
+        "buildername": "linux-x86_64",
+        "builder_tags": ["linux", "release"],
+        "buildnumber": 1234,
+        "results": FAILURE,
+        "result": "failure",
+        "previous_results": SUCCESS,
+        "previous_result": "success",
+        "previous_build_url": "https://buildbot.example.org/#/builders/7/builds/1230",
+        "transition": "new failure",
+        "summary": "Build failed: failed compile",
+        "state_string": "failed compile",
+        "failed_steps": [failed],
+        "steps": steps,
+        "changes": [
+            {
+                "author": "Jane Developer <jane@example.org>",
+                "committer": "Jane Developer <jane@example.org>",
+                "revision": "3f2a9c1d8e7b6a5f4e3d2c1b0a9f8e7d6c5b4a39",
+                "comments": "parser: speed up header parsing\n\nAvoid a copy of every header line.",
+                "branch": "main",
+                "repository": "https://git.example.org/project.git",
+                "project": "example",
+                "revlink": "https://git.example.org/project/commit/3f2a9c1d",
+                "when": "2025-11-25 16:58:40 UTC",
+                "files": ["src/parser.c", "src/parser.h"],
+                "files_total": 2,
+            }
+        ],
+        "blamelist": ["Jane Developer <jane@example.org>"],
+        "worker": "linux-worker-03",
+        "properties": props,
+        "branch": "main",
+        "revision": "3f2a9c1d8e7b6a5f4e3d2c1b0a9f8e7d6c5b4a39",
+        "sourcestamps": [
+            {
+                "branch": "main",
+                "revision": "3f2a9c1d8e7b6a5f4e3d2c1b0a9f8e7d6c5b4a39",
+                "repository": "https://git.example.org/project.git",
+                "project": "example",
+                "codebase": "",
+            }
+        ],
+        "build_url": build_url,
+        "buildbot_url": "https://buildbot.example.org/",
+        "title": "Example CI",
+        "project": "example",
+        "reason": "The SingleBranchScheduler scheduler named 'main' triggered this build",
+        "started_at": "2025-11-25 17:00:00 UTC",
+        "complete_at": "2025-11-25 17:04:05 UTC",
+        "duration": "4m 05s",
+        "mode": ["failing"],
+        "is_buildset": False,
+        "template_error": None,
+        "builds": [
+            {
+                "buildername": "linux-x86_64",
+                "buildnumber": 1234,
+                "results": FAILURE,
+                "result": "failure",
+                "state_string": "failed compile",
+                "url": build_url,
+            }
+        ],
+    }
