@@ -19,7 +19,7 @@ from types import SimpleNamespace
 from typing import Any, ClassVar, Sequence
 
 from buildbot import util
-from buildbot.process.results import RETRY
+from buildbot.process.results import EXCEPTION, FAILURE, RETRY
 from buildbot.reporters import utils
 from buildbot.reporters.generators.build import BuildStatusGenerator
 from buildbot.reporters.generators.worker import WorkerMissingGenerator
@@ -191,6 +191,9 @@ def wanted_by_results(mode: Sequence[str], results: int, previous_results: int |
         if BuildStatusGenerator.is_message_needed_by_results(SimpleNamespace(mode=stock), build):
             return True
     transition = transition_for(results, previous_results)
+    if transition == "first build" and results in (FAILURE, EXCEPTION):
+        # Nothing failed before it on this branch: for a mailing list that is news.
+        transition = "new failure"
     return any(TRANSITION_MODES.get(m) == transition for m in mode)
 
 

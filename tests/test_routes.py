@@ -72,6 +72,8 @@ def test_mode_shortcuts_match_buildbot():
         (("problem",), FAILURE, FAILURE, False),
         (("new_failure",), FAILURE, SUCCESS, True),
         (("new_failure",), FAILURE, FAILURE, False),
+        (("new_failure",), FAILURE, None, True),  # first build of the branch fails
+        (("new_failure",), SUCCESS, None, False),
         (("still_failing",), FAILURE, FAILURE, True),
         (("still_failing",), FAILURE, SUCCESS, False),
         (("fixed",), SUCCESS, FAILURE, True),
