@@ -58,6 +58,7 @@ class MailExtFormatter(MessageFormatterBase):
         "template",
         "templates_dir",
         "log_tail_lines",
+        "subject",
         "want_properties",
         "want_steps",
         "want_logs",
@@ -75,6 +76,7 @@ class MailExtFormatter(MessageFormatterBase):
         want_logs: bool = True,
         want_logs_content: bool | list = False,
         ctx: dict | None = None,
+        subject: str | None = None,
     ):
         super().__init__(
             ctx=ctx,
@@ -86,6 +88,8 @@ class MailExtFormatter(MessageFormatterBase):
         self.template = template
         self.templates_dir = templates_dir
         self.log_tail_lines = log_tail_lines
+        # An inline Jinja2 subject (MailRoute(subject=...)) replaces NAME.subject.j2.
+        self.subject = subject
         self.templates = TemplateSet(templates_dir)
         # the packaged templates alone: what we fall back to when a custom template breaks
         self.packaged = TemplateSet(None)
@@ -108,6 +112,10 @@ class MailExtFormatter(MessageFormatterBase):
             sample = sample_context(kind="worker" if _is_worker_template(name) else "build")
             sample.update(self.context)
             errors.extend(self.templates.validate(name, sample))
+        if self.subject is not None:
+            sample = sample_context()
+            sample.update(self.context)
+            errors.extend(self.templates.validate_string(self.subject, "subject", sample))
         return errors
 
     # --- rendering with fallback ---------------------------------------------------------------
@@ -125,7 +133,10 @@ class MailExtFormatter(MessageFormatterBase):
         Returns (mail, name actually rendered, error text or None).
         """
         try:
-            return self.templates.render(name, context), name, None
+            mail = self.templates.render(name, context)
+            if self.subject is not None and kind == "build":
+                mail.subject = collapse_subject(self.templates.render_string(self.subject, context))
+            return mail, name, None
         except Exception as e:
             error = f"{type(e).__name__}: {e}"
             where = getattr(e, "filename", None)

@@ -129,7 +129,9 @@ class MailExtNotifier(MailNotifier):
         for error in errors:
             config.error(error)
 
-        built = self._build_generators(routes, generators, templates_dir)
+        # Formatters validate their templates when built: only build them from a config
+        # that passed, or every template error would be reported twice.
+        built = [] if errors else self._build_generators(routes, generators, templates_dir)
         super().checkConfig(
             fromaddr,
             relayhost=relayhost,

@@ -295,6 +295,28 @@ class TemplateSet:
                 errors.append(f"{where}: rendering failed: {type(e).__name__}: {e}")
         return errors
 
+    def validate_string(self, source: str, what: str, context: dict | None = None) -> list[str]:
+        """Config-time check of an inline template string (e.g. a route's ``subject``)."""
+        if context is None:
+            from buildbot_mailext.context import sample_context
+
+            context = sample_context()
+        try:
+            self.text_env.from_string(source).render(context)
+        except jinja2.TemplateSyntaxError as e:
+            return [f"{what} {source!r}: Jinja2 syntax error: {e.message}"]
+        except jinja2.UndefinedError as e:
+            return [
+                f"{what} {source!r}: undefined variable: {e.message}; the template context "
+                f"offers: {', '.join(sorted(context))}"
+            ]
+        except Exception as e:
+            return [f"{what} {source!r}: rendering failed: {type(e).__name__}: {e}"]
+        return []
+
+    def render_string(self, source: str, context: dict) -> str:
+        return self.text_env.from_string(source).render(context)
+
     def _resolves(self, file_name: str) -> bool:
         try:
             self.loader.get_source(self.text_env, file_name)
