@@ -1,0 +1,546 @@
+"""Sending mail: one SMTP relay, Twisted's non-blocking SMTP client, classified failures and
+an in-memory retry with backoff.
+
+This module owns :class:`MailTransport` (what the notifier hands finished messages to) and
+:class:`SendFailure` (the classification of everything that can go wrong on the way:
+``refused``, ``dns``, ``timeout``, ``tls``, ``auth``, ``transient`` (4xx) and ``permanent``
+(5xx, per recipient)).
+
+Why not stock ``ESMTPSenderFactory``: it retries a refused connection five times within the
+same second, errbacks into nobody's hands ("Unhandled error in Deferred") and sends one
+message per connection. Here a small ``ESMTPClient`` subclass walks a list of messages, so
+that messages due in the same reactor turn share one SMTP session; every failure becomes
+exactly one log line that names the message, the route, ``host:port``, the cause and the
+SMTP reply; the Deferred handed back to the notifier never errbacks.
+
+Retries live in memory only (the durable queue is a later issue), and every log line about a
+retry says so.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from io import BytesIO
+from typing import Any, Iterable, Optional, Sequence
+
+from twisted.internet import defer, protocol
+from twisted.internet import error as net_error
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.mail import smtp
+from twisted.python import failure as tw_failure
+from twisted.python import log
+
+from buildbot_mailext.relay import SmtpSettings
+
+DEFAULT_RETRY_DELAYS = (30, 120, 600, 1800, 3600)
+
+# kinds that may go away by themselves: retried with backoff
+TRANSIENT_KINDS = frozenset({"refused", "dns", "timeout", "transient"})
+KINDS = ("refused", "dns", "timeout", "tls", "auth", "transient", "permanent")
+
+MEMORY_ONLY_NOTE = "kept in memory only until the durable queue lands: lost if the master stops"
+
+
+class SendFailure(Exception):
+    """A classified send failure. ``str()`` is the one-line cause an operator reads."""
+
+    def __init__(self, kind: str, cause: str, reply: Optional[str] = None, recipients: Sequence[str] = ()):
+        assert kind in KINDS, kind
+        super().__init__(cause)
+        self.kind = kind
+        self.cause = cause
+        self.reply = reply
+        self.recipients = list(recipients)
+
+    @property
+    def transient(self) -> bool:
+        return self.kind in TRANSIENT_KINDS
+
+    def __str__(self) -> str:
+        return self.cause
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    return " ".join(str(value).split())  # one line, whatever the server sent
+
+
+def _reply(code: Any, resp: Any) -> Optional[str]:
+    text = _text(resp)
+    if isinstance(code, int) and code > 0:
+        return f"{code} {text}".strip()
+    return text or None
+
+
+_VERBS = {"EHLO", "HELO", "STARTTLS", "AUTH", "MAIL", "RCPT", "DATA", "RSET", "QUIT", "NOOP", "."}
+
+
+def _last_command(transcript: Any) -> Optional[str]:
+    """The last command we sent, from Twisted's SMTP client log (for timeout messages).
+
+    Only SMTP verbs are reported: the lines of an AUTH exchange carry base64 credentials
+    and must never reach a log.
+    """
+    commands = re.findall(r"^>>> (\S*)", _text_lines(transcript), re.M)
+    if not commands:
+        return None
+    verb = commands[-1]
+    if verb == ".":
+        return "end of DATA"
+    return verb.upper() if verb.upper() in _VERBS else "AUTH exchange"
+
+
+def _text_lines(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return str(value or "")
+
+
+def _ssl_error_text(exc: BaseException) -> str:
+    """Readable text for an OpenSSL.SSL.Error or service_identity error."""
+    args = getattr(exc, "args", ())
+    if args and isinstance(args[0], list):  # OpenSSL.SSL.Error([(lib, func, reason), ...])
+        reasons = [item[-1] for item in args[0] if isinstance(item, tuple) and item]
+        if reasons:
+            return "; ".join(str(r) for r in reasons)
+    return _text(exc) or type(exc).__name__
+
+
+def classify(exc: BaseException, settings: SmtpSettings) -> SendFailure:
+    """Turn whatever Twisted reported into a :class:`SendFailure`."""
+    if isinstance(exc, SendFailure):
+        return exc
+    ep = settings.endpoint_label()
+    timeout = f"{settings.timeout:g}s"
+
+    # An SMTPConnectError wrapping a socket-level error (what stock Twisted reports).
+    cause = getattr(exc, "__cause__", None)
+    if isinstance(exc, smtp.SMTPConnectError) and getattr(exc, "code", -1) == -1 and cause is not None:
+        exc = cause
+
+    if isinstance(exc, net_error.ConnectionRefusedError):
+        return SendFailure(
+            "refused",
+            f"connection refused: nothing is listening on {ep} (start the MTA there, or set relayhost to your relay)",
+        )
+    if isinstance(exc, net_error.DNSLookupError):
+        return SendFailure("dns", f"cannot resolve host name {settings.host!r} ({_text(exc)})")
+    if isinstance(exc, (net_error.TimeoutError, defer.CancelledError)):
+        return SendFailure("timeout", f"no TCP connection to {ep} within {timeout}")
+    if isinstance(exc, smtp.SMTPTimeoutError):
+        command = _last_command(getattr(exc, "log", b""))
+        after = f"to {command}" if command else "(no greeting)"
+        return SendFailure("timeout", f"server gave no answer {after} within {timeout}")
+    if isinstance(exc, smtp.TLSRequiredError):
+        return SendFailure(
+            "tls",
+            f"STARTTLS not offered by {ep}, and useTls=True requires it (mail not sent in clear text)",
+            _reply(exc.code, exc.resp),
+        )
+    if isinstance(exc, smtp.TLSError):
+        return SendFailure("tls", "server refused STARTTLS", _reply(exc.code, exc.resp))
+    if isinstance(exc, (smtp.AUTHRequiredError, smtp.EHLORequiredError)):
+        return SendFailure(
+            "auth", f"{ep} offers no AUTH method we can use (CRAM-MD5, LOGIN, PLAIN)", _reply(exc.code, exc.resp)
+        )
+    if isinstance(exc, (smtp.AUTHDeclinedError, smtp.AuthenticationError)):
+        reply = _reply(exc.code, exc.resp)
+        if isinstance(exc.code, int) and 400 <= exc.code < 500:
+            return SendFailure("transient", "temporary AUTH failure", reply)
+        return SendFailure("auth", f"AUTH rejected for smtpUser {settings.user!r}", reply)
+    if isinstance(exc, smtp.SMTPConnectError) and isinstance(exc.code, int) and exc.code > 0:
+        reply = _reply(exc.code, exc.resp)
+        if 400 <= exc.code < 500:
+            return SendFailure("transient", "server refused the session for now (greeting)", reply)
+        return SendFailure("permanent", "server refused the session (greeting)", reply)
+    if isinstance(exc, smtp.SMTPClientError):
+        reply = _reply(exc.code, exc.resp)
+        if isinstance(exc.code, int) and exc.code >= 500:
+            return SendFailure("permanent", "SMTP error", reply)
+        return SendFailure("transient", f"SMTP protocol error ({type(exc).__name__})", reply)
+
+    # TLS handshake and certificate problems surface as the reason the connection was lost.
+    module = type(exc).__module__ or ""
+    if module.startswith("OpenSSL") or module.startswith("service_identity") or "VerificationError" in type(exc).__name__:
+        text = _ssl_error_text(exc)
+        hint = ""
+        if "certificate verify failed" in text or "VerificationError" in type(exc).__name__ or "verif" in text.lower():
+            hint = " (private CA? set tls_ca_file=; name mismatch? set relayhost to the name in the certificate)"
+        elif "wrong version number" in text or "packet length too long" in text or "unexpected eof" in text:
+            hint = " (is this really an SMTPS port? for STARTTLS on 587 use useTls=True, not useSmtps)"
+        return SendFailure("tls", f"TLS handshake with {ep} failed: {text}{hint}")
+    if isinstance(exc, (net_error.ConnectionDone, net_error.ConnectionLost)):
+        return SendFailure("transient", f"{ep} closed the connection unexpectedly")
+    if isinstance(exc, net_error.ConnectError):
+        return SendFailure("refused" if "refused" in _text(exc).lower() else "transient", f"cannot connect to {ep}: {_text(exc)}")
+    return SendFailure("transient", f"unexpected error {type(exc).__name__}: {_text(exc)}")
+
+
+def _tls_creator(settings: SmtpSettings) -> Any:
+    """The client TLS options: verify certificate and host name unless tls_verify=False."""
+    from twisted.internet import ssl
+
+    if not settings.tls_verify:
+        return ssl.CertificateOptions(verify=False)
+    if settings.tls_ca_file:
+        with open(settings.tls_ca_file, "rb") as f:
+            pem = f.read()
+        blocks = re.findall(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", pem, re.S)
+        trust = ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(b) for b in blocks])
+    else:
+        trust = ssl.platformTrust()
+    return ssl.optionsForClientTLS(settings.host, trustRoot=trust)
+
+
+@dataclass(eq=False)
+class _Job:
+    envelope_from: str
+    recipients: list[str]
+    message: bytes
+    label: str
+    deferred: Optional[defer.Deferred]  # None once fired (first outcome); later outcomes only log
+    attempts: int = 0
+    timer: Any = None
+    last_failure: Optional[str] = None
+    delivered_to: list[str] = field(default_factory=list)
+
+    def fire(self, value: bool) -> None:
+        d, self.deferred = self.deferred, None
+        if d is not None:
+            d.callback(value)
+
+
+class _SessionProtocol(smtp.ESMTPClient):
+    """One SMTP session that sends every job it was given, one after the other.
+
+    Twisted's SMTPClient calls getMailFrom() again after each message and QUITs when it
+    returns None, so a list of jobs is all it takes to share a session.
+    """
+
+    debug = True  # keeps the transcript (in memory) so a timeout can name the last command
+
+    def __init__(self, transport: "MailTransport", jobs: list[_Job], session_done: defer.Deferred):
+        s = transport.settings
+        secret = s.password.encode("utf-8") if isinstance(s.password, str) else s.password
+        super().__init__(secret, transport._starttls_context, smtp.DNSNAME, logsize=20)
+        user = s.user.encode("utf-8") if isinstance(s.user, str) else s.user
+        # most secure first, as Twisted's ESMTPSender does
+        self.registerAuthenticator(smtp.CramMD5ClientAuthenticator(user))
+        self.registerAuthenticator(smtp.LOGINAuthenticator(user))
+        self.registerAuthenticator(smtp.PLAINAuthenticator(user))
+        self.heloFallback = not (s.uses_auth or s.tls == "starttls")
+        self.requireAuthentication = bool(s.uses_auth)
+        self.requireTransportSecurity = s.tls == "starttls"
+        self.timeout = s.timeout  # TimeoutMixin: bounds the wait for every server reply
+        self._owner = transport
+        self._jobs = list(jobs)
+        self._current: Optional[_Job] = None
+        self._error: Optional[BaseException] = None
+        self._session_done = session_done
+
+    # -- SMTPClient hooks
+    def getMailFrom(self) -> Optional[str]:
+        if not self._jobs:
+            return None
+        self._current = self._jobs.pop(0)
+        return self._current.envelope_from
+
+    def getMailTo(self) -> list[str]:
+        return list(self._current.recipients)
+
+    def getMailData(self) -> BytesIO:
+        # SMTPClient turns "\n" into CRLF itself; feeding it CRLF would double the CR.
+        return BytesIO(self._current.message.replace(b"\r\n", b"\n"))
+
+    def sentMail(self, code: int, resp: bytes, numOk: int, addresses: list, log_: Any) -> None:
+        job, self._current = self._current, None
+        if job is not None:
+            self._owner._message_done(job, code, resp, numOk, addresses)
+
+    def sendError(self, exc: BaseException) -> None:
+        if self._error is None:
+            self._error = exc
+        super().sendError(exc)
+
+    def connectionLost(self, reason: tw_failure.Failure = tw_failure.Failure(net_error.ConnectionDone())) -> None:
+        super().connectionLost(reason)
+        unfinished = ([self._current] if self._current else []) + self._jobs
+        self._current, self._jobs = None, []
+        if unfinished:
+            self._owner._session_failed(unfinished, self._error or reason.value)
+        d, self._session_done = self._session_done, None
+        if d is not None:
+            d.callback(None)
+
+
+class _SessionFactory(protocol.ClientFactory):
+    def __init__(self, transport: "MailTransport", jobs: list[_Job], session_done: defer.Deferred):
+        self._transport = transport
+        self._jobs = jobs
+        self._session_done = session_done
+
+    def buildProtocol(self, addr: Any) -> _SessionProtocol:
+        p = _SessionProtocol(self._transport, self._jobs, self._session_done)
+        p.factory = self
+        return p
+
+
+class MailTransport:
+    """Send messages through one SMTP relay without blocking the reactor.
+
+    ``send()`` returns a Deferred that fires True (delivered to every accepted recipient),
+    or False (handed to the in-memory retry, or permanently failed); it never errbacks.
+    Each outcome is one log line.
+    """
+
+    def __init__(
+        self,
+        settings: SmtpSettings,
+        reactor: Any = None,
+        retry_delays: Sequence[float] = DEFAULT_RETRY_DELAYS,
+    ):
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
+        self.settings = settings
+        self.reactor = reactor
+        self.retry_delays = tuple(retry_delays)
+        self._due: list[_Job] = []
+        self._flush_call: Any = None
+        self._waiting: list[_Job] = []  # jobs with a retry timer
+        self._sessions: set[defer.Deferred] = set()
+        self._stopping = False
+        self._starttls_context = None
+        self._tls_creator = None
+        if settings.tls != "none":
+            # Built once: reading tls_ca_file and the platform trust store per mail is waste.
+            self._tls_creator = _tls_creator(settings)
+            if settings.tls == "starttls":
+                self._starttls_context = self._tls_creator
+        for warning in settings.startup_warnings():
+            log.msg(f"mailext: {warning}")
+
+    # -- public API
+    def send(self, envelope_from: str, recipients: list[str], message: bytes, label: str) -> defer.Deferred:
+        d: defer.Deferred = defer.Deferred()
+        if isinstance(message, str):
+            message = message.encode("utf-8")
+        job = _Job(envelope_from, list(recipients), message, label, d)
+        if not job.recipients:
+            self._log(job, "NOT sent: no recipients")
+            job.fire(False)
+            return d
+        if self._stopping:
+            self._log(job, f"NOT sent: the notifier is stopping ({MEMORY_ONLY_NOTE})")
+            job.fire(False)
+            return d
+        self._enqueue(job)
+        return d
+
+    def pending(self) -> int:
+        """Messages waiting for a retry."""
+        return len(self._waiting)
+
+    def stop(self) -> defer.Deferred:
+        """Cancel retry timers, let running sessions finish (bounded by smtp_timeout), and
+        log what stays unsent."""
+        self._stopping = True
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
+            self._flush_call = None
+        if self._due:  # due this very turn: still try them once
+            self._start_session(self._due)
+            self._due = []
+        waiting, self._waiting = self._waiting, []
+        for job in waiting:
+            if job.timer is not None and job.timer.active():
+                job.timer.cancel()
+        d = defer.DeferredList(list(self._sessions), consumeErrors=True)
+
+        def report(_: Any) -> None:
+            unsent = waiting + self._waiting
+            self._waiting = []
+            if unsent:
+                log.msg(
+                    f"mailext: {len(unsent)} mails still unsent, kept in memory only: lost at shutdown until "
+                    "the durable queue lands"
+                )
+                for job in unsent:
+                    log.msg(
+                        f"mailext: unsent at shutdown: {job.label} to {', '.join(job.recipients)} via "
+                        f"{self.settings.endpoint_label()} after {job.attempts} attempt(s); last error: "
+                        f"{job.last_failure or 'none'}"
+                    )
+
+        d.addCallback(report)
+        return d
+
+    # -- scheduling
+    def _enqueue(self, job: _Job) -> None:
+        self._due.append(job)
+        if self._flush_call is None:
+            # Messages queued in the same reactor turn (e.g. several routes for one build)
+            # leave together in one SMTP session.
+            self._flush_call = self.reactor.callLater(0, self._flush)
+
+    def _flush(self) -> None:
+        self._flush_call = None
+        jobs, self._due = self._due, []
+        if jobs:
+            self._start_session(jobs)
+
+    def _endpoint(self) -> Any:
+        s = self.settings
+        endpoint = HostnameEndpoint(self.reactor, s.host, s.port, timeout=s.timeout)
+        if s.tls == "smtps":
+            endpoint = wrapClientTLS(self._tls_creator, endpoint)
+        return endpoint
+
+    def _start_session(self, jobs: list[_Job]) -> None:
+        for job in jobs:
+            job.attempts += 1
+        session_done: defer.Deferred = defer.Deferred()
+        self._sessions.add(session_done)
+        session_done.addBoth(self._forget_session, session_done)
+        factory = _SessionFactory(self, jobs, session_done)
+        try:
+            connecting = self._endpoint().connect(factory)
+        except Exception as e:  # e.g. an unreadable tls_ca_file, checked at config time
+            connecting = defer.fail(e)
+        # HostnameEndpoint bounds each TCP attempt, but not name resolution; this bounds both.
+        watchdog = self.reactor.callLater(self.settings.timeout, connecting.cancel)
+
+        def connected(proto: Any) -> Any:
+            if watchdog.active():
+                watchdog.cancel()
+            return proto
+
+        def failed(f: tw_failure.Failure) -> None:
+            if watchdog.active():
+                watchdog.cancel()
+            self._session_failed(jobs, f.value)
+            if not session_done.called:
+                session_done.callback(None)
+
+        connecting.addCallbacks(connected, failed)
+
+    def _forget_session(self, result: Any, d: defer.Deferred) -> Any:
+        self._sessions.discard(d)
+        return result
+
+    # -- outcomes
+    def _message_done(self, job: _Job, code: int, resp: bytes, numOk: int, addresses: list) -> None:
+        """One message went through MAIL/RCPT/DATA (maybe only partly)."""
+        ep = self.settings.endpoint_label()
+        per_rcpt = [(_text(a), c, _reply(c, r)) for a, c, r in addresses]
+        accepted = [a for a, c, _ in per_rcpt if c in smtp.SUCCESS]
+        rejected_perm = [(a, r) for a, c, r in per_rcpt if isinstance(c, int) and c >= 500]
+        rejected_temp = [(a, r) for a, c, r in per_rcpt if isinstance(c, int) and 400 <= c < 500]
+        data_ok = code in smtp.SUCCESS and numOk > 0
+        perm_text = "; ".join(f"{a} ({r})" for a, r in rejected_perm)
+
+        if data_ok:
+            job.delivered_to.extend(accepted)
+            parts = [f"mail {job.label}: delivered via {self.settings.route_label()} to {', '.join(accepted)}"]
+            if rejected_perm:
+                parts.append(f"REJECTED permanently (not retried): {perm_text}")
+            retry: Optional[SendFailure] = None
+            if rejected_temp:
+                retry = SendFailure(
+                    "transient",
+                    "recipient(s) temporarily refused",
+                    "; ".join(f"{a} ({r})" for a, r in rejected_temp),
+                    [a for a, _ in rejected_temp],
+                )
+                parts.append(f"temporarily refused: {retry.reply}")
+            parts.insert(1, f"SMTP reply: {_reply(code, resp)}")
+            if retry is None:
+                log.msg("; ".join(parts))
+                job.fire(True)
+                return
+            # One line for this outcome, then the retry bookkeeping for the 4xx recipients.
+            retry_job = _Job(job.envelope_from, retry.recipients, job.message, job.label, job.deferred, job.attempts)
+            job.deferred = None
+            self._retry_or_give_up(retry_job, retry, prefix="; ".join(parts))
+            return
+
+        # Nothing delivered in this attempt.
+        if not addresses and isinstance(code, int) and code > 0:  # MAIL FROM refused, or DATA refused
+            what = "sender or message refused"
+            failure = SendFailure(
+                "transient" if 400 <= code < 500 else "permanent", what, _reply(code, resp), job.recipients
+            )
+            self._retry_or_give_up(job, failure)
+            return
+        if accepted and isinstance(code, int) and code > 0:  # recipients OK, DATA (end of data) refused
+            failure = SendFailure(
+                "transient" if 400 <= code < 500 else "permanent", "message refused after DATA", _reply(code, resp)
+            )
+            self._retry_or_give_up(job, failure)
+            return
+        # Every recipient refused.
+        if rejected_temp:
+            if rejected_perm:
+                log.msg(
+                    f"mail {job.label}: REJECTED permanently via {ep} (not retried): {perm_text}"
+                )
+            failure = SendFailure(
+                "transient",
+                "recipient(s) temporarily refused",
+                "; ".join(f"{a} ({r})" for a, r in rejected_temp),
+                [a for a, _ in rejected_temp],
+            )
+            job.recipients = failure.recipients
+            self._retry_or_give_up(job, failure)
+            return
+        failure = SendFailure(
+            "permanent", f"every recipient rejected: {perm_text or _text(resp)}", None, [a for a, _ in rejected_perm]
+        )
+        self._retry_or_give_up(job, failure)
+
+    def _session_failed(self, jobs: Iterable[_Job], exc: BaseException) -> None:
+        failure = classify(exc, self.settings)
+        for job in jobs:
+            self._retry_or_give_up(job, failure)
+
+    def _retry_or_give_up(self, job: _Job, failure: SendFailure, prefix: Optional[str] = None) -> None:
+        """Log ONE line for this outcome and either schedule a retry or give up.
+
+        ``prefix`` replaces the usual "NOT delivered" head when part of the message did go
+        out (some recipients accepted, others answered 4xx).
+        """
+        ep = self.settings.endpoint_label()
+        job.last_failure = f"{failure.kind}: {failure}"  # for the shutdown report
+        if prefix is None:
+            line = f"mail {job.label}: NOT delivered via {ep}: {failure.kind}: {failure}; SMTP reply: {failure.reply or 'none'}"
+        else:
+            line = prefix
+        if failure.transient and not self._stopping and job.attempts <= len(self.retry_delays):
+            delay = self.retry_delays[job.attempts - 1]
+            log.msg(f"{line}; retry {job.attempts}/{len(self.retry_delays)} in {delay:g}s ({MEMORY_ONLY_NOTE})")
+            job.timer = self.reactor.callLater(delay, self._retry_now, job)
+            self._waiting.append(job)
+            job.fire(False)
+            return
+        if failure.transient and self._stopping:
+            log.msg(f"{line}; not retried: the notifier is stopping ({MEMORY_ONLY_NOTE})")
+            self._waiting.append(job)  # reported by stop()
+        elif failure.transient:
+            log.msg(f"{line}; giving up after {job.attempts} attempts: mail lost")
+        else:
+            log.msg(f"{line}; not retried (a retry cannot fix this): mail lost")
+        job.fire(False)
+
+    def _retry_now(self, job: _Job) -> None:
+        job.timer = None
+        if job in self._waiting:
+            self._waiting.remove(job)
+        self._enqueue(job)
+
+    def _log(self, job: _Job, what: str) -> None:
+        log.msg(f"mail {job.label}: {what} (via {self.settings.endpoint_label()})")
