@@ -307,7 +307,6 @@ class MailTransport:
             from twisted.internet import reactor as default_reactor
 
             reactor = default_reactor
-        self.settings = settings
         self.reactor = reactor
         self.retry_delays = tuple(retry_delays)
         self._due: list[_Job] = []
@@ -315,15 +314,27 @@ class MailTransport:
         self._waiting: list[_Job] = []  # jobs with a retry timer
         self._sessions: set[defer.Deferred] = set()
         self._stopping = False
-        self._starttls_context = None
-        self._tls_creator = None
+        self.settings = settings  # property: also builds the TLS options
+        # Start-up warnings (tls_verify=False, plaintext AUTH) are logged by the notifier
+        # once per (re)configuration: see SmtpSettings.startup_warnings().
+
+    @property
+    def settings(self) -> SmtpSettings:
+        return self._settings
+
+    @settings.setter
+    def settings(self, settings: SmtpSettings) -> None:
+        """Replace the relay settings (reconfig); pending retries go to the new relay."""
+        starttls_context = tls_creator = None
         if settings.tls != "none":
-            # Built once: reading tls_ca_file and the platform trust store per mail is waste.
-            self._tls_creator = _tls_creator(settings)
+            # Built once per configuration: reading tls_ca_file and the platform trust store
+            # for every mail would be waste.
+            tls_creator = _tls_creator(settings)
             if settings.tls == "starttls":
-                self._starttls_context = self._tls_creator
-        for warning in settings.startup_warnings():
-            log.msg(f"mailext: {warning}")
+                starttls_context = tls_creator
+        self._settings = settings
+        self._tls_creator = tls_creator
+        self._starttls_context = starttls_context
 
     # -- public API
     def send(self, envelope_from: str, recipients: list[str], message: bytes, label: str) -> defer.Deferred:
@@ -365,6 +376,7 @@ class MailTransport:
         def report(_: Any) -> None:
             unsent = waiting + self._waiting
             self._waiting = []
+            self._stopping = False  # stopped: a restarted service may use this transport again
             if unsent:
                 log.msg(
                     f"mailext: {len(unsent)} mails still unsent, kept in memory only: lost at shutdown until "
