@@ -190,13 +190,17 @@ def _safe_str(value: Any) -> str:
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace")
     text = value if isinstance(value, str) else str(value)
-    try:
-        text.encode("utf-8")
-        return text
-    except UnicodeEncodeError:
-        # surrogatepass turns lone surrogates into bytes that are invalid UTF-8, which the
-        # decode then replaces: no surrogate survives, the rest of the text is unchanged
-        return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+    # lone surrogates (e.g. from surrogateescape-decoded bytes) cannot be encoded as UTF-8 and
+    # would make the mail unsendable; each becomes one U+FFFD
+    return _SURROGATE_RE.sub("\ufffd", text)
+
+
+_SURROGATE_RE = re.compile("[\ud800-\udfff]")
+
+
+def _clean_field(value: Any, max_chars: int = 200) -> str:
+    """A one-line field (names, branches, authors): CR/LF/TAB become spaces, then as a log line."""
+    return _clean_line(re.sub(r"[\r\n\t]+", " ", _safe_str(value)), max_chars)
 
 
 def _clean_line(line: str, max_chars: int = MAX_LINE_CHARS) -> str:
@@ -279,7 +283,7 @@ async def read_log_tail(
     """
     total = int(log_dict.get("num_lines") or 0)
     result: dict[str, Any] = {
-        "name": _clean_line(log_dict.get("name", "")),
+        "name": _clean_field(log_dict.get("name", "")),
         "url": log_dict.get("url"),
         "lines": [],
         "entries": [],
@@ -338,11 +342,11 @@ def _step_url(build_url: str, step: dict) -> str:
 
 def _step_summary(step: dict, build_url: str) -> dict:
     return {
-        "name": _clean_line(step.get("name", ""), 200),
+        "name": _clean_field(step.get("name", ""), 200),
         "number": step.get("number"),
         "results": step.get("results"),
         "result": result_name(step.get("results")),
-        "state_string": _clean_line(step.get("state_string") or "", 200),
+        "state_string": _clean_field(step.get("state_string") or "", 200),
         "url": _step_url(build_url, step),
         "hidden": bool(step.get("hidden")),
         "duration": _duration(step.get("started_at"), step.get("complete_at")),
@@ -359,16 +363,16 @@ def _duration(started_at: Any, complete_at: Any) -> str | None:
 def _change_summary(change: dict) -> dict:
     files = list(change.get("files") or [])
     return {
-        "author": _clean_line(change.get("author") or "", 200),
-        "committer": _clean_line(change.get("committer") or "", 200),
-        "revision": _clean_line(change.get("revision") or "", 200) or None,
+        "author": _clean_field(change.get("author") or "", 200),
+        "committer": _clean_field(change.get("committer") or "", 200),
+        "revision": _clean_field(change.get("revision") or "", 200) or None,
         "comments": _clean_text(change.get("comments"), MAX_COMMENT_CHARS),
-        "branch": _clean_line(change.get("branch") or "", 200) or None,
-        "repository": _clean_line(change.get("repository") or "", 300),
-        "project": _clean_line(change.get("project") or "", 200),
-        "revlink": _clean_line(change.get("revlink") or "", 500) or None,
+        "branch": _clean_field(change.get("branch") or "", 200) or None,
+        "repository": _clean_field(change.get("repository") or "", 300),
+        "project": _clean_field(change.get("project") or "", 200),
+        "revlink": _clean_field(change.get("revlink") or "", 500) or None,
         "when": _fmt_time(change.get("when_timestamp")),
-        "files": [_clean_line(f, 300) for f in files[:MAX_FILES_PER_CHANGE]],
+        "files": [_clean_field(f, 300) for f in files[:MAX_FILES_PER_CHANGE]],
         "files_total": len(files),
     }
 
@@ -379,10 +383,10 @@ def _revision(properties: dict, sourcestamps: list) -> str | None:
         # multi-codebase builds: {codebase: revision}
         got = ", ".join(f"{cb}: {rev}" for cb, rev in sorted(got.items()) if rev) or None
     if got:
-        return _clean_line(got, 200)
+        return _clean_field(got, 200)
     for ss in sourcestamps:
         if ss.get("revision"):
-            return _clean_line(ss["revision"], 200)
+            return _clean_field(ss["revision"], 200)
     return None
 
 
@@ -403,11 +407,11 @@ def _build_line(build: dict) -> dict:
     """A short description of one build, used for the ``builds`` list."""
     builder = build.get("builder") or {}
     return {
-        "buildername": _clean_line(builder.get("name", ""), 200),
+        "buildername": _clean_field(builder.get("name", ""), 200),
         "buildnumber": build.get("number"),
         "results": build.get("results"),
         "result": result_name(build.get("results")),
-        "state_string": _clean_line(build.get("state_string") or "", 200),
+        "state_string": _clean_field(build.get("state_string") or "", 200),
         "url": build.get("url"),
     }
 
@@ -480,7 +484,7 @@ async def build_context(
 
     ctx = {
         "build": build,
-        "buildername": _clean_line(builder.get("name", ""), 200),
+        "buildername": _clean_field(builder.get("name", ""), 200),
         "builder_tags": list(builder.get("tags") or []),
         "buildnumber": build["number"],
         "results": results,
@@ -492,14 +496,14 @@ async def build_context(
         ),
         "transition": transition_for(results, previous_results),
         "summary": _summary(build, results),
-        "state_string": _clean_line(build.get("state_string") or "", 300),
+        "state_string": _clean_field(build.get("state_string") or "", 300),
         "failed_steps": failed_steps,
         "steps": [_step_summary(s, build_url) for s in steps],
         "changes": changes,
-        "blamelist": [_clean_line(u, 200) for u in (users or [])],
-        "worker": _clean_line(worker, 200),
+        "blamelist": [_clean_field(u, 200) for u in (users or [])],
+        "worker": _clean_field(worker, 200),
         "properties": {name: _prop(properties, name) for name in properties},
-        "branch": _clean_line(branch, 300) if branch is not None else None,
+        "branch": _clean_field(branch, 300) if branch is not None else None,
         "revision": _revision(properties, sourcestamps),
         "sourcestamps": [
             {
@@ -515,7 +519,7 @@ async def build_context(
         "buildbot_url": master.config.buildbotURL,
         "title": master.config.title,
         "project": get_projects_text(sourcestamps, master),
-        "reason": _clean_line(reason, 500) if reason is not None else None,
+        "reason": _clean_field(reason, 500) if reason is not None else None,
         "started_at": _fmt_time(build.get("started_at")),
         "complete_at": _fmt_time(build.get("complete_at")),
         "duration": _duration(build.get("started_at"), build.get("complete_at")),
@@ -531,10 +535,10 @@ def worker_context(master, worker: dict) -> dict:
     """Context of a "worker missing" mail; ``worker`` is the dict WorkerMissingGenerator passes."""
     info = worker.get("workerinfo") or {}
     return {
-        "worker": _clean_line(worker.get("name", "<unknown>"), 200),
+        "worker": _clean_field(worker.get("name", "<unknown>"), 200),
         "workerid": worker.get("workerid"),
-        "worker_admin": _clean_line(info.get("admin"), 300) if info.get("admin") else None,
-        "worker_host": _clean_line(info.get("host"), 300) if info.get("host") else None,
+        "worker_admin": _clean_field(info.get("admin"), 300) if info.get("admin") else None,
+        "worker_host": _clean_field(info.get("host"), 300) if info.get("host") else None,
         "workerinfo": info,
         "last_connection": _safe_str(worker.get("last_connection")) or None,
         "notify": list(worker.get("notify") or []),

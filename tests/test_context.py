@@ -1,0 +1,326 @@
+"""Tests of buildbot_mailext.context: transitions, same-branch previous build, log tails, context keys."""
+
+from __future__ import annotations
+
+from twisted.internet import defer
+from twisted.trial import unittest
+
+from buildbot.process.results import CANCELLED
+from buildbot.process.results import EXCEPTION
+from buildbot.process.results import FAILURE
+from buildbot.process.results import RETRY
+from buildbot.process.results import SUCCESS
+from buildbot.process.results import WARNINGS
+from buildbot.reporters import utils
+from buildbot.test import fakedb
+from buildbot.test.fake import fakemaster
+from buildbot.test.reactor import TestReactorMixin
+
+from buildbot_mailext import context as ctxmod
+from buildbot_mailext.context import build_context
+from buildbot_mailext.context import previous_build_same_branch
+from buildbot_mailext.context import read_log_tail
+from buildbot_mailext.context import sample_context
+from buildbot_mailext.context import transition_for
+from buildbot_mailext.context import worker_context
+
+BUILDER_ID = 79
+
+
+def build_rows(number, branch, results, steps=(), changes=(), props=None):
+    """fakedb rows of one build #number on BUILDER_ID; ids derive from the number.
+
+    steps: (name, results, log_lines or None) -- log_lines is a list of raw stdio lines
+    (with their 'o'/'e'/'h' prefix) stored as one chunk.
+    """
+    bid, brid, bsid, ssid = 100 + number, 200 + number, 300 + number, 400 + number
+    rows = [
+        fakedb.Buildset(id=bsid, results=results, reason="because"),
+        fakedb.SourceStamp(id=ssid, branch=branch, revision=f"rev{number}", project="proj",
+                           repository="https://git.example.org/r.git"),
+        fakedb.BuildsetSourceStamp(buildsetid=bsid, sourcestampid=ssid),
+        fakedb.BuildRequest(id=brid, buildsetid=bsid, builderid=BUILDER_ID),
+        fakedb.Build(id=bid, number=number, builderid=BUILDER_ID, buildrequestid=brid, workerid=13,
+                     masterid=92, results=results, state_string="finished",
+                     started_at=1000000 + number * 1000, complete_at=1000000 + number * 1000 + 125),
+        fakedb.BuildProperty(buildid=bid, name="branch", value=branch, source="Build"),
+        fakedb.BuildProperty(buildid=bid, name="workername", value="wrk", source="Worker"),
+    ]
+    for k, v in (props or {}).items():
+        rows.append(fakedb.BuildProperty(buildid=bid, name=k, value=v, source="test"))
+    for i, (name, sresults, lines) in enumerate(steps):
+        stepid = 1000 + number * 10 + i
+        rows.append(fakedb.Step(id=stepid, buildid=bid, number=i, name=name, results=sresults,
+                                state_string=f"{name} done"))
+        if lines is not None:
+            logid = 5000 + number * 10 + i
+            rows.append(fakedb.Log(id=logid, stepid=stepid, name="stdio", slug="stdio", type="s",
+                                   num_lines=len(lines)))
+            if lines:
+                rows.append(fakedb.LogChunk(logid=logid, first_line=0, last_line=len(lines) - 1,
+                                            content="\n".join(lines)))
+    for j, (author, comments) in enumerate(changes):
+        changeid = 600 + number * 10 + j
+        rows.append(fakedb.Change(changeid=changeid, author=author, comments=comments,
+                                  branch=branch, revision=f"rev{number}", sourcestampid=ssid))
+        rows += [fakedb.ChangeFile(changeid=changeid, filename=f) for f in ("a.c", "b.c")]
+    return rows
+
+
+class FakeBuildMixin(TestReactorMixin):
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.setup_test_reactor()
+        self.master = yield fakemaster.make_master(self, wantData=True, wantDb=True, wantMq=True)
+        yield self.master.db.insert_test_data([
+            fakedb.Master(id=92),
+            fakedb.Worker(id=13, name="wrk"),
+            fakedb.Builder(id=BUILDER_ID, name="linux"),
+        ])
+
+    @defer.inlineCallbacks
+    def insert_build(self, *args, **kwargs):
+        yield self.master.db.insert_test_data(build_rows(*args, **kwargs))
+
+    @defer.inlineCallbacks
+    def get_build(self, number):
+        build = yield self.master.data.get(("builders", BUILDER_ID, "builds", number))
+        yield utils.getDetailsForBuild(self.master, build, want_properties=True, want_steps=True,
+                                       want_previous_build=True, want_logs=True)
+        return build
+
+
+class TransitionForTests(unittest.TestCase):
+    def test_table(self):
+        cases = [
+            (FAILURE, None, "first build"),
+            (SUCCESS, None, "first build"),
+            (FAILURE, SUCCESS, "new failure"),
+            (FAILURE, WARNINGS, "new failure"),
+            (EXCEPTION, SUCCESS, "new failure"),
+            (FAILURE, FAILURE, "still failing"),
+            (FAILURE, EXCEPTION, "still failing"),
+            (SUCCESS, FAILURE, "fixed"),
+            (WARNINGS, FAILURE, "fixed"),
+            (SUCCESS, SUCCESS, "still passing"),
+            (WARNINGS, WARNINGS, "still passing"),
+            (WARNINGS, SUCCESS, "changed"),
+            (CANCELLED, SUCCESS, "changed"),
+            (CANCELLED, CANCELLED, "unchanged"),
+        ]
+        for results, prev, expected in cases:
+            self.assertEqual(transition_for(results, prev), expected, (results, prev))
+
+
+class PreviousBuildSameBranchTests(FakeBuildMixin, unittest.TestCase):
+    """The builder alternates branches; n-1 would compare against the wrong branch."""
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        yield super().setUp()
+        yield self.insert_build(0, "main", SUCCESS)
+        yield self.insert_build(1, "feature", FAILURE)
+        yield self.insert_build(2, "main", FAILURE)     # new failure (n-1 says still failing)
+        yield self.insert_build(3, "feature", SUCCESS)
+        yield self.insert_build(4, "main", RETRY)       # skipped: says nothing about the code
+        yield self.insert_build(5, "main", FAILURE)     # still failing (n-1 is a retry, n-2 passes)
+        yield self.insert_build(6, "feature", FAILURE)
+        yield self.insert_build(7, "main", SUCCESS)     # fixed (n-1 is a feature failure)
+        yield self.insert_build(8, "other", SUCCESS)    # first build of its branch
+
+    @defer.inlineCallbacks
+    def check(self, number, prev_number, transition):
+        build = yield self.get_build(number)
+        prev = yield previous_build_same_branch(self.master, build)
+        if prev_number is None:
+            self.assertIsNone(prev)
+        else:
+            self.assertEqual(prev["number"], prev_number)
+        ctx = yield build_context(self.master, build, ("failing",), [], 10)
+        self.assertEqual(ctx["transition"], transition)
+
+    def test_new_failure_with_other_branch_in_between(self):
+        # stock getPreviousBuild returns #1 (feature, failure) here
+        return self.check(2, 0, "new failure")
+
+    def test_still_failing_skips_retry_and_other_branch(self):
+        return self.check(5, 2, "still failing")
+
+    def test_fixed_with_other_branch_in_between(self):
+        return self.check(7, 5, "fixed")
+
+    def test_first_build_of_branch(self):
+        return self.check(8, None, "first build")
+
+    def test_feature_branch_compares_with_feature(self):
+        return self.check(6, 3, "new failure")
+
+
+class LogTailTests(FakeBuildMixin, unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_reads_only_the_last_n_lines_of_a_big_log(self):
+        lines = [f"oline {i}" for i in range(10000)]
+        yield self.insert_build(0, "main", FAILURE, steps=[("compile", FAILURE, lines)])
+        requested = []
+        real = self.master.db.logs.getLogLines
+
+        def spy(logid, first_line, last_line):
+            requested.append((first_line, last_line))
+            return real(logid, first_line, last_line)
+
+        self.patch(self.master.db.logs, "getLogLines", spy)
+        build = yield self.get_build(0)
+        ctx = yield build_context(self.master, build, ("failing",), [], 40)
+
+        self.assertEqual(requested, [(9960, 9999)])
+        (step,) = ctx["failed_steps"]
+        (tail,) = step["log_tail"]
+        self.assertEqual(tail["lines"], [f"line {i}" for i in range(9960, 10000)])
+        self.assertEqual(tail["total_lines"], 10000)
+        self.assertTrue(tail["truncated"])
+        self.assertEqual(tail["name"], "stdio")
+
+    @defer.inlineCallbacks
+    def test_prefixes_stripped_streams_kept(self):
+        lines = ["hmake all", "ocompiling", "eerror: boom", "hprogram finished with exit code 2"]
+        yield self.insert_build(0, "main", FAILURE, steps=[("compile", FAILURE, lines)])
+        build = yield self.get_build(0)
+        ctx = yield build_context(self.master, build, ("failing",), [], 40)
+        tail = ctx["failed_steps"][0]["log_tail"][0]
+        self.assertEqual(tail["lines"], ["make all", "compiling", "error: boom",
+                                         "program finished with exit code 2"])
+        self.assertEqual([e["stream"] for e in tail["entries"]], ["h", "o", "e", "h"])
+        self.assertFalse(tail["truncated"])
+
+    @defer.inlineCallbacks
+    def test_hostile_lines_are_sanitised(self):
+        log_dict = {"logid": 1, "name": "stdio", "num_lines": 3, "type": "s", "url": "u"}
+
+        class FakeLogs:
+            def getLogLines(self, logid, first_line, last_line):
+                return defer.succeed(
+                    "o\x1b[31mred\x1b[0m \ud800 surrogate\n"
+                    "o" + "x" * 100000 + "\n"
+                    "oprogress 10%\rprogress 100%\x00\n"
+                )
+
+        class FakeMaster:
+            class db:
+                logs = FakeLogs()
+
+        tail = yield defer.ensureDeferred(read_log_tail(FakeMaster, log_dict, 10))
+        first, long_line, progress = tail["lines"]
+        self.assertEqual(first, "red \ufffd surrogate")
+        first.encode("utf-8")  # must not raise
+        self.assertLess(len(long_line), ctxmod.MAX_LINE_CHARS + 50)
+        self.assertTrue(long_line.endswith("[... line truncated]"))
+        self.assertEqual(progress, "progress 100%")
+
+    @defer.inlineCallbacks
+    def test_total_size_is_capped(self):
+        log_dict = {"logid": 1, "name": "stdio", "num_lines": 1000, "type": "s", "url": "u"}
+
+        class FakeLogs:
+            def getLogLines(self, logid, first_line, last_line):
+                return defer.succeed("".join(f"o{i:04d}" + "y" * 400 + "\n" for i in range(1000)))
+
+        class FakeMaster:
+            class db:
+                logs = FakeLogs()
+
+        tail = yield defer.ensureDeferred(read_log_tail(FakeMaster, log_dict, 1000, max_chars=4096))
+        self.assertLessEqual(sum(len(l) + 1 for l in tail["lines"]), 4096)
+        # the end of the log is what is kept
+        self.assertTrue(tail["lines"][-1].startswith("0999"))
+        self.assertTrue(tail["truncated"])
+
+    @defer.inlineCallbacks
+    def test_unreadable_log_does_not_break_context(self):
+        yield self.insert_build(0, "main", FAILURE, steps=[("compile", FAILURE, ["oa", "ob"])])
+
+        def broken(*args):
+            return defer.fail(UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte"))
+
+        self.patch(self.master.db.logs, "getLogLines", broken)
+        build = yield self.get_build(0)
+        ctx = yield build_context(self.master, build, ("failing",), [], 40)
+        tail = ctx["failed_steps"][0]["log_tail"][0]
+        self.assertEqual(tail["lines"], ["[log tail unavailable: UnicodeDecodeError]"])
+        self.flushLoggedErrors()
+
+
+class BuildContextTests(FakeBuildMixin, unittest.TestCase):
+    @defer.inlineCallbacks
+    def setUp(self):
+        yield super().setUp()
+        yield self.insert_build(
+            0, "main", FAILURE,
+            steps=[("git", SUCCESS, ["ocloned"]), ("lint", WARNINGS, ["owarn"]),
+                   ("compile", FAILURE, ["oa", "eb"]), ("upload", SUCCESS, None)],
+            changes=[("Jane <jane@example.org>", "fix parser\n\n<script>alert(1)</script>")],
+            props={"got_revision": "abcdef123", "reason": "nightly"},
+        )
+        self.build = yield self.get_build(0)
+        self.ctx = yield build_context(self.master, self.build, ("failing",), ["jane"], 40)
+
+    def test_values(self):
+        ctx = self.ctx
+        self.assertIs(ctx["build"], self.build)
+        self.assertEqual(ctx["buildername"], "linux")
+        self.assertEqual(ctx["buildnumber"], 0)
+        self.assertEqual(ctx["results"], FAILURE)
+        self.assertEqual(ctx["result"], "failure")
+        self.assertIsNone(ctx["previous_result"])
+        self.assertEqual(ctx["transition"], "first build")
+        self.assertEqual(ctx["worker"], "wrk")
+        self.assertEqual(ctx["branch"], "main")
+        self.assertEqual(ctx["revision"], "abcdef123")
+        self.assertEqual(ctx["reason"], "nightly")
+        self.assertEqual(ctx["blamelist"], ["jane"])
+        self.assertEqual(ctx["properties"]["got_revision"], "abcdef123")
+        self.assertEqual(ctx["build_url"], "http://localhost:8080/#/builders/79/builds/0")
+        self.assertEqual(ctx["project"], "proj")
+        self.assertEqual(ctx["duration"], "2m 05s")
+        self.assertEqual([s["name"] for s in ctx["steps"]], ["git", "lint", "compile", "upload"])
+        self.assertEqual([s["name"] for s in ctx["failed_steps"]], ["compile"])
+        self.assertEqual(ctx["failed_steps"][0]["log_tail"][0]["lines"], ["a", "b"])
+        (change,) = ctx["changes"]
+        self.assertEqual(change["author"], "Jane <jane@example.org>")
+        self.assertIn("<script>", change["comments"])  # raw here; escaping is the HTML env's job
+        self.assertEqual(change["files"], ["a.c", "b.c"])
+
+    def test_same_keys_as_sample_context(self):
+        # validation renders against sample_context(): it must offer exactly what real mails get
+        self.assertEqual(sorted(self.ctx), sorted(sample_context()))
+        self.assertEqual(sorted(self.ctx["failed_steps"][0]), sorted(sample_context()["failed_steps"][0]))
+        self.assertEqual(sorted(self.ctx["steps"][0]), sorted(sample_context()["steps"][0]))
+        self.assertEqual(sorted(self.ctx["changes"][0]), sorted(sample_context()["changes"][0]))
+        self.assertEqual(sorted(self.ctx["failed_steps"][0]["log_tail"][0]),
+                         sorted(sample_context()["failed_steps"][0]["log_tail"][0]))
+
+    @defer.inlineCallbacks
+    def test_fetches_missing_details(self):
+        # a generator whose formatter wanted no properties/steps still yields a full context
+        build = yield self.master.data.get(("builders", BUILDER_ID, "builds", 0))
+        yield utils.getDetailsForBuild(self.master, build)
+        self.assertNotIn("steps", build)
+        ctx = yield build_context(self.master, build, None, None, 40)
+        self.assertEqual([s["name"] for s in ctx["failed_steps"]], ["compile"])
+        self.assertEqual(ctx["branch"], "main")
+
+
+class WorkerContextTests(unittest.TestCase):
+    def test_keys_match_sample(self):
+        class Cfg:
+            title = "T"
+            buildbotURL = "http://bb/"
+
+        class M:
+            config = Cfg
+
+        ctx = worker_context(M, {"name": "w1\r\nx", "workerid": 1, "notify": ["a@b"],
+                                 "workerinfo": {"admin": "adm"}, "last_connection": "yesterday"})
+        self.assertEqual(sorted(ctx), sorted(sample_context(kind="worker")))
+        self.assertEqual(ctx["worker"], "w1 x")
+        self.assertEqual(ctx["worker_admin"], "adm")
+        self.assertIsNone(ctx["worker_host"])

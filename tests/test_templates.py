@@ -1,0 +1,243 @@
+"""Tests of buildbot_mailext.templates: packaged templates, overrides, builtin/ extension, validation,
+escaping and subject collapsing."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from buildbot_mailext.context import sample_context
+from buildbot_mailext.templates import PACKAGED_TEMPLATES_DIR
+from buildbot_mailext.templates import TemplateSet
+from buildbot_mailext.templates import collapse_subject
+
+PACKAGED = ["build_failure", "build_summary", "worker_missing"]
+
+
+def _kind(name):
+    return "worker" if name.startswith("worker") else "build"
+
+
+def write(directory, name, text):
+    path = os.path.join(str(directory), name)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+    return path
+
+
+def hostile_context():
+    ctx = sample_context()
+    ctx["failed_steps"][0]["log_tail"][0]["lines"].append("<script>alert('log')</script>")
+    ctx["failed_steps"][0]["log_tail"][0]["entries"].append(
+        {"stream": "e", "text": "<script>alert('log')</script>"}
+    )
+    ctx["changes"][0]["comments"] = "fix <script>alert('commit')</script> & more"
+    ctx["branch"] = "evil\r\nBcc: victim@example.org\r\n\r\n<b>x</b>"
+    return ctx
+
+
+def test_packaged_dir_holds_the_templates():
+    for name in PACKAGED:
+        for part in ("subject", "txt", "html"):
+            assert os.path.isfile(os.path.join(PACKAGED_TEMPLATES_DIR, f"{name}.{part}.j2"))
+
+
+def test_packaged_names():
+    assert TemplateSet().names() == PACKAGED
+
+
+@pytest.mark.parametrize("name", PACKAGED)
+def test_packaged_templates_render_with_sample_context(name):
+    ctx = sample_context(kind=_kind(name))
+    mail = TemplateSet().render(name, ctx)
+    assert mail.subject and "\n" not in mail.subject
+    assert mail.html.lstrip().startswith("<!DOCTYPE html>")
+    assert "</html>" in mail.html
+    if name == "worker_missing":
+        assert "linux-worker-03" in mail.subject
+        assert "Last connection: Tue, 25 Nov 2025 17:02:11 UTC" in mail.text
+    else:
+        assert "linux-x86_64 #1234" in mail.subject
+        assert "https://buildbot.example.org/#/builders/7/builds/1234" in mail.text
+        # the failed step's log tail reaches both parts
+        assert "'len' undeclared" in mail.text
+        assert "&#39;len&#39; undeclared" in mail.html
+
+
+@pytest.mark.parametrize("name", PACKAGED)
+def test_packaged_templates_validate(name):
+    assert TemplateSet().validate(name) == []
+
+
+def test_subject_texts():
+    ts = TemplateSet()
+    ctx = sample_context()
+    assert ts.render("build_failure", ctx).subject == (
+        "[Example CI] new failure: linux-x86_64 #1234 (main) - failed compile"
+    )
+    assert ts.render("build_summary", ctx).subject == (
+        "[Example CI] linux-x86_64 #1234 failure (main): new failure"
+    )
+
+
+def test_override_by_same_name_file(tmp_path):
+    write(tmp_path, "build_failure.subject.j2", "CUSTOM {{ buildername }} {{ result }}\n")
+    ts = TemplateSet(str(tmp_path))
+    mail = ts.render("build_failure", sample_context())
+    assert mail.subject == "CUSTOM linux-x86_64 failure"
+    # the parts that were not overridden still come from the packaged templates
+    assert "Failed steps" in mail.text
+    assert ts.validate("build_failure") == []
+
+
+def test_new_template_name_in_user_dir(tmp_path):
+    write(tmp_path, "short.subject.j2", "{{ buildername }}")
+    write(tmp_path, "short.txt.j2", "{{ result }}\n")
+    write(tmp_path, "short.html.j2", "<p>{{ result }}</p>")
+    ts = TemplateSet(str(tmp_path))
+    assert "short" in ts.names()
+    assert ts.render("short", sample_context()).html == "<p>failure</p>"
+    # a name with only some of its files is not a template name
+    write(tmp_path, "half.subject.j2", "x")
+    assert "half" not in ts.names()
+
+
+def test_extend_builtin_and_override_one_block(tmp_path):
+    write(
+        tmp_path,
+        "build_failure.html.j2",
+        '{% extends "builtin/build_failure.html.j2" %}\n'
+        "{% block footer %}<p>Questions? #ci on chat, {{ buildername }}</p>{% endblock %}\n",
+    )
+    write(
+        tmp_path,
+        "build_failure.txt.j2",
+        '{% extends "builtin/build_failure.txt.j2" %}\n'
+        "{% block log_tail %}{% for tail in step.log_tail %}LAST: {{ tail.lines[-1] }}\n"
+        "{% endfor %}{% endblock %}\n",
+    )
+    ts = TemplateSet(str(tmp_path))
+    assert ts.validate("build_failure") == []
+    mail = ts.render("build_failure", sample_context())
+    assert "<p>Questions? #ci on chat, linux-x86_64</p>" in mail.html
+    assert "Sent by Buildbot" not in mail.html  # the packaged footer was replaced
+    assert "Failed steps" in mail.html  # everything else is still the packaged template
+    assert "LAST: program finished with exit code 2" in mail.text
+    assert "| gcc -O2" not in mail.text  # the scoped log_tail block was replaced
+    assert "Changes" in mail.text
+
+
+def test_validate_unknown_name(tmp_path):
+    errors = TemplateSet(str(tmp_path)).validate("build_failur")
+    assert len(errors) == 1
+    msg = errors[0]
+    assert "unknown template 'build_failur'" in msg
+    for name in PACKAGED:
+        assert name in msg
+    assert str(tmp_path) in msg
+    assert "build_failur.html.j2" in msg
+
+
+def test_validate_missing_templates_dir(tmp_path):
+    missing = str(tmp_path / "nope")
+    errors = TemplateSet(missing).validate("build_failure")
+    assert len(errors) == 1
+    assert missing in errors[0] and "does not exist" in errors[0]
+
+
+def test_validate_syntax_error_names_file_and_line(tmp_path):
+    path = write(tmp_path, "build_failure.txt.j2", "line one\n{% if result %}\nno endif\n")
+    errors = TemplateSet(str(tmp_path)).validate("build_failure")
+    assert len(errors) == 1, errors
+    assert errors[0].startswith(f"{path}:")
+    assert "syntax error" in errors[0]
+    line = int(errors[0][len(path) + 1:].split(":", 1)[0])
+    assert line in (2, 3, 4)
+
+
+def test_validate_syntax_error_line_exact(tmp_path):
+    path = write(tmp_path, "build_failure.html.j2", "<p>ok</p>\n<p>{{ result }</p>\n")
+    errors = TemplateSet(str(tmp_path)).validate("build_failure")
+    assert len(errors) == 1, errors
+    assert errors[0].startswith(f"{path}:2: Jinja2 syntax error")
+
+
+def test_validate_undefined_variable(tmp_path):
+    path = write(tmp_path, "build_failure.subject.j2", "{{ buildername }}\n{{ biuld_url }}\n")
+    errors = TemplateSet(str(tmp_path)).validate("build_failure")
+    assert len(errors) == 1, errors
+    msg = errors[0]
+    assert "'biuld_url' is undefined" in msg
+    assert msg.startswith(f"{path}:2:")
+    assert "the template context offers" in msg and "build_url" in msg
+
+
+def test_validate_undefined_attribute_in_extending_template(tmp_path):
+    path = write(
+        tmp_path,
+        "build_failure.html.j2",
+        '{% extends "builtin/build_failure.html.j2" %}\n'
+        "{% block footer %}\n{{ build.no_such_key.name }}\n{% endblock %}\n",
+    )
+    errors = TemplateSet(str(tmp_path)).validate("build_failure")
+    assert len(errors) == 1, errors
+    assert "no_such_key" in errors[0]
+    assert errors[0].startswith(f"{path}:3:")
+
+
+def test_validate_worker_template_against_worker_context(tmp_path):
+    # worker templates are checked against the worker context, where build keys do not exist
+    write(tmp_path, "worker_missing.subject.j2", "{{ buildername }}")
+    errors = TemplateSet(str(tmp_path)).validate("worker_missing")
+    assert len(errors) == 1
+    assert "'buildername' is undefined" in errors[0]
+
+
+def test_html_escapes_hostile_log_and_commit():
+    mail = TemplateSet().render("build_failure", hostile_context())
+    assert "<script>" not in mail.html
+    assert "&lt;script&gt;alert(&#39;log&#39;)&lt;/script&gt;" in mail.html
+    assert "fix &lt;script&gt;alert(&#39;commit&#39;)&lt;/script&gt; &amp; more" in mail.html
+    assert "<b>x</b>" not in mail.html
+    # the plain-text part is not HTML: it keeps the characters as they are
+    assert "<script>alert('log')</script>" in mail.text
+    assert "fix <script>alert('commit')</script> & more" in mail.text
+
+
+@pytest.mark.parametrize("name", ["build_failure", "build_summary"])
+def test_subject_is_one_line_with_crlf_branch(name):
+    mail = TemplateSet().render(name, hostile_context())
+    assert "\r" not in mail.subject and "\n" not in mail.subject
+    assert "evil Bcc: victim@example.org <b>x</b>" in mail.subject
+
+
+def test_collapse_subject():
+    assert collapse_subject("  a\r\n\tb \x00c\x1b[31m  ") == "a b c[31m"
+    assert collapse_subject("x\u2028y") == "x y"
+    assert collapse_subject(None) == ""
+    long = collapse_subject("word " * 100)
+    assert len(long) <= 200 and long.endswith("\u2026")
+
+
+def test_subject_cap_applies_to_render(tmp_path):
+    write(tmp_path, "build_failure.subject.j2", "{{ 'x' * 5000 }}")
+    mail = TemplateSet(str(tmp_path)).render("build_failure", sample_context())
+    assert len(mail.subject) <= 200
+
+
+def test_render_is_strict_at_send_time(tmp_path):
+    import jinja2
+
+    write(tmp_path, "build_failure.txt.j2", "{{ nope }}")
+    with pytest.raises(jinja2.UndefinedError):
+        TemplateSet(str(tmp_path)).render("build_failure", sample_context())
+
+
+def test_filters():
+    ts = TemplateSet()
+    t = ts.text_env.from_string(
+        "{{ 2|result_name }}|{{ none|result_name }}|{{ 0|result_color }}|{{ 'a\nb'|oneline }}|"
+        "{{ '\nfirst\nsecond'|firstline }}|{{ 'a\n\nb'|indent_lines('> ') }}"
+    )
+    assert t.render(none=None) == "failure|not finished|#2e7d32|a b|first|> a\n\n> b"
