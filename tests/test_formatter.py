@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 import mock
 from twisted.internet import defer
@@ -22,6 +24,13 @@ from buildbot.test.fake import fakemaster
 from buildbot.test.reactor import TestReactorMixin
 
 from buildbot_mailext.formatter import MailExtFormatter
+
+
+def tempdir(testcase):
+    # not trial's mktemp(): under pytest it would create folders in the current directory
+    path = tempfile.mkdtemp(prefix="mailext-test-")
+    testcase.addCleanup(shutil.rmtree, path, True)
+    return path
 
 
 def write(directory, name, text):
@@ -160,8 +169,7 @@ class InStockGeneratorTests(FormatterTestBase):
 class FallbackTests(FormatterTestBase):
     @defer.inlineCallbacks
     def test_custom_template_failing_at_send_time_falls_back(self):
-        tdir = self.mktemp()
-        os.makedirs(tdir)
+        tdir = tempdir(self)
         # passes validation (the sample context has a 'scheduler' property) but this build has none
         write(tdir, "build_failure.txt.j2",
               '{% extends "builtin/build_failure.txt.j2" %}'
@@ -188,8 +196,7 @@ class FallbackTests(FormatterTestBase):
 
     @defer.inlineCallbacks
     def test_custom_name_falls_back_to_kind_default(self):
-        tdir = self.mktemp()
-        os.makedirs(tdir)
+        tdir = tempdir(self)
         write(tdir, "mine.subject.j2", "{{ properties.scheduler }}")
         write(tdir, "mine.txt.j2", "x")
         write(tdir, "mine.html.j2", "x")
@@ -207,8 +214,7 @@ class ConfigTests(unittest.TestCase):
         self.assertIn("unknown template 'no_such_template'", str(cm.exception))
 
     def test_errors_are_collected_during_config_load(self):
-        tdir = self.mktemp()
-        os.makedirs(tdir)
+        tdir = tempdir(self)
         write(tdir, "build_failure.subject.j2", "{{ oops }}")
         with capture_config_errors() as errors:
             MailExtFormatter(templates_dir=tdir)
@@ -217,16 +223,14 @@ class ConfigTests(unittest.TestCase):
         self.assertIn("build_failure.subject.j2:1", errors.errors[0])
 
     def test_broken_worker_override_is_reported_too(self):
-        tdir = self.mktemp()
-        os.makedirs(tdir)
+        tdir = tempdir(self)
         write(tdir, "worker_missing.txt.j2", "{% if %}")
         with self.assertRaises(config.ConfigErrors) as cm:
             MailExtFormatter(templates_dir=tdir)
         self.assertIn("worker_missing.txt.j2:1: Jinja2 syntax error", str(cm.exception))
 
     def test_extra_ctx_counts_for_validation(self):
-        tdir = self.mktemp()
-        os.makedirs(tdir)
+        tdir = tempdir(self)
         write(tdir, "build_failure.subject.j2", "{{ team }}: {{ buildername }}")
         MailExtFormatter(templates_dir=tdir, ctx={"team": "core"})  # must not raise
         with self.assertRaises(config.ConfigErrors):
@@ -257,3 +261,27 @@ class ContextVarsTests(FormatterTestBase):
         self.assertIn("Last 3 of 100 lines", text)
         self.assertIn("| line 99", text)
         self.assertNotIn("| line 96", text)
+
+
+class SubjectOverrideTests(FormatterTestBase):
+    """MailExtFormatter(subject=...) (used by MailRoute(subject=...)) replaces NAME.subject.j2."""
+
+    @defer.inlineCallbacks
+    def test_inline_subject_replaces_file_subject_and_is_one_line(self):
+        build = yield self.insert_build(branch="rel\r\n1")
+        formatter = MailExtFormatter(subject="[{{ project }}]\n{{ buildername }} {{ branch }} {{ result }}")
+        report = yield self.generate(formatter, build)
+        self.assertEqual(report["subject"], "[proj] linux rel 1 failure")
+        self.assertEqual(report["extra_info"]["mailext"]["subject"], report["subject"])
+
+    def test_inline_subject_validated_at_config_time(self):
+        with self.assertRaises(config.ConfigErrors) as cm:
+            MailExtFormatter(subject="{{ buildnmae }}")
+        self.assertIn("'buildnmae' is undefined", str(cm.exception))
+        with self.assertRaises(config.ConfigErrors) as cm:
+            MailExtFormatter(subject="{{ buildername ")
+        self.assertIn("syntax error", str(cm.exception))
+
+    def test_subject_is_part_of_compare_attrs(self):
+        self.assertNotEqual(MailExtFormatter(), MailExtFormatter(subject="{{ result }}"))
+        self.assertEqual(MailExtFormatter(subject="{{ result }}"), MailExtFormatter(subject="{{ result }}"))
