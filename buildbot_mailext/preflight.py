@@ -1,0 +1,726 @@
+"""Preflight: talk to the configured relay the way a real mail would, without sending one,
+and explain in plain words what is wrong and how to fix it.
+
+This module owns:
+
+- :func:`probe` -- resolve, connect, banner, EHLO, STARTTLS + certificate check, AUTH,
+  ``MAIL FROM`` + ``RCPT TO`` for every recipient, then ``RSET``/``QUIT``; plus, when the
+  relay is the local Postfix, its ``relayhost``/``mydestination`` trap. Synchronous
+  (smtplib/ssl/socket), every step bounded by the notifier's ``smtp_timeout``.
+- :func:`run_at_config_load` -- called by the notifier's ``checkConfig``; runs the probe only
+  while Buildbot loads ``master.cfg`` (``buildbot checkconfig``, and master start/reconfig,
+  where Buildbot loads the config in a thread, so the reactor is never blocked). A notifier
+  built directly in Python (unit tests) never reaches the network.
+- :func:`run_at_start` -- the AUTH check that had to wait for secrets to be rendered
+  (``util.Secret`` credentials), run in a thread from ``reconfigService``.
+- :func:`check_preflight_mode` -- validation of ``preflight="fail"|"warn"|"off"``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import os
+import shutil
+import smtplib
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from email.utils import parseaddr
+from typing import Any, Iterator, Optional, Sequence
+
+from buildbot_mailext.relay import SmtpSettings, format_endpoint
+
+PREFLIGHT_MODES = ("fail", "warn", "off")
+# Set to "1" to skip the config-load probe (e.g. on a machine that builds configs offline).
+SKIP_ENV = "BUILDBOT_MAILEXT_SKIP_PREFLIGHT"
+# Debian puts postconf in /usr/sbin, which is not on a non-root PATH.
+EXTRA_SBIN = ("/usr/sbin", "/sbin", "/usr/local/sbin")
+
+START_MTA_FIX = (
+    "install and start an MTA such as Postfix on this machine (Debian/Ubuntu: apt-get install postfix; "
+    "then systemctl start postfix or postfix start), or set relayhost to your site's relay, e.g. "
+    "relayhost='[relay.example.org]:587' with useTls=True"
+)
+EXAMPLE_RELAY = "[relay.example.org]"
+
+
+@dataclass
+class Problem:
+    kind: str  # dns refused timeout unreachable banner tls cert starttls auth sender recipient postfix ...
+    what_happened: str
+    fix: str
+
+
+@dataclass
+class PreflightResult:
+    ok: bool
+    endpoint: str
+    problems: list[Problem] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    elapsed: float = 0.0
+    steps: list[str] = field(default_factory=list)  # what was done, in order, with timings
+    title: str = ""  # e.g. "notifier 'mail'"; set by callers
+
+    def render(self) -> str:
+        """Human text: verdict line, then each problem with its fix, then notes."""
+        who = f"{self.title} -> " if self.title else ""
+        verdict = "OK" if self.ok else f"{len(self.problems)} problem(s)"
+        lines = [f"mail preflight {who}{self.endpoint}: {verdict} ({self.elapsed:.3f}s)"]
+        for p in self.problems:
+            lines.append(f"  PROBLEM [{p.kind}] {p.what_happened}")
+            lines.append(f"    fix: {p.fix}")
+        for n in self.notes:
+            lines.append(f"  note: {n}")
+        if self.steps:
+            lines.append("  steps: " + " | ".join(self.steps))
+        return "\n".join(lines)
+
+
+class _Abort(Exception):
+    """Internal: a step failed in a way that makes later steps meaningless."""
+
+
+class _ProbeSMTP(smtplib.SMTP):
+    """smtplib.SMTP on a socket we connected ourselves (so that connect errors are ours to
+    classify, and the TLS server name stays the configured host, not the resolved IP)."""
+
+    def __init__(self, sock_factory: Any, timeout: float):
+        self._sock_factory = sock_factory
+        super().__init__(timeout=timeout)
+
+    def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
+        return self._sock_factory()
+
+
+def _ssl_context(settings: SmtpSettings) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=settings.tls_ca_file) if settings.tls_ca_file else ssl.create_default_context()
+    if not settings.tls_verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])
+        return True
+    except ValueError:
+        return False
+
+
+def _resolve(host: str, port: int, timeout: float) -> list[tuple]:
+    """getaddrinfo bounded by ``timeout`` (getaddrinfo itself cannot be interrupted, so it
+    runs in a daemon thread that we stop waiting for)."""
+    box: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            box["result"] = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except BaseException as e:  # noqa: BLE001 - reported to the caller
+            box["error"] = e
+
+    t = threading.Thread(target=work, name=f"preflight-resolve-{host}", daemon=True)
+    t.start()
+    t.join(timeout)
+    if t.is_alive():
+        raise TimeoutError(f"no answer from the resolver within {timeout:g}s")
+    if "error" in box:
+        raise box["error"]
+    seen, out = set(), []
+    for family, socktype, proto, _, sockaddr in box["result"]:
+        if sockaddr[0] not in seen:
+            seen.add(sockaddr[0])
+            out.append((family, socktype, proto, sockaddr))
+    return out
+
+
+def _reply_text(code: Any, resp: Any) -> str:
+    if isinstance(resp, bytes):
+        resp = resp.decode("utf-8", "replace")
+    text = " ".join(str(resp or "").split())
+    return f"{code} {text}".strip() if code else text
+
+
+def _cert_fix(settings: SmtpSettings, verify_message: str) -> str:
+    msg = verify_message.lower()
+    if "hostname mismatch" in msg or "ip address mismatch" in msg:
+        return (
+            f"set relayhost to a name the certificate was issued for (not {settings.host!r}), "
+            "or have the relay's certificate re-issued to include this name"
+        )
+    if "expired" in msg:
+        return "renew the relay's certificate (e.g. certbot renew / your CA), then restart the relay's MTA"
+    return (
+        "if the relay uses a private or self-signed CA, set tls_ca_file='/path/to/that-ca.pem'; "
+        "otherwise install the missing intermediate certificate on the relay. Only as a last resort: "
+        "tls_verify=False (logs a warning; anyone on the path can read the mail)"
+    )
+
+
+def _local_postconf() -> Optional[str]:
+    path = os.environ.get("PATH", "") + os.pathsep + os.pathsep.join(EXTRA_SBIN)
+    return shutil.which("postconf", path=path)
+
+
+def _postconf(postconf: str, *args: str, timeout: float = 10.0) -> str:
+    # timeout: Postfix programs sleep up to ~2 s after main.cf changed ("cool-down").
+    out = subprocess.run(
+        [postconf, *args], capture_output=True, text=True, timeout=timeout, check=True
+    )
+    return out.stdout
+
+
+def _postfix_listen_ports(postconf: str) -> set[int]:
+    """Ports of smtpd inet services in master.cf (``smtp`` -> 25, ``127.0.0.1:10025`` -> 10025)."""
+    ports: set[int] = set()
+    try:
+        text = _postconf(postconf, "-M", "*/inet")
+    except Exception:
+        return ports
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) >= 8 and fields[7] == "smtpd":
+            service = fields[0].rsplit(":", 1)[-1]
+            if service.isdigit():
+                ports.add(int(service))
+            else:
+                try:
+                    ports.add(socket.getservbyname(service, "tcp"))
+                except OSError:
+                    if service == "smtp":
+                        ports.add(25)
+    return ports
+
+
+def _domain_matches(domain: str, destinations: Sequence[str]) -> bool:
+    domain = domain.lower().rstrip(".")
+    return any(domain == d.lower().rstrip(".") for d in destinations)
+
+
+def check_local_postfix(
+    settings: SmtpSettings, recipients: Sequence[str], banner: str = "", postconf: Optional[str] = None
+) -> tuple[list[Problem], list[str]]:
+    """The site-guide trap: the notifier talks to the local Postfix, Postfix has no relayhost,
+    and the recipients are not local: Postfix says 250 and then cannot deliver.
+
+    Only called when the relay is a loopback address. Returns (problems, notes).
+    """
+    postconf = postconf or _local_postconf()
+    if not postconf:
+        return [], []
+    ep = settings.endpoint_label()
+    # Is the thing on this loopback port Postfix? Its banner usually says so; if the banner
+    # was customised, the port being one of Postfix's smtpd listeners is good enough.
+    if "postfix" not in banner.lower() and settings.port not in _postfix_listen_ports(postconf):
+        return [], []
+    try:
+        # -x expands $myhostname & co.; one output line per parameter, in order.
+        relayhost, mydestination, default_transport = (
+            _postconf(postconf, "-hx", "relayhost", "mydestination", "default_transport").splitlines() + ["", "", ""]
+        )[:3]
+    except Exception as e:  # noqa: BLE001 - a note, never a crash
+        return [], [f"{ep} looks like the local Postfix, but 'postconf -h' failed ({e}); relayhost not checked"]
+    relayhost = relayhost.strip()
+    if relayhost:
+        return [], [f"{ep} is the local Postfix; it relays all outside mail via relayhost = {relayhost} (postconf -h relayhost)"]
+    transport = default_transport.strip()
+    if transport and ":" in transport and transport.split(":", 1)[1].strip():
+        return [], [f"{ep} is the local Postfix; default_transport = {transport} decides where outside mail goes"]
+    destinations = [d for d in mydestination.replace(",", " ").split() if d]
+    tables = [d for d in destinations if ":" in d or d.startswith("/")]
+    outside = []
+    for rcpt in recipients:
+        domain = rcpt.rpartition("@")[2]
+        if domain and not _domain_matches(domain, destinations):
+            outside.append(rcpt)
+    if not outside:
+        return [], [f"{ep} is the local Postfix, without relayhost; every recipient is local (mydestination)"]
+    notes = []
+    if tables:
+        notes.append(f"mydestination also uses lookup tables ({', '.join(tables)}) that this check cannot read")
+    problem = Problem(
+        "postfix-no-relayhost",
+        f"{ep} is the local Postfix and it has no relayhost (postconf -h relayhost is empty); "
+        f"recipient(s) {', '.join(outside)} are outside its mydestination ({', '.join(destinations) or 'empty'}). "
+        "Postfix will accept these mails (250) and then try to deliver them itself, straight to each "
+        "domain's MX on port 25, which site firewalls usually block: the mail waits in Postfix's queue "
+        "(postqueue -p) and bounces days later. Nothing in the SMTP dialogue shows it.",
+        f"tell Postfix to relay through your site's relay: postconf -e 'relayhost = {EXAMPLE_RELAY}' && "
+        f"postfix reload (or set 'relayhost = {EXAMPLE_RELAY}' in /etc/postfix/main.cf); or bypass Postfix "
+        f"and set the notifier's relayhost='{EXAMPLE_RELAY}:587' (with useTls=True, and smtpUser/"
+        "smtpPassword if the relay needs them)",
+    )
+    return [problem], notes
+
+
+def probe(
+    settings: SmtpSettings,
+    fromaddr: str,
+    recipients: list[str],
+    check_auth: bool = True,
+    timeout: Optional[float] = None,
+) -> PreflightResult:
+    """Run the SMTP dialogue up to RCPT TO (no mail is sent) and explain what is wrong.
+
+    ``timeout`` (default: ``settings.timeout``) bounds name resolution, the TCP connect and
+    every SMTP reply. Never raises for network trouble: everything becomes a Problem.
+    """
+    timeout = float(timeout or settings.timeout)
+    ep = settings.endpoint_label()
+    result = PreflightResult(ok=False, endpoint=f"{ep} ({_mode_label(settings)})")
+    start = time.monotonic()
+
+    def step(text: str) -> None:
+        result.steps.append(f"{text} @{time.monotonic() - start:.3f}s")
+
+    def problem(kind: str, what: str, fix: str) -> None:
+        result.problems.append(Problem(kind, what, fix))
+
+    held: dict[str, Any] = {}  # sockets to close whatever happens
+    try:
+        _probe_dialogue(settings, fromaddr, recipients, check_auth, timeout, result, step, problem, held)
+    except _Abort:
+        pass
+    except Exception as e:  # noqa: BLE001 - an unexpected error is still one readable problem
+        problem("unexpected", f"{ep}: {type(e).__name__}: {e}", "report this to buildbot-mailext with the steps below")
+    finally:
+        for thing in held.values():
+            with contextlib.suppress(Exception):
+                thing.close()
+    result.elapsed = time.monotonic() - start
+    result.ok = not result.problems
+    return result
+
+
+def _mode_label(settings: SmtpSettings) -> str:
+    label = {"none": "plain SMTP", "starttls": "STARTTLS", "smtps": "SMTPS"}[settings.tls]
+    if settings.tls != "none" and not settings.tls_verify:
+        label += ", certificate NOT verified"
+    if settings.uses_auth:
+        label += ", AUTH"
+    return label
+
+
+def _probe_dialogue(settings, fromaddr, recipients, check_auth, timeout, result, step, problem, held) -> None:
+    host, port = settings.host, settings.port
+    ep = settings.endpoint_label()
+
+    # 1. resolve
+    try:
+        addrs = _resolve(host, port, timeout)
+    except socket.gaierror as e:
+        problem(
+            "dns",
+            f"{ep}: the host name {host!r} does not resolve ({e.strerror or e})",
+            f"check the spelling of relayhost (getent hosts {host} must answer on this machine), fix the DNS "
+            "resolver in /etc/resolv.conf, or give the relay's IP address: relayhost='[192.0.2.25]:587'",
+        )
+        step("resolve failed")
+        raise _Abort
+    except TimeoutError as e:
+        problem(
+            "dns",
+            f"{ep}: resolving {host!r} got {e}",
+            "the DNS resolver of this machine does not answer: fix /etc/resolv.conf, or give the relay's IP address",
+        )
+        step("resolve timed out")
+        raise _Abort
+    step("resolved " + ", ".join(a[3][0] for a in addrs))
+
+    # 2. connect (every address, as an MTA client would)
+    sock = None
+    errors: list[tuple[str, BaseException]] = []
+    for family, socktype, proto, sockaddr in addrs:
+        s = socket.socket(family, socktype, proto)
+        s.settimeout(timeout)
+        try:
+            s.connect(sockaddr)
+        except BaseException as e:  # noqa: BLE001
+            s.close()
+            errors.append((sockaddr[0], e))
+            continue
+        sock = held["sock"] = s
+        break
+    if sock is None:
+        where = ", ".join(format_endpoint(a, port) for a, _ in errors)
+        refused = [a for a, e in errors if isinstance(e, ConnectionRefusedError)]
+        timed_out = [a for a, e in errors if isinstance(e, (socket.timeout, TimeoutError))]
+        if len(refused) == len(errors):
+            problem(
+                "refused",
+                f"{ep}: connection refused ({where}): nothing is listening there",
+                START_MTA_FIX if _is_loopback(addrs) else
+                f"start the MTA on {host}, check the port (25, 587 STARTTLS, 465 SMTPS), or fix relayhost",
+            )
+            step("connect refused")
+        elif timed_out:
+            problem(
+                "timeout",
+                f"{ep}: no TCP connection within {timeout:g}s ({where}): a firewall drops the packets, or the "
+                "host is down",
+                f"check that this machine may reach {ep} (firewall rules for outgoing port {port}; many sites "
+                "block outgoing port 25), or set relayhost to your site's relay",
+            )
+            step("connect timed out")
+        else:
+            text = "; ".join(f"{a}: {e}" for a, e in errors)
+            problem(
+                "unreachable",
+                f"{ep}: cannot connect ({text})",
+                "check routing/network to the relay, or set relayhost to a relay this machine can reach",
+            )
+            step("connect failed")
+        raise _Abort
+    connected_ip = sock.getpeername()[0]
+    step(f"connected to {format_endpoint(connected_ip, port)}")
+    for a, e in errors:
+        result.notes.append(f"{format_endpoint(a, port)} failed ({e}); {connected_ip} worked")
+
+    # 3. banner (and the implicit TLS handshake for SMTPS)
+    ctx = _ssl_context(settings) if settings.tls != "none" else None
+
+    def sock_factory() -> socket.socket:
+        if settings.tls == "smtps":
+            return ctx.wrap_socket(sock, server_hostname=host)
+        return sock
+
+    smtp = held["smtp"] = _ProbeSMTP(sock_factory, timeout)
+    smtp._host = host  # smtplib uses it as the TLS server name for STARTTLS
+    try:
+        code, banner = smtp.connect(host, port)
+    except ssl.SSLCertVerificationError as e:
+        _cert_problem(problem, settings, e)
+        step("TLS handshake: certificate rejected")
+        raise _Abort
+    except ssl.SSLError as e:
+        problem(
+            "tls",
+            f"{ep}: TLS handshake failed ({e.reason or e})",
+            "useSmtps=True expects implicit TLS (usually port 465); for a port that starts in plain text and "
+            "offers STARTTLS (usually 587 or 25) use useTls=True instead",
+        )
+        step("TLS handshake failed")
+        raise _Abort
+    except (socket.timeout, TimeoutError, smtplib.SMTPServerDisconnected) as e:
+        # smtplib reports a read timeout as SMTPServerDisconnected("... timed out")
+        timed_out = not isinstance(e, smtplib.SMTPServerDisconnected) or isinstance(e.__context__, TimeoutError)
+        if not timed_out:
+            problem(
+                "banner",
+                f"{ep}: the server closed the connection before greeting ({e})",
+                "the MTA refuses this client (check its access rules and its log, e.g. /var/log/mail.log)",
+            )
+            step("disconnected before banner")
+            raise _Abort
+        hint = (
+            " (a TLS handshake got no answer: is this port really SMTPS?)" if settings.tls == "smtps" else
+            " (if this is an SMTPS port such as 465, set useSmtps=True)"
+        )
+        problem(
+            "timeout",
+            f"{ep}: connected, but no SMTP greeting came within {timeout:g}s: something is listening that "
+            f"does not speak SMTP, or the server is hung{hint}",
+            f"check what listens on {ep} (ss -ltnp), restart the MTA, or correct relayhost / port",
+        )
+        step("no banner")
+        raise _Abort
+    banner_text = _reply_text(code, banner)
+    step(f"banner {banner_text[:60]}")
+    if code != 220:
+        problem(
+            "banner",
+            f"{ep}: the server refuses the session: {banner_text}",
+            "the MTA does not accept mail from this machine now; read its log and access rules",
+        )
+        raise _Abort
+
+    # 4. EHLO
+    code, resp = smtp.ehlo()
+    step(f"EHLO {code}")
+    if code != 250:
+        problem("protocol", f"{ep}: EHLO refused: {_reply_text(code, resp)}", "check the MTA's log; it should accept EHLO")
+        raise _Abort
+
+    # 5. STARTTLS
+    if settings.tls == "starttls":
+        if not smtp.has_extn("starttls"):
+            offered = " ".join(sorted(k.upper() for k in smtp.esmtp_features)) or "nothing"
+            problem(
+                "starttls",
+                f"{ep}: STARTTLS not offered (the EHLO reply lists: {offered}), and useTls=True requires it",
+                "enable TLS on the relay (Postfix: smtpd_tls_security_level = may, with smtpd_tls_cert_file and "
+                "smtpd_tls_key_file), use the relay's submission port (587), use useSmtps=True if this is an "
+                "implicit-TLS port (465), or drop useTls=True for a local MTA on loopback",
+            )
+            step("no STARTTLS")
+            raise _Abort
+        try:
+            code, resp = smtp.starttls(context=ctx)
+        except ssl.SSLCertVerificationError as e:
+            _cert_problem(problem, settings, e)
+            step("STARTTLS: certificate rejected")
+            raise _Abort
+        except ssl.SSLError as e:
+            problem("tls", f"{ep}: TLS handshake after STARTTLS failed ({e.reason or e})", "check the relay's TLS setup and log")
+            step("STARTTLS handshake failed")
+            raise _Abort
+        except smtplib.SMTPResponseException as e:
+            problem("tls", f"{ep}: STARTTLS refused: {_reply_text(e.smtp_code, e.smtp_error)}", "check the relay's TLS setup and log")
+            raise _Abort
+        step("STARTTLS ok, certificate " + ("verified" if settings.tls_verify else "NOT verified"))
+        code, resp = smtp.ehlo()
+        step(f"EHLO (TLS) {code}")
+    elif settings.tls == "smtps":
+        step("TLS (SMTPS) certificate " + ("verified" if settings.tls_verify else "NOT verified"))
+
+    # 6. AUTH
+    if settings.uses_auth:
+        if not settings.credentials_are_plain():
+            result.notes.append("AUTH not checked at config load (credentials come from secrets); checked at start")
+        elif not check_auth:
+            result.notes.append("AUTH not checked (check_auth=False)")
+        elif not smtp.has_extn("auth"):
+            offered = " ".join(sorted(k.upper() for k in smtp.esmtp_features)) or "nothing"
+            problem(
+                "auth",
+                f"{ep}: smtpUser is set but the server offers no AUTH (EHLO lists: {offered})",
+                "the relay may not need a login (remove smtpUser/smtpPassword), or offers AUTH only after "
+                "STARTTLS (set useTls=True), or only on its submission port 587",
+            )
+            raise _Abort
+        else:
+            try:
+                code, resp = smtp.login(_as_text(settings.user), _as_text(settings.password))
+                step(f"AUTH {code}")
+            except smtplib.SMTPAuthenticationError as e:
+                problem(
+                    "auth",
+                    f"{ep}: AUTH rejected for smtpUser {_as_text(settings.user)!r}: {_reply_text(e.smtp_code, e.smtp_error)}",
+                    "check smtpUser/smtpPassword (or the secret they come from); some relays want the full "
+                    "address as user name, or an application password",
+                )
+                step("AUTH rejected")
+                raise _Abort
+            except smtplib.SMTPException as e:
+                problem("auth", f"{ep}: AUTH failed: {e}", "check which AUTH mechanisms the relay offers (LOGIN/PLAIN/CRAM-MD5)")
+                raise _Abort
+
+    # 7. MAIL FROM / RCPT TO (never DATA)
+    sender = parseaddr(fromaddr)[1] or fromaddr
+    code, resp = smtp.mail(sender)
+    step(f"MAIL FROM {code}")
+    if code != 250:
+        problem(
+            "sender",
+            f"{ep}: MAIL FROM:<{sender}> refused: {_reply_text(code, resp)}",
+            "set fromaddr to an address the relay accepts as sender (often one of your site's domain, or "
+            "the address smtpUser may send as)",
+        )
+    else:
+        if not recipients:
+            result.notes.append("no fixed recipients to check (RCPT TO not tried)")
+        for rcpt in recipients:
+            code, resp = smtp.rcpt(rcpt)
+            if code in (250, 251):
+                continue
+            reply = _reply_text(code, resp)
+            if 400 <= code < 500:
+                problem(
+                    "recipient-temporary",
+                    f"{ep}: recipient {rcpt} temporarily refused: {reply}",
+                    "the relay defers this recipient (greylisting, full queue, unknown-user lookup down); "
+                    "read the relay's log; mails will be retried",
+                )
+            elif "relay" in reply.lower() or code in (554,):
+                problem(
+                    "recipient",
+                    f"{ep}: recipient {rcpt} refused, relay denied: {reply}",
+                    "the relay does not relay for this machine: have its admin allow this host (Postfix: add "
+                    "its address to mynetworks), or log in (smtpUser/smtpPassword with useTls=True), or use "
+                    "the relay your site designates for machines (relayhost=...)",
+                )
+            else:
+                problem(
+                    "recipient",
+                    f"{ep}: recipient {rcpt} refused: {reply}",
+                    f"check the address {rcpt} in the route's recipients (typo? list renamed?)",
+                )
+        step(f"RCPT TO x{len(recipients)}")
+    with contextlib.suppress(Exception):
+        smtp.rset()
+    with contextlib.suppress(Exception):
+        smtp.quit()
+    step("RSET, QUIT")
+
+    # 8. the local-Postfix trap
+    if _is_loopback(addrs):
+        try:
+            problems, notes = check_local_postfix(settings, recipients, banner_text)
+        except Exception as e:  # noqa: BLE001
+            problems, notes = [], [f"local Postfix check failed: {e}"]
+        result.problems.extend(problems)
+        result.notes.extend(notes)
+        if problems or notes:
+            step("postconf checked")
+
+
+def _as_text(value: Any) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def _is_loopback(addrs: Sequence[tuple]) -> bool:
+    try:
+        return bool(addrs) and all(ipaddress.ip_address(a[3][0].split("%", 1)[0]).is_loopback for a in addrs)
+    except ValueError:
+        return False
+
+
+def _cert_problem(problem: Any, settings: SmtpSettings, e: ssl.SSLCertVerificationError) -> None:
+    verify_message = getattr(e, "verify_message", "") or str(e)
+    problem(
+        "cert",
+        f"{settings.endpoint_label()}: the server certificate is not valid: {verify_message}"
+        + (f" (trusted CA file: {settings.tls_ca_file})" if settings.tls_ca_file else " (trusting the system CAs)"),
+        _cert_fix(settings, verify_message),
+    )
+
+
+# ---------------------------------------------------------------------------- config load
+
+
+def check_preflight_mode(mode: Any) -> list[str]:
+    if mode in PREFLIGHT_MODES:
+        return []
+    return [f"preflight={mode!r}: must be 'fail' (default: a broken mail setup stops the master), 'warn' or 'off'"]
+
+
+_suppress_depth = 0
+_auth_pending: dict[str, bool] = {}  # notifier name -> AUTH still to check once secrets are rendered
+_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def suppressed() -> Iterator[None]:
+    """Load a master.cfg without the config-load probe (the CLI probes by itself)."""
+    global _suppress_depth
+    with _lock:
+        _suppress_depth += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _suppress_depth -= 1
+
+
+def _inside_config_load() -> bool:
+    """True when called (indirectly) from buildbot.config.master.loadConfigDict, i.e. while
+    ``buildbot checkconfig`` or a master (start/reconfig) executes master.cfg."""
+    try:
+        from buildbot.config import master as config_master
+    except ImportError:  # pragma: no cover
+        return False
+    code = config_master.loadConfigDict.__code__
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is code:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _under_checkconfig() -> bool:
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_globals.get("__name__") == "buildbot.scripts.checkconfig":
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _banner(text: str, headline: str) -> str:
+    bar = "*" * 78
+    return f"\n{bar}\n* {headline}\n{bar}\n{text}\n{bar}"
+
+
+def _log(text: str) -> None:
+    from twisted.python import log
+
+    log.msg(text)
+
+
+def run_at_config_load(
+    settings: SmtpSettings, fromaddr: str, recipients: list[str], mode: str, notifier_name: str
+) -> None:
+    """Probe the relay if (and only if) master.cfg is being loaded by Buildbot.
+
+    ``fail``: problems become Buildbot config errors (checkconfig prints them; ``buildbot
+    start`` halts). ``warn``: a banner in twistd.log (and on stderr under checkconfig).
+    """
+    if mode == "off" or mode not in PREFLIGHT_MODES:
+        return
+    if _suppress_depth or os.environ.get(SKIP_ENV) == "1":
+        return
+    if not _inside_config_load():
+        return
+    check_auth = settings.credentials_are_plain()
+    with _lock:
+        if settings.uses_auth and not check_auth:
+            _auth_pending[notifier_name] = True
+        else:
+            _auth_pending.pop(notifier_name, None)
+    result = probe(settings, fromaddr, recipients, check_auth=check_auth)
+    result.title = f"notifier {notifier_name!r}"
+    text = result.render()
+    if result.ok:
+        _log(text)
+        return
+    if mode == "fail":
+        from buildbot import config
+
+        config.error(
+            text + "\n  (preflight='fail': fix the problem, or set preflight='warn' to start anyway)"
+        )
+        return
+    banner = _banner(text, f"MAIL PREFLIGHT WARNING for notifier {notifier_name!r}: mail will not arrive")
+    _log(banner)
+    if _under_checkconfig():
+        print(banner, file=sys.stderr)
+
+
+def run_at_start(
+    settings: SmtpSettings, fromaddr: str, recipients: list[str], mode: str, notifier_name: str
+) -> Any:
+    """From ``reconfigService``: finish the AUTH check that config load had to skip because
+    the credentials were secrets. Runs the probe in a thread; returns a Deferred that never
+    errbacks. Does nothing for notifiers that config load already probed completely, so unit
+    tests that call reconfigService never reach the network.
+    """
+    from twisted.internet import defer, threads
+
+    with _lock:
+        pending = _auth_pending.pop(notifier_name, False)
+    if not pending or mode == "off" or not settings.credentials_are_plain():
+        return defer.succeed(None)
+
+    def done(result: PreflightResult) -> None:
+        result.title = f"notifier {notifier_name!r} (AUTH with rendered secrets, at start)"
+        text = result.render()
+        if result.ok:
+            _log(text)
+            return
+        headline = f"MAIL PREFLIGHT {'FAILED' if mode == 'fail' else 'WARNING'} at start for notifier {notifier_name!r}"
+        if mode == "fail":
+            headline += " (secrets are only known now, so the master could not be halted: mail will fail until fixed)"
+        _log(_banner(text, headline))
+
+    def crashed(f: Any) -> None:
+        _log(f"mail preflight at start for notifier {notifier_name!r} could not run: {f.getErrorMessage()}")
+
+    d = threads.deferToThread(probe, settings, fromaddr, recipients, True)
+    d.addCallbacks(done, crashed)
+    return d
