@@ -114,12 +114,12 @@ def main(argv: list[str] | None = None) -> int:
         step("worker connected")
 
         step(f"forcing build {args.builder} (POST /api/v2/forceschedulers/force) ...")
+        t_force = time.monotonic()
         build = master.force_and_wait("force", args.builder, timeout=args.timeout,
                                       reason="buildbot-mailext demo")
         step(f"build {args.builder} #{build['number']} finished: {build['state_string']}")
 
         step(f"waiting up to {args.timeout:.0f}s for the mail ...")
-        t_build = time.monotonic()
         mails = sink.wait_for(1, timeout=args.timeout)
         if not mails:
             print(f"\ndemo: FAILED: no mail reached the SMTP sink within {args.timeout:.0f}s "
@@ -129,8 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         # Give a second route (if any) a moment to deliver too.
         time.sleep(1.0)
         mails = sink.snapshot()
-        step(f"mail received in {mails[0].received_at - t_build:.2f} s after the build "
-             f"finished ({len(mails)} message(s))")
+        step(f"mail received {mails[0].received_at - t_force:.2f} s after forcing the build "
+             f"({len(mails)} message(s))")
 
         out_dir.mkdir(parents=True, exist_ok=True)
         for n, mail in enumerate(mails, 1):
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"===== mail {n}: envelope MAIL FROM:<{mail.mail_from}> "
                   f"RCPT TO:{', '.join('<%s>' % r for r in mail.rcpt_tos)}")
             for name, value in msg.items():
-                print(f"{name}: {value}")
+                print(f"{name}: {str(value).strip()}")
             text = mail.part("text/plain")
             html = mail.part("text/html")
             print("----- text/plain part -----")
