@@ -19,6 +19,7 @@ retry says so.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass, field
 from io import BytesIO
@@ -26,7 +27,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 from twisted.internet import defer, protocol
 from twisted.internet import error as net_error
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
 from twisted.mail import smtp
 from twisted.python import failure as tw_failure
 from twisted.python import log
@@ -178,6 +179,14 @@ def classify(exc: BaseException, settings: SmtpSettings) -> SendFailure:
     if isinstance(exc, net_error.ConnectError):
         return SendFailure("refused" if "refused" in _text(exc).lower() else "transient", f"cannot connect to {ep}: {_text(exc)}")
     return SendFailure("transient", f"unexpected error {type(exc).__name__}: {_text(exc)}")
+
+
+def _is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
 
 
 def _tls_creator(settings: SmtpSettings) -> Any:
@@ -408,7 +417,13 @@ class MailTransport:
 
     def _endpoint(self) -> Any:
         s = self.settings
-        endpoint = HostnameEndpoint(self.reactor, s.host, s.port, timeout=s.timeout)
+        if _is_ip_literal(s.host):
+            # HostnameEndpoint waits out its 0.3 s "happy eyeballs" delay before reporting a
+            # refused connection; an IP literal needs no race, and "refused" should be instant.
+            cls = TCP6ClientEndpoint if ":" in s.host else TCP4ClientEndpoint
+            endpoint = cls(self.reactor, s.host, s.port, timeout=s.timeout)
+        else:
+            endpoint = HostnameEndpoint(self.reactor, s.host, s.port, timeout=s.timeout)
         if s.tls == "smtps":
             endpoint = wrapClientTLS(self._tls_creator, endpoint)
         return endpoint
