@@ -241,3 +241,55 @@ def test_filters():
         "{{ '\nfirst\nsecond'|firstline }}|{{ 'a\n\nb'|indent_lines('> ') }}"
     )
     assert t.render(none=None) == "failure|not finished|#2e7d32|a b|first|> a\n\n> b"
+
+
+# --- the README section (docs/readme-templates.rst) must stay true --------------------------------
+
+DOC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs",
+                   "readme-templates.rst")
+
+
+def doc_examples():
+    """{file name: source} of the code blocks introduced by ````mytemplates/FILE````: in the doc."""
+    with open(DOC, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    examples = {}
+    for i, line in enumerate(lines):
+        if line.startswith("``mytemplates/") and line.endswith("``:"):
+            name = line[len("``mytemplates/"):-len("``:")]
+            assert lines[i + 2].startswith(".. code-block::"), lines[i + 2]
+            body = []
+            for block_line in lines[i + 4:]:
+                if block_line and not block_line.startswith(" "):
+                    break
+                body.append(block_line[4:])
+            examples[name] = "\n".join(body).strip() + "\n"
+    return examples
+
+
+def test_doc_block_example_works(tmp_path):
+    examples = doc_examples()
+    assert sorted(examples) == ["build_failure.html.j2", "build_failure.txt.j2"]
+    for name, source in examples.items():
+        write(tmp_path, name, source)
+    ts = TemplateSet(str(tmp_path))
+    assert ts.validate("build_failure") == []
+    mail = ts.render("build_failure", sample_context())
+    assert "<p>Questions about linux-x86_64? Ask in #ci on chat.</p>" in mail.html
+    assert "Sent by Buildbot" in mail.html  # {{ super() }} kept the packaged footer
+    assert "    > program finished with exit code 2" in mail.text
+    assert "| program finished" not in mail.text
+    assert "Changes" in mail.text
+
+
+def test_doc_lists_every_context_variable():
+    with open(DOC, encoding="utf-8") as f:
+        doc = f.read()
+    reference = doc[doc.index("Template context reference"):]
+    build = sample_context()
+    keys = set(build)
+    keys |= set(build["failed_steps"][0]) | set(build["failed_steps"][0]["log_tail"][0])
+    keys |= set(build["changes"][0]) | set(build["builds"][0])
+    keys |= set(sample_context(kind="worker"))
+    missing = sorted(k for k in keys if f"``{k}``" not in reference)
+    assert missing == []
