@@ -293,3 +293,13 @@ def test_doc_lists_every_context_variable():
     keys |= set(sample_context(kind="worker"))
     missing = sorted(k for k in keys if f"``{k}``" not in reference)
     assert missing == []
+
+
+@pytest.mark.parametrize("name", ["build_failure", "build_summary"])
+def test_unfinished_build_renders(name):
+    # BuildStatusGenerator(report_new=True) formats builds that have no result yet
+    ctx = sample_context()
+    ctx.update(results=None, result=None, transition="changed")
+    mail = TemplateSet().render(name, ctx)
+    assert "None" not in mail.subject and "NONE" not in mail.text
+    assert "running" in mail.text.lower()
