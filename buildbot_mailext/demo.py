@@ -21,6 +21,7 @@ import argparse
 import importlib.util
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -162,20 +163,30 @@ def main(argv: list[str] | None = None) -> int:
         print("\ndemo: interrupted", file=sys.stderr)
         rc = 130
     finally:
-        step("shutting down worker, master and SMTP sink ...")
-        if worker is not None:
-            worker.stop()
-        if master is not None:
-            master.stop()
-        if sink is not None:
-            sink.stop()
+        # Stop everything even if printing fails (e.g. `make demo | head`: broken pipe).
+        _quiet(step, "shutting down worker, master and SMTP sink ...")
+        for thing in (worker, master, sink):
+            if thing is not None:
+                thing.stop()
         if args.keep:
-            step(f"kept {tmp}")
+            _quiet(step, f"kept {tmp}")
         else:
             shutil.rmtree(tmp, ignore_errors=True)
-        step("done" if rc == 0 else f"done (exit {rc})")
+        _quiet(step, "done" if rc == 0 else f"done (exit {rc})")
     return rc
 
 
+def _quiet(step: Step, text: str) -> None:
+    try:
+        step(text)
+    except OSError:  # stdout gone
+        pass
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _terminate)  # clean up on kill, like on Ctrl-C
     sys.exit(main())
