@@ -1,0 +1,207 @@
+"""The notifier's decisions (buildbot_mailext.notifier) on Buildbot's fake master.
+
+What reaches a real SMTP server is proven in test_transport.py and the end-to-end tests;
+here the transport is replaced by a recorder (a fake reactor cannot open sockets) so the
+tests can look at exactly what the notifier hands over: which mails, to whom, with which
+bytes.
+"""
+
+import email
+from email import policy
+
+from buildbot.config.errors import ConfigErrors, capture_config_errors
+from buildbot.process.results import FAILURE, SUCCESS
+from buildbot.reporters.generators.build import BuildStatusGenerator
+from buildbot.reporters.mail import MailNotifier
+from buildbot.reporters.message import MessageFormatter
+from buildbot.test.fake import fakemaster
+from buildbot.test.reactor import TestReactorMixin
+from buildbot.test.util.reporter import ReporterTestMixin
+from twisted.internet import defer
+from twisted.trial import unittest
+
+from buildbot_mailext import MailExtNotifier, MailRoute
+
+
+class RecordingTransport:
+    """Stands in for MailTransport: records what the notifier asks it to send."""
+
+    def __init__(self):
+        self.sent = []
+        self.settings = None
+
+    def send(self, envelope_from, recipients, message, label):
+        self.sent.append(
+            {
+                "from": envelope_from,
+                "to": list(recipients),
+                "msg": email.message_from_bytes(message, policy=policy.default),
+                "raw": message,
+                "label": label,
+            }
+        )
+        return defer.succeed(True)
+
+    def stop(self):
+        return defer.succeed(None)
+
+
+class NotifierTestCase(TestReactorMixin, unittest.TestCase, ReporterTestMixin):
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.setup_test_reactor()
+        self.setup_reporter_test()
+        self.master = yield fakemaster.make_master(
+            self, wantData=True, wantDb=True, wantMq=True
+        )
+
+    @defer.inlineCallbacks
+    def make_notifier(self, **kwargs):
+        kwargs.setdefault("fromaddr", "Buildbot <buildbot@example.org>")
+        kwargs.setdefault("preflight", "off")
+        notifier = MailExtNotifier(**kwargs)
+        yield notifier.setServiceParent(self.master)
+        yield notifier.startService()
+        notifier.transport.stop()
+        self.transport = notifier.transport = RecordingTransport()
+        return notifier
+
+    @defer.inlineCallbacks
+    def finish_build(self, notifier, results):
+        build = yield self.insert_build_finished(results)
+        yield notifier._got_event(("builds", 20, "finished"), build)
+        return build
+
+    @defer.inlineCallbacks
+    def test_each_matching_route_sends_its_own_mail(self):
+        notifier = yield self.make_notifier(
+            routes=[
+                MailRoute("dev-list@example.org", builders=["Builder0"]),
+                MailRoute(["qa@example.org", "lead@example.org"], builders=["Builder0"]),
+                MailRoute("docs@example.org", builders=["Builder1"]),
+            ]
+        )
+        yield self.finish_build(notifier, FAILURE)
+        recipients = sorted(tuple(s["to"]) for s in self.transport.sent)
+        self.assertEqual(
+            recipients, [("dev-list@example.org",), ("qa@example.org", "lead@example.org")]
+        )
+        for sent in self.transport.sent:
+            msg = sent["msg"]
+            self.assertEqual(sent["from"], "buildbot@example.org")
+            self.assertEqual(msg.get_content_type(), "multipart/alternative")
+            self.assertEqual(msg["X-Buildbot-Builder"], "Builder0")
+            self.assertEqual(msg["X-Buildbot-Result"], "failure")
+            self.assertIn("#/builders/79/builds/0", msg["X-Buildbot-URL"])
+            self.assertEqual(msg["Auto-Submitted"], "auto-generated")
+            self.assertIsNotNone(msg.get_body(("plain",)))
+            self.assertIsNotNone(msg.get_body(("html",)))
+            self.assertIn("Builder0", sent["label"])
+
+    @defer.inlineCallbacks
+    def test_passing_build_sends_nothing_in_mode_failing(self):
+        notifier = yield self.make_notifier(routes=[MailRoute("dev@example.org")])
+        yield self.finish_build(notifier, SUCCESS)
+        self.assertEqual(self.transport.sent, [])
+
+    @defer.inlineCallbacks
+    def test_route_subject_override(self):
+        notifier = yield self.make_notifier(
+            routes=[MailRoute("dev@example.org", subject="[{{ buildername }}] {{ result }}")]
+        )
+        yield self.finish_build(notifier, FAILURE)
+        (sent,) = self.transport.sent
+        self.assertEqual(sent["msg"]["Subject"], "[Builder0] failure")
+
+    @defer.inlineCallbacks
+    def test_no_routes_no_generators_mails_like_stock(self):
+        # Stock defaults: failing, passing and warnings builds are mailed to the
+        # interested users and extraRecipients.
+        notifier = yield self.make_notifier(extraRecipients=["ops@example.org"])
+        yield self.finish_build(notifier, SUCCESS)
+        (sent,) = self.transport.sent
+        self.assertEqual(sent["to"], ["ops@example.org"])
+        self.assertEqual(sent["msg"]["To"], "ops@example.org")
+        self.assertIsNotNone(sent["msg"].get_body(("plain",)))
+
+    @defer.inlineCallbacks
+    def test_plain_generators_keep_stock_semantics(self):
+        notifier = yield self.make_notifier(
+            extraRecipients=["ops@example.org"],
+            generators=[
+                BuildStatusGenerator(
+                    mode=("failing",), message_formatter=MessageFormatter(template_type="plain")
+                )
+            ],
+        )
+        yield self.finish_build(notifier, FAILURE)
+        (sent,) = self.transport.sent
+        self.assertEqual(sent["to"], ["ops@example.org"])
+        # A stock formatter gives one plain part, exactly what stock would send.
+        self.assertEqual(sent["msg"].get_content_type(), "text/plain")
+        self.assertIn("Builder0", sent["msg"].get_content())
+
+
+class ConfigTestCase(unittest.TestCase):
+    def config_errors(self, **kwargs):
+        kwargs.setdefault("fromaddr", "buildbot@example.org")
+        kwargs.setdefault("preflight", "off")
+        with self.assertRaises(ConfigErrors) as caught:
+            with capture_config_errors(raise_on_error=True):
+                MailExtNotifier(**kwargs)
+        return caught.exception.errors
+
+    def test_is_a_mail_notifier(self):
+        self.assertTrue(issubclass(MailExtNotifier, MailNotifier))
+
+    def test_stock_arguments_are_accepted(self):
+        notifier = MailExtNotifier(
+            "buildbot@example.org",
+            relayhost="localhost",
+            lookup="example.org",
+            extraRecipients=["ops@example.org"],
+            sendToInterestedUsers=False,
+            extraHeaders={"X-Project": "demo"},
+            smtpPort=2525,
+            dumpMailsToLog=True,
+            preflight="off",
+        )
+        self.assertTrue(notifier.name.startswith("MailExtNotifier_"))
+
+    def test_name_is_stable_and_distinct(self):
+        def make(to):
+            return MailExtNotifier(
+                "buildbot@example.org", routes=[MailRoute(to)], preflight="off"
+            ).name
+
+        self.assertEqual(make("a@example.org"), make("a@example.org"))
+        self.assertNotEqual(make("a@example.org"), make("b@example.org"))
+
+    def test_several_errors_reported_together(self):
+        errors = self.config_errors(
+            fromaddr="not an address",
+            routes=[
+                MailRoute("bad-address"),
+                MailRoute("d@example.org", mode="sometimes"),
+                MailRoute("d@example.org", template="no_such_template"),
+            ],
+            extraHeaders={"Subject": "x"},
+        )
+        text = "\n".join(errors)
+        self.assertIn("fromaddr 'not an address' is not a valid email address", text)
+        self.assertIn("'bad-address' in 'to' is not a valid email address", text)
+        self.assertIn("unknown mode 'sometimes'", text)
+        self.assertIn("template 'no_such_template'", text)
+        self.assertIn("extraHeaders: 'Subject' is set by the notifier", text)
+
+    def test_routes_must_be_mail_routes(self):
+        errors = self.config_errors(routes=[{"to": "a@example.org"}])
+        self.assertIn("routes must contain MailRoute(...) objects", errors[0])
+
+    def test_missing_templates_dir(self):
+        errors = self.config_errors(templates_dir="/nonexistent/mail-templates")
+        self.assertIn("templates_dir '/nonexistent/mail-templates' is not a directory", errors[0])
+
+    def test_bad_route_subject_template(self):
+        errors = self.config_errors(routes=[MailRoute("a@example.org", subject="{{ oops ")])
+        self.assertIn("subject", "\n".join(errors))
