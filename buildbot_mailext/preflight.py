@@ -271,6 +271,8 @@ def probe(
     every SMTP reply. Never raises for network trouble: everything becomes a Problem.
     """
     timeout = float(timeout or settings.timeout)
+    if isinstance(recipients, str):  # one address, not a sequence of characters
+        recipients = [recipients]
     ep = settings.endpoint_label()
     result = PreflightResult(ok=False, endpoint=f"{ep} ({_mode_label(settings)})")
     start = time.monotonic()

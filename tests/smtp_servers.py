@@ -16,6 +16,7 @@ Reusable by every test module::
     with SmtpServer(rcpt_replies={"bad@x": "550 5.1.1 <bad@x>: unknown"}) ...
     with SmtpServer(rcpt_replies={"*": "451 4.3.0 try later"}) ...    # every recipient
     with SmtpServer(data_reply="451 4.3.0 queue full") ...
+    with SmtpServer(mail_reply="553 5.7.1 <x@y>: Sender address rejected") ...
 
     with closed_port() as port: ...                 # connecting is refused at once
     with BlackHole() as bh: ...bh.port...           # TCP connects, no greeting ever comes
@@ -61,6 +62,13 @@ class _Handler:
     def __init__(self, server: "SmtpServer"):
         self.server = server
 
+    async def handle_MAIL(self, srv, session, envelope, address, mail_options):
+        if self.server.mail_reply:
+            return self.server.mail_reply
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 OK"
+
     async def handle_RCPT(self, srv, session, envelope, address, rcpt_options):
         replies = self.server.rcpt_replies
         reply = replies.get(address) or replies.get(address.lower()) or replies.get("*")
@@ -92,6 +100,7 @@ class SmtpServer:
         auth: Optional[dict[str, str]] = None,  # user -> password
         rcpt_replies: Optional[dict[str, str]] = None,
         data_reply: Optional[str] = None,
+        mail_reply: Optional[str] = None,  # answer to every MAIL FROM (e.g. "553 5.7.1 not yours")
         server_hostname: str = "smtp-test.localdomain",
     ):
         self.host = host
@@ -100,6 +109,7 @@ class SmtpServer:
         self.auth_attempts: list[tuple[str, bool]] = []
         self.rcpt_replies = dict(rcpt_replies or {})
         self.data_reply = data_reply
+        self.mail_reply = mail_reply
         self._lock = threading.Lock()
         self._auth = auth
         kwargs: dict = {"server_hostname": server_hostname}  # never getfqdn(): no DNS in tests
