@@ -41,8 +41,12 @@ STRUCTURAL_HEADERS = frozenset(
 )
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
 _SPACES = re.compile(r"\s+")
-# CRLF on the wire; no re-folding surprises in long header values.
-SMTP_POLICY = policy.SMTP.clone(max_line_length=78)
+# CRLF on the wire. Bodies are encoded with the 78-column policy (quoted-printable lines
+# stay within RFC 2045's 76). Headers are written with the 998 one: values are capped
+# (MAX_HEADER_VALUE) and single-line, and folding at 78 put long subjects on a
+# continuation line of their own, which some clients show with a leading space.
+BODY_POLICY = policy.SMTP
+SMTP_POLICY = policy.SMTP.clone(max_line_length=998)
 
 
 def one_line(value: object, limit: int = MAX_HEADER_VALUE) -> str:
@@ -119,7 +123,7 @@ def build_email(
     """
     if text is None and html is None:
         text = ""
-    msg = EmailMessage(policy=SMTP_POLICY)
+    msg = EmailMessage(policy=BODY_POLICY)
     msg["Date"] = formatdate(localtime=True)
     msg["From"] = _format_addresses([from_addr])
     if to:

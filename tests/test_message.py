@@ -75,8 +75,11 @@ def test_non_ascii_and_undecodable_text_survive():
 
 
 def test_long_lines_are_encoded_within_smtp_limit():
-    raw = mime.message_bytes(sample(text="a" * 5000))
+    raw = mime.message_bytes(sample(text="a" * 5000, subject="s" * 150))
     assert max(len(line) for line in raw.split(b"\r\n")) <= 998
+    body_lines = raw.split(b"\r\n\r\n", 1)[1].split(b"\r\n")
+    assert max(len(line) for line in body_lines) <= 76  # RFC 2045 quoted-printable
+    assert b"\r\nSubject: " + b"s" * 150 + b"\r\n" in raw  # not folded
     received = email.message_from_bytes(raw, policy=policy.default)
     assert received.get_body(("plain",)).get_content().strip() == "a" * 5000
 
