@@ -41,11 +41,11 @@ STRUCTURAL_HEADERS = frozenset(
 )
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
 _SPACES = re.compile(r"\s+")
-# CRLF on the wire. Bodies are encoded with the 78-column policy (quoted-printable lines
+# CRLF on the wire. Bodies are encoded with a 76-column policy (quoted-printable lines
 # stay within RFC 2045's 76). Headers are written with the 998 one: values are capped
 # (MAX_HEADER_VALUE) and single-line, and folding at 78 put long subjects on a
 # continuation line of their own, which some clients show with a leading space.
-BODY_POLICY = policy.SMTP
+BODY_POLICY = policy.SMTP.clone(max_line_length=76)
 SMTP_POLICY = policy.SMTP.clone(max_line_length=998)
 
 
