@@ -11,8 +11,8 @@ Reusable by the end-to-end tests and by ``python -m buildbot_mailext.demo``::
     mails = sink.wait_for(1, timeout=30)
     worker.stop(); master.stop(); sink.stop()
 
-Only the standard library plus aiosmtpd (already a test dependency) is used, so the
-harness works from a checkout without installing anything else.  Every port is bound to
+Only the standard library, aiosmtpd and ``tests/smtp_servers.py`` are used, so the harness
+works from a checkout without installing anything else.  Every port is bound to
 127.0.0.1.  Processes are stopped by the PIDs this harness started (twistd.pid), never
 by name.
 """
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+import importlib.util
 import json
 import os
 import signal
@@ -129,30 +130,35 @@ class ReceivedMail:
         return None
 
 
-class SmtpSink:
-    """An aiosmtpd server on 127.0.0.1 that keeps every message in memory.
+def _smtp_servers():
+    """tests/smtp_servers.py (the project's aiosmtpd fixtures), also outside pytest."""
+    if "smtp_servers" in sys.modules:
+        return sys.modules["smtp_servers"]
+    path = Path(__file__).resolve().parents[1] / "smtp_servers.py"
+    spec = importlib.util.spec_from_file_location("smtp_servers", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["smtp_servers"] = module
+    spec.loader.exec_module(module)
+    return module
 
-    Runs in aiosmtpd's own thread (``Controller``), so it works under plain pytest and
-    next to a master running in another process.
+
+class SmtpSink:
+    """An SMTP sink on 127.0.0.1 for a master running in another process.
+
+    The server is ``tests/smtp_servers.py``'s ``SmtpServer`` (aiosmtpd in its own thread);
+    this adds what a master-driven test needs: the Postfix-style ``relayhost`` string for
+    master.cfg, waiting for N messages, and parsed messages (:class:`ReceivedMail`).
     """
 
-    def __init__(self, port: int | None = None, hostname: str = LOOPBACK) -> None:
+    def __init__(self, hostname: str = LOOPBACK) -> None:
         self.hostname = hostname
-        self.port = port or free_port()
-        self.mails: list[ReceivedMail] = []
-        self._cond = threading.Condition()
-        self._controller = None
+        self._server = _smtp_servers().SmtpServer(host=hostname, server_hostname="sink.localdomain")
+        self._seen: list[ReceivedMail] = []
+        self._lock = threading.Lock()
 
-    # aiosmtpd handler hook
-    async def handle_DATA(self, server, session, envelope):  # noqa: N802 (aiosmtpd API)
-        data = envelope.original_content or envelope.content
-        if isinstance(data, str):
-            data = data.encode("utf-8", "surrogateescape")
-        mail = ReceivedMail(envelope.mail_from, list(envelope.rcpt_tos), bytes(data))
-        with self._cond:
-            self.mails.append(mail)
-            self._cond.notify_all()
-        return "250 Message accepted for delivery"
+    @property
+    def port(self) -> int:
+        return self._server.port
 
     @property
     def relayhost(self) -> str:
@@ -160,31 +166,21 @@ class SmtpSink:
         return f"[{self.hostname}]:{self.port}"
 
     def start(self) -> "SmtpSink":
-        from aiosmtpd.controller import Controller
-
-        # server_hostname avoids socket.getfqdn() (a DNS query) for the banner.
-        self._controller = Controller(
-            self,
-            hostname=self.hostname,
-            port=self.port,
-            server_hostname="sink.localdomain",
-            ready_timeout=10,
-        )
-        self._controller.start()
+        self._server.start()
         return self
 
     def stop(self) -> None:
-        if self._controller is not None:
-            self._controller.stop()
-            self._controller = None
-
-    def clear(self) -> None:
-        with self._cond:
-            self.mails.clear()
+        self._server.stop()
 
     def snapshot(self) -> list[ReceivedMail]:
-        with self._cond:
-            return list(self.mails)
+        """Every message received so far, in arrival order (``received_at`` is when this
+        sink first saw it; polled every 50 ms by :meth:`wait_for`)."""
+        with self._lock:
+            with self._server._lock:
+                raw = list(self._server.messages)
+            for r in raw[len(self._seen):]:
+                self._seen.append(ReceivedMail(r.mail_from, list(r.rcpt_tos), bytes(r.data)))
+            return list(self._seen)
 
     def wait_for(self, count: int, timeout: float, predicate=None) -> list[ReceivedMail]:
         """Wait until ``count`` mails (matching ``predicate``) arrived; return them.
@@ -192,13 +188,11 @@ class SmtpSink:
         Returns whatever matched at the deadline (possibly fewer): the caller asserts.
         """
         deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                got = [m for m in self.mails if predicate is None or predicate(m)]
-                remaining = deadline - time.monotonic()
-                if len(got) >= count or remaining <= 0:
-                    return got
-                self._cond.wait(min(remaining, 0.5))
+        while True:
+            got = [m for m in self.snapshot() if predicate is None or predicate(m)]
+            if len(got) >= count or time.monotonic() >= deadline:
+                return got
+            time.sleep(0.05)
 
     def __enter__(self) -> "SmtpSink":
         return self.start()
