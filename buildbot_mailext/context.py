@@ -46,6 +46,8 @@ __all__ = [
     "worker_context",
 ]
 
+# Where previous_build_same_branch caches its answer in the build dict.
+PREVIOUS_BUILD_KEY = "mailext_previous_build"
 # How far back previous_build_same_branch walks: bounds the data API reads per mail.
 PREVIOUS_BUILD_SEARCH_LIMIT = 50
 # Builds with these results say nothing about the state of the code, so transitions skip them.
@@ -62,6 +64,11 @@ MAX_LOGS_PER_STEP = 3
 MAX_CHANGES = 50
 MAX_FILES_PER_CHANGE = 50
 MAX_COMMENT_CHARS = 4000
+# Extra lines read before the tail so that dropping the command preamble (environment
+# dump) still leaves n lines of output.
+HEADER_SLACK_LINES = 200
+# Header lines worth showing: how the command ended.
+_USEFUL_HEADER = re.compile(r"^\s*(program finished|command timed out|process killed|.*exit code)")
 # Only stdio ('s') and text ('t') logs are read; HTML logs ('h') make no sense as a tail.
 _TAIL_LOG_TYPES = ("s", "t")
 
@@ -143,7 +150,16 @@ async def previous_build_same_branch(master, build: dict) -> dict | None:
     result says nothing about the code (retry, cancelled, skipped). The branch is the ``branch``
     property (falling back to the first sourcestamp's branch when the property is absent).
     Returns the data API build dict of the previous build.
+
+    The answer is kept in the build dict (``PREVIOUS_BUILD_KEY``): Buildbot hands the same
+    dict to every generator of one event, so routes and the context search only once.
     """
+    if PREVIOUS_BUILD_KEY not in build:
+        build[PREVIOUS_BUILD_KEY] = await _search_previous_build(master, build)
+    return build[PREVIOUS_BUILD_KEY]
+
+
+async def _search_previous_build(master, build: dict) -> dict | None:
     branch = await _build_branch(master, build)
     number = build["number"] - 1
     lowest = max(0, build["number"] - PREVIOUS_BUILD_SEARCH_LIMIT)
@@ -277,8 +293,9 @@ async def read_log_tail(
     Returns ``{"name", "url", "lines": list[str], "entries": list[{"stream", "text"}],
     "truncated": bool, "total_lines": int}``. For stdio logs the one-character stream prefix
     ('o' stdout, 'e' stderr, 'h' header) is stripped from ``lines`` and kept in
-    ``entries[i]["stream"]``; header lines (e.g. "program finished with exit code 2") are kept
-    because they usually are the most useful lines of a failed step's tail.
+    ``entries[i]["stream"]``. Header lines are dropped (the command preamble: argv, the
+    environment dump) except those saying how the command ended ("program finished with
+    exit code 2", "command timed out"), the most useful lines of a failed step's tail.
     ``truncated`` is True when the log has more lines than are shown.
     """
     total = int(log_dict.get("num_lines") or 0)
@@ -293,7 +310,9 @@ async def read_log_tail(
     if n <= 0 or total <= 0:
         result["truncated"] = total > 0
         return result
-    first_line = max(0, total - n)
+    # Read a little more than n: header lines (command, environment) are mostly dropped
+    # below, and a short step's tail would otherwise be all environment.
+    first_line = max(0, total - n - HEADER_SLACK_LINES)
     last_line = total - 1
     try:
         content = await master.db.logs.getLogLines(log_dict["logid"], first_line, last_line)
@@ -307,15 +326,19 @@ async def read_log_tail(
     raw_lines = _safe_str(content).split("\n")
     if raw_lines and raw_lines[-1] == "":
         raw_lines.pop()  # getLogLines ends every line with "\n"
-    # never more than n, even if the db returned more
-    raw_lines = raw_lines[-n:]
     is_stdio = log_dict.get("type") == "s"
     entries = []
     for raw in raw_lines:
         stream = ""
         if is_stdio and raw:
             stream, raw = raw[0], raw[1:]
+            if stream == "h" and not _USEFUL_HEADER.match(raw):
+                continue  # command preamble: argv, environment, "using PTY"
         entries.append({"stream": stream, "text": _clean_line(raw)})
+    # Output left out: lines before the window, or more than n in it. (Dropped preamble
+    # lines are not output, so they do not make a tail "truncated".)
+    cut = first_line > 0 or len(entries) > n
+    entries = entries[-n:]
 
     # keep the *end* of the tail when the size budget is exceeded
     used = 0
@@ -329,7 +352,7 @@ async def read_log_tail(
 
     result["entries"] = kept
     result["lines"] = [e["text"] for e in kept]
-    result["truncated"] = len(kept) < total
+    result["truncated"] = cut or len(kept) < len(entries)
     return result
 
 

@@ -17,6 +17,7 @@ from buildbot.test.fake import fakemaster
 from buildbot.test.reactor import TestReactorMixin
 
 from buildbot_mailext import context as ctxmod
+from buildbot_mailext.context import HEADER_SLACK_LINES
 from buildbot_mailext.context import build_context
 from buildbot_mailext.context import previous_build_same_branch
 from buildbot_mailext.context import read_log_tail
@@ -172,7 +173,8 @@ class LogTailTests(FakeBuildMixin, unittest.TestCase):
         build = yield self.get_build(0)
         ctx = yield build_context(self.master, build, ("failing",), [], 40)
 
-        self.assertEqual(requested, [(9960, 9999)])
+        # The tail plus a bounded slack for the dropped command preamble, never the log.
+        self.assertEqual(requested, [(10000 - 40 - HEADER_SLACK_LINES, 9999)])
         (step,) = ctx["failed_steps"]
         (tail,) = step["log_tail"]
         self.assertEqual(tail["lines"], [f"line {i}" for i in range(9960, 10000)])
@@ -182,14 +184,16 @@ class LogTailTests(FakeBuildMixin, unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_prefixes_stripped_streams_kept(self):
-        lines = ["hmake all", "ocompiling", "eerror: boom", "hprogram finished with exit code 2"]
+        lines = ["hmake all", "h environment:", "h  HOME=/root", "ocompiling", "eerror: boom",
+                 "hprogram finished with exit code 2"]
         yield self.insert_build(0, "main", FAILURE, steps=[("compile", FAILURE, lines)])
         build = yield self.get_build(0)
         ctx = yield build_context(self.master, build, ("failing",), [], 40)
         tail = ctx["failed_steps"][0]["log_tail"][0]
-        self.assertEqual(tail["lines"], ["make all", "compiling", "error: boom",
+        # The command preamble is dropped; how the command ended is kept.
+        self.assertEqual(tail["lines"], ["compiling", "error: boom",
                                          "program finished with exit code 2"])
-        self.assertEqual([e["stream"] for e in tail["entries"]], ["h", "o", "e", "h"])
+        self.assertEqual([e["stream"] for e in tail["entries"]], ["o", "e", "h"])
         self.assertFalse(tail["truncated"])
 
     @defer.inlineCallbacks
@@ -324,3 +328,26 @@ class WorkerContextTests(unittest.TestCase):
         self.assertEqual(ctx["worker"], "w1 x")
         self.assertEqual(ctx["worker_admin"], "adm")
         self.assertIsNone(ctx["worker_host"])
+
+
+class PreviousBuildCacheTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_search_runs_once_per_build_dict(self):
+        reads = []
+
+        class FakeData:
+            def get(self, path):
+                reads.append(path)
+                return defer.succeed(None)
+
+        class FakeMaster:
+            data = FakeData()
+
+        build = {"number": 3, "builderid": 1, "buildid": 9, "properties": {"branch": ("b", "s")}}
+        first = yield previous_build_same_branch(FakeMaster, build)
+        reads_after_first = len(reads)
+        second = yield previous_build_same_branch(FakeMaster, build)
+        self.assertIsNone(first)
+        self.assertIsNone(second)
+        self.assertEqual(reads_after_first, 3)  # builds 2, 1, 0 looked at
+        self.assertEqual(len(reads), reads_after_first)  # the second call read nothing
