@@ -41,19 +41,23 @@ def run(args: argparse.Namespace) -> int:
         for problem in problems:
             print(f"template {args.template!r}: {problem}", file=sys.stderr)
         return 1
-    context = sample_context()
+    is_worker = args.template.startswith("worker")  # same rule as the formatter's
+    context = sample_context(kind="worker" if is_worker else "build")
     rendered = templates.render(args.template, context)
+    headers = {}
+    if not is_worker:
+        headers = {
+            "X-Buildbot-Builder": context["buildername"],
+            "X-Buildbot-Result": context["result"],
+            "X-Buildbot-URL": context["build_url"],
+        }
     msg = mime.build_email(
         subject=rendered.subject,
         from_addr=args.fromaddr,
         to=args.to or ["dev-list@example.org"],
         text=rendered.text,
         html=rendered.html,
-        headers={
-            "X-Buildbot-Builder": context["buildername"],
-            "X-Buildbot-Result": context["result"],
-            "X-Buildbot-URL": context["build_url"],
-        },
+        headers=headers,
     )
     for name, value in msg.items():
         if not name.lower().startswith("content-") and name != "MIME-Version":
