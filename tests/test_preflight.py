@@ -7,6 +7,7 @@ never when a notifier is constructed in Python; and the ``buildbot-mailext prefl
 """
 
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -65,7 +66,17 @@ def test_refused():
     assert "install and start an MTA such as Postfix" in p.fix and "set relayhost to your site's relay" in p.fix
 
 
-def test_dns():
+def test_dns(monkeypatch):
+    # Loopback only: no query may reach the machine's real DNS server, so getaddrinfo
+    # answers like a resolver that has no such name (EAI_NONAME).
+    real = socket.getaddrinfo
+
+    def no_such_host(host, *args, **kw):
+        if host == "relay.does-not-exist.invalid":
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return real(host, *args, **kw)
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_such_host)
     p = only_problem(run_probe(SmtpSettings(host="relay.does-not-exist.invalid", port=25, timeout=5)), "dns")
     assert "relay.does-not-exist.invalid:25" in p.what_happened
     assert "relayhost" in p.fix
