@@ -7,6 +7,8 @@ never when a notifier is constructed in Python; and the ``buildbot-mailext prefl
 """
 
 import os
+import shutil
+import tempfile
 import socket
 import subprocess
 import sys
@@ -265,8 +267,8 @@ class RunAtStartTestCase(unittest.TestCase):
     def test_run_at_start_checks_auth_once_secrets_are_rendered(self):
         from twisted.python import log
 
-        tmp_path = pathlib.Path(self.mktemp())
-        tmp_path.mkdir()
+        tmp_path = pathlib.Path(tempfile.mkdtemp(prefix="mailext-test-"))  # not mktemp(): it writes to cwd
+        self.addCleanup(shutil.rmtree, str(tmp_path), True)
         srv = SmtpServer(auth={"bb": "s3cret"}).start()
         self.addCleanup(srv.stop)
         (tmp_path / "master.cfg").write_text(textwrap.dedent(f"""

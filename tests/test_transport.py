@@ -2,6 +2,8 @@
 and a black-hole listener. Assertions are on what the server received and on the one log
 line the operator reads."""
 
+import shutil
+import tempfile
 import time
 
 from twisted.internet import defer, reactor, task
@@ -44,6 +46,12 @@ class TransportTestCase(unittest.TestCase):
                 s.stop()
 
         return d.addCallback(stop_servers)
+
+    def tempdir(self):
+        # not self.mktemp(): under pytest it would create folders in the current directory
+        path = tempfile.mkdtemp(prefix="mailext-test-")
+        self.addCleanup(shutil.rmtree, path, True)
+        return path
 
     def server(self, **kw):
         s = SmtpServer(**kw).start()
@@ -103,7 +111,7 @@ class TransportTestCase(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_starttls_with_test_ca(self):
-        ca = TestCA(self.mktemp())
+        ca = TestCA(self.tempdir())
         srv = self.server(tls=ca.server_context(), require_starttls=True)
         t = self.transport(srv.port, tls="starttls", tls_ca_file=ca.ca_file)
         ok = yield t.send("bb@example.org", ["dev@example.org"], MSG, "tls-ok")
@@ -113,7 +121,7 @@ class TransportTestCase(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_starttls_without_ca_file_fails_verification(self):
-        ca = TestCA(self.mktemp())
+        ca = TestCA(self.tempdir())
         srv = self.server(tls=ca.server_context())
         t = self.transport(srv.port, tls="starttls")
         ok = yield t.send("bb@example.org", ["dev@example.org"], MSG, "tls-bad")
@@ -124,7 +132,7 @@ class TransportTestCase(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_hostname_mismatch_fails(self):
-        ca = TestCA(self.mktemp(), server_names=("mail.example.test",))
+        ca = TestCA(self.tempdir(), server_names=("mail.example.test",))
         srv = self.server(tls=ca.server_context())
         t = self.transport(srv.port, tls="starttls", tls_ca_file=ca.ca_file)
         ok = yield t.send("bb@example.org", ["dev@example.org"], MSG, "mismatch")
@@ -134,7 +142,7 @@ class TransportTestCase(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_smtps_with_test_ca(self):
-        ca = TestCA(self.mktemp())
+        ca = TestCA(self.tempdir())
         srv = self.server(smtps=ca.server_context())
         t = self.transport(srv.port, tls="smtps", tls_ca_file=ca.ca_file)
         ok = yield t.send("bb@example.org", ["dev@example.org"], MSG, "smtps")
@@ -143,7 +151,7 @@ class TransportTestCase(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_tls_verify_false_escape_hatch(self):
-        ca = TestCA(self.mktemp())
+        ca = TestCA(self.tempdir())
         srv = self.server(tls=ca.server_context())
         t = self.transport(srv.port, tls="starttls", tls_verify=False)
         ok = yield t.send("bb@example.org", ["dev@example.org"], MSG, "noverify")
