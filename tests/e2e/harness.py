@@ -361,6 +361,11 @@ class Master:
         props = self.get(f"builds/{buildid}/properties")["properties"]
         return {k: v[0] for k, v in (props[0] if props else {}).items()}
 
+    def step_log(self, buildid: int, step_number: int, log: str = "stdio") -> str:
+        """Raw log content (each line keeps its ``o``/``e``/``h`` stream prefix)."""
+        chunks = self.get(f"builds/{buildid}/steps/{step_number}/logs/{log}/contents")["logchunks"]
+        return "".join(c["content"] for c in chunks)
+
     def wait_worker(self, name: str, timeout: float = 60) -> None:
         """Wait until worker ``name`` is connected to this master."""
         deadline = time.monotonic() + timeout
@@ -382,8 +387,12 @@ class Master:
 class Worker:
     """A buildbot-worker in ``basedir`` connecting to 127.0.0.1:``pb_port``."""
 
-    def __init__(self, basedir: Path | str, pb_port: int, name: str, password: str) -> None:
+    def __init__(
+        self, basedir: Path | str, pb_port: int, name: str, password: str,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.basedir = Path(basedir)
+        self.env = {**os.environ, **(env or {})}  # the environment build steps inherit
         self.pb_port = pb_port
         self.name = name
         self.password = password
@@ -395,7 +404,8 @@ class Worker:
 
     def _run(self, args: list[str], timeout: float) -> subprocess.CompletedProcess:
         return subprocess.run(
-            args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout
+            args, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            timeout=timeout,
         )
 
     def create(self) -> None:

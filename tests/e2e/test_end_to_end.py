@@ -47,6 +47,9 @@ DEV, QA, DOCS, SEC = (
 TAIL_MARKER = "E2E-LAST-LINE-7f3a"
 EARLY_MARKER = "E2E-EARLY-LINE-0001"  # line 1 of 120: beyond a 40-line tail
 SCRIPT = "<script>alert(1)</script>"
+# In the worker's environment: Buildbot writes the step environment into the log's header
+# stream; a mail must not carry it to a mailing list.
+WORKER_SECRET = "e2e-worker-env-secret-5d1c"
 EVIL_BRANCH = "evil\r\nX-Injected: yes\r\nBcc: victim@example.org\r\n\r\n<b>body</b>"
 
 CFG = r'''
@@ -162,7 +165,8 @@ def e2e(tmp_path_factory):
     sink = SmtpSink().start()
     master = Master(tmp / "master", CFG, env={"MAILEXT_RELAYHOST": sink.relayhost,
                                               "MAILEXT_PREFLIGHT": "fail"})
-    worker = Worker(tmp / "worker", master.pb_port, *WORKER)
+    worker = Worker(tmp / "worker", master.pb_port, *WORKER,
+                    env={"MAILEXT_E2E_WORKER_SECRET": WORKER_SECRET})
     try:
         master.create()
         master.start()
@@ -196,6 +200,8 @@ def assert_single_line_headers(mail) -> None:
 def test_failing_build_one_mail_per_matching_route(e2e):
     build, mails = e2e.build_and_mails("runtests", expected=2)
     assert build["results"] == 2, build  # FAILURE
+    # the secret really is in the step log (header stream), so its absence below means something
+    assert WORKER_SECRET in e2e.master.step_log(build["buildid"], 1)
     assert len(mails) == 2, f"expected 2 mails (runtests-dev + failures-qa)\n{e2e.describe()}"
     assert sorted(tuple(m.rcpt_tos) for m in mails) == [(DEV,), (QA,)], [m.rcpt_tos for m in mails]
 
@@ -222,6 +228,7 @@ def test_failing_build_one_mail_per_matching_route(e2e):
         # stream prefixes stripped (Buildbot #4850)
         assert f"o{TAIL_MARKER}" not in text and f"o{TAIL_MARKER}" not in html
         assert TAIL_MARKER in html
+        assert WORKER_SECRET not in text + html, "the worker environment (log header) was mailed"
     assert len(ids) == 2, f"Message-IDs must differ: {ids}"
 
 
