@@ -212,12 +212,8 @@ class MailExtNotifier(MailNotifier):
         elif self.transport.settings != settings:
             # Pending retries go to the new server: that is usually why the config changed.
             self.transport.settings = settings
-        if settings.tls != "none" and not settings.tls_verify:
-            log.msg(
-                f"{self.name}: WARNING tls_verify=False: the certificate of "
-                f"{settings.endpoint_label()} is NOT verified; anyone on the path can read "
-                "the mail and the SMTP password. Set tls_ca_file= instead."
-            )
+        for warning in settings.startup_warnings():
+            log.msg(f"{self.name}: {warning}")
         start_check = getattr(preflight_mod, "run_at_start", None)
         if start_check is not None:
             # Not awaited: a slow relay must not delay the master's start.
