@@ -205,3 +205,30 @@ class ConfigTestCase(unittest.TestCase):
     def test_bad_route_subject_template(self):
         errors = self.config_errors(routes=[MailRoute("a@example.org", subject="{{ oops ")])
         self.assertIn("subject", "\n".join(errors))
+
+
+class StartupWarningTestCase(TestReactorMixin, unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_tls_verify_false_is_logged_at_start(self):
+        from twisted.python import log
+
+        self.setup_test_reactor()
+        master = yield fakemaster.make_master(self, wantData=True, wantDb=True, wantMq=True)
+        lines = []
+        observer = lambda event: lines.append(log.textFromEventDict(event) or "")  # noqa: E731
+        log.addObserver(observer)
+        self.addCleanup(log.removeObserver, observer)
+        notifier = MailExtNotifier(
+            "buildbot@example.org",
+            relayhost="[127.0.0.1]:2525",
+            useTls=True,
+            tls_verify=False,
+            preflight="off",
+        )
+        yield notifier.setServiceParent(master)
+        yield notifier.startService()
+        self.addCleanup(notifier.stopService)
+        warnings = [line for line in lines if "tls_verify=False" in line]
+        self.assertEqual(len(warnings), 1, lines)
+        self.assertIn("127.0.0.1:2525", warnings[0])
+        self.assertIn("NOT verified", warnings[0])
