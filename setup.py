@@ -36,6 +36,7 @@ setup(
             "buildbot-worker>=4.0,<5",
             "buildbot-www>=4.0,<5",
             "cryptography",
+            "docutils",
         ],
     },
     entry_points={

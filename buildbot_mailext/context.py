@@ -446,7 +446,7 @@ async def build_context(
     """Build the template context of ``build`` (a dict from ``utils.getDetailsForBuild``).
 
     Missing details (properties, steps, logs) are fetched here, so a build dict prepared with fewer
-    ``want_*`` flags still gives a complete context. See docs/readme-templates.rst for the keys.
+    ``want_*`` flags still gives a complete context. See README.rst (Template context reference) for the keys.
     """
     properties = await _build_properties(master, build)
     builder = build.get("builder")

@@ -243,10 +243,9 @@ def test_filters():
     assert t.render(none=None) == "failure|not finished|#2e7d32|a b|first|> a\n\n> b"
 
 
-# --- the README section (docs/readme-templates.rst) must stay true --------------------------------
+# --- the README's template sections must stay true --------------------------------
 
-DOC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs",
-                   "readme-templates.rst")
+DOC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.rst")
 
 
 def doc_examples():
