@@ -103,6 +103,7 @@ class MailExtNotifier(MailNotifier):
                 "write it as 'buildbot@example.org' or 'Buildbot <buildbot@example.org>'"
             )
         routes = self._route_list(routes, errors)
+        templates_dir = self._resolve_templates_dir(templates_dir)
         if generators is not None and not isinstance(generators, list):
             errors.append("MailExtNotifier: generators must be a list (or None)")
             generators = None
@@ -182,6 +183,7 @@ class MailExtNotifier(MailNotifier):
         allow_plaintext_auth=False,
     ):
         routes = self._route_list(routes, [])
+        templates_dir = self._resolve_templates_dir(templates_dir)
         yield super().reconfigService(
             fromaddr,
             relayhost=relayhost,
@@ -244,6 +246,16 @@ class MailExtNotifier(MailNotifier):
                     f"MailExtNotifier: routes must contain MailRoute(...) objects, got {route!r}"
                 )
         return good
+
+    @staticmethod
+    def _resolve_templates_dir(templates_dir):
+        # A relative templates_dir means the master directory's folder, as for every other
+        # path in master.cfg; `buildbot checkconfig DIR` runs from elsewhere, a running
+        # master from DIR itself.
+        if templates_dir is None or os.path.isabs(str(templates_dir)):
+            return templates_dir
+        basedir = preflight_mod.config_load_basedir()
+        return os.path.join(basedir, str(templates_dir)) if basedir else templates_dir
 
     @staticmethod
     def _template_errors(routes, generators, templates_dir) -> list[str]:

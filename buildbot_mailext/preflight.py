@@ -619,20 +619,25 @@ def suppressed() -> Iterator[None]:
             _suppress_depth -= 1
 
 
-def _inside_config_load() -> bool:
-    """True when called (indirectly) from buildbot.config.master.loadConfigDict, i.e. while
-    ``buildbot checkconfig`` or a master (start/reconfig) executes master.cfg."""
+def config_load_basedir() -> Optional[str]:
+    """The master directory whose master.cfg is being executed, when called (indirectly)
+    from buildbot.config.master.loadConfigDict, i.e. while ``buildbot checkconfig`` or a
+    master (start/reconfig) loads it; None otherwise (e.g. a notifier built in a test)."""
     try:
         from buildbot.config import master as config_master
     except ImportError:  # pragma: no cover
-        return False
+        return None
     code = config_master.loadConfigDict.__code__
     frame = sys._getframe(1)
     while frame is not None:
         if frame.f_code is code:
-            return True
+            return str(frame.f_locals.get("basedir") or ".")
         frame = frame.f_back
-    return False
+    return None
+
+
+def _inside_config_load() -> bool:
+    return config_load_basedir() is not None
 
 
 def _under_checkconfig() -> bool:
