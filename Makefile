@@ -21,7 +21,7 @@ $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): setup.py | $(VENV)/bin/python
-	$(VENV)/bin/pip install -e '.[test]'
+	$(VENV)/bin/pip install -q -e '.[test]'
 	touch $(STAMP)
 
 demo: $(STAMP)

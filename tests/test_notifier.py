@@ -99,6 +99,26 @@ class NotifierTestCase(TestReactorMixin, unittest.TestCase, ReporterTestMixin):
             self.assertIn("Builder0", sent["label"])
 
     @defer.inlineCallbacks
+    def test_route_adds_interested_users_when_asked(self):
+        from buildbot.test import fakedb
+
+        notifier = yield self.make_notifier(
+            routes=[
+                MailRoute("dev@example.org", send_to_interested_users=True, name="with-users"),
+                MailRoute("ops@example.org", name="list-only"),
+            ],
+            sendToInterestedUsers=False,  # notifier-wide flag: routes decide for themselves
+        )
+        yield self.master.db.insert_test_data(
+            [fakedb.BuildProperty(buildid=20, name="owner", value="Owner <owner@example.org>")]
+        )
+        yield self.finish_build(notifier, FAILURE)
+        by_route = {s["label"].split("'")[1]: s for s in self.transport.sent}
+        self.assertEqual(by_route["with-users"]["to"], ["dev@example.org", "owner@example.org"])
+        self.assertEqual(by_route["list-only"]["to"], ["ops@example.org"])
+        self.assertIn("owner@example.org", by_route["with-users"]["msg"]["To"])
+
+    @defer.inlineCallbacks
     def test_passing_build_sends_nothing_in_mode_failing(self):
         notifier = yield self.make_notifier(routes=[MailRoute("dev@example.org")])
         yield self.finish_build(notifier, SUCCESS)
