@@ -464,7 +464,7 @@ def report(res: dict, relay: dict, quick: bool, total: float) -> str:
 
     out.append("")
     out.append("1+2. One failure mail: finished build dict -> message bytes (no network)")
-    out.append(f"     each notifier's _got_event -> generator -> formatter -> message -> sendMail;")
+    out.append("     each notifier's _got_event -> generator -> formatter -> message -> sendMail;")
     out.append(f"     sendMail/transport replaced by a recorder. Up to {res['reps']} repetitions per")
     out.append("     cell after one warm-up (fewer when a cell is slow; n shown).")
     rows = []

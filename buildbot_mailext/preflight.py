@@ -21,11 +21,9 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import os
-import shutil
 import smtplib
 import socket
 import ssl
-import subprocess
 import sys
 import threading
 import time
@@ -33,13 +31,12 @@ from dataclasses import dataclass, field
 from email.utils import parseaddr
 from typing import Any, Iterator, Optional, Sequence
 
+from buildbot_mailext import postfix
 from buildbot_mailext.relay import SmtpSettings, format_endpoint
 
 PREFLIGHT_MODES = ("fail", "warn", "off")
 # Set to "1" to skip the config-load probe (e.g. on a machine that builds configs offline).
 SKIP_ENV = "BUILDBOT_MAILEXT_SKIP_PREFLIGHT"
-# Debian puts postconf in /usr/sbin, which is not on a non-root PATH.
-EXTRA_SBIN = ("/usr/sbin", "/sbin", "/usr/local/sbin")
 
 START_MTA_FIX = (
     "install and start an MTA such as Postfix on this machine (Debian/Ubuntu: apt-get install postfix; "
@@ -162,46 +159,6 @@ def _cert_fix(settings: SmtpSettings, verify_message: str) -> str:
     )
 
 
-def _local_postconf() -> Optional[str]:
-    path = os.environ.get("PATH", "") + os.pathsep + os.pathsep.join(EXTRA_SBIN)
-    return shutil.which("postconf", path=path)
-
-
-def _postconf(postconf: str, *args: str, timeout: float = 10.0) -> str:
-    # timeout: Postfix programs sleep up to ~2 s after main.cf changed ("cool-down").
-    out = subprocess.run(
-        [postconf, *args], capture_output=True, text=True, timeout=timeout, check=True
-    )
-    return out.stdout
-
-
-def _postfix_listen_ports(postconf: str) -> set[int]:
-    """Ports of smtpd inet services in master.cf (``smtp`` -> 25, ``127.0.0.1:10025`` -> 10025)."""
-    ports: set[int] = set()
-    try:
-        text = _postconf(postconf, "-M", "*/inet")
-    except Exception:
-        return ports
-    for line in text.splitlines():
-        fields = line.split()
-        if len(fields) >= 8 and fields[7] == "smtpd":
-            service = fields[0].rsplit(":", 1)[-1]
-            if service.isdigit():
-                ports.add(int(service))
-            else:
-                try:
-                    ports.add(socket.getservbyname(service, "tcp"))
-                except OSError:
-                    if service == "smtp":
-                        ports.add(25)
-    return ports
-
-
-def _domain_matches(domain: str, destinations: Sequence[str]) -> bool:
-    domain = domain.lower().rstrip(".")
-    return any(domain == d.lower().rstrip(".") for d in destinations)
-
-
 def check_local_postfix(
     settings: SmtpSettings, recipients: Sequence[str], banner: str = "", postconf: Optional[str] = None
 ) -> tuple[list[Problem], list[str]]:
@@ -210,34 +167,22 @@ def check_local_postfix(
 
     Only called when the relay is a loopback address. Returns (problems, notes).
     """
-    postconf = postconf or _local_postconf()
-    if not postconf:
+    postconf = postconf or postfix.find_postconf()
+    if not postconf or not postfix.is_local_postfix(settings.port, banner, postconf):
         return [], []
     ep = settings.endpoint_label()
-    # Is the thing on this loopback port Postfix? Its banner usually says so; if the banner
-    # was customised, the port being one of Postfix's smtpd listeners is good enough.
-    if "postfix" not in banner.lower() and settings.port not in _postfix_listen_ports(postconf):
-        return [], []
     try:
-        # -x expands $myhostname & co.; one output line per parameter, in order.
-        relayhost, mydestination, default_transport = (
-            _postconf(postconf, "-hx", "relayhost", "mydestination", "default_transport").splitlines() + ["", "", ""]
-        )[:3]
+        local = postfix.read_settings(postconf)
     except Exception as e:  # noqa: BLE001 - a note, never a crash
         return [], [f"{ep} looks like the local Postfix, but 'postconf -h' failed ({e}); relayhost not checked"]
-    relayhost = relayhost.strip()
-    if relayhost:
-        return [], [f"{ep} is the local Postfix; it relays all outside mail via relayhost = {relayhost} (postconf -h relayhost)"]
-    transport = default_transport.strip()
+    if local.relayhost:
+        return [], [f"{ep} is the local Postfix; it relays all outside mail via relayhost = {local.relayhost} (postconf -h relayhost)"]
+    transport = local.default_transport
     if transport and ":" in transport and transport.split(":", 1)[1].strip():
         return [], [f"{ep} is the local Postfix; default_transport = {transport} decides where outside mail goes"]
-    destinations = [d for d in mydestination.replace(",", " ").split() if d]
+    destinations = local.mydestination
     tables = [d for d in destinations if ":" in d or d.startswith("/")]
-    outside = []
-    for rcpt in recipients:
-        domain = rcpt.rpartition("@")[2]
-        if domain and not _domain_matches(domain, destinations):
-            outside.append(rcpt)
+    outside = [rcpt for rcpt in recipients if not local.is_local_domain(rcpt.rpartition("@")[2])]
     if not outside:
         return [], [f"{ep} is the local Postfix, without relayhost; every recipient is local (mydestination)"]
     notes = []

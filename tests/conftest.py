@@ -15,4 +15,3 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
     import buildbot.util.ssl  # noqa: F401
-    import buildbot.reporters.mail  # noqa: F401

@@ -34,7 +34,7 @@ import os
 import socket
 import ssl
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator, Optional
 
 from aiosmtpd.controller import Controller

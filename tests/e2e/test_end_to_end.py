@@ -27,13 +27,11 @@ cannot contain newlines`` for such a build and sends nothing.
 from __future__ import annotations
 
 import re
-import shutil
 import time
-from pathlib import Path
 
 import pytest
 
-from harness import HarnessError, Master, SmtpSink, Worker, example_cfg_text
+from harness import Master, SmtpSink, Worker, example_cfg_text
 
 pytest.importorskip("aiosmtpd")
 
