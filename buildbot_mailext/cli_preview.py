@@ -32,7 +32,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from buildbot_mailext.context import sample_context
+    from buildbot_mailext.samples import sample_context
     from buildbot_mailext.templates import TemplateSet
 
     templates = TemplateSet(args.templates_dir)

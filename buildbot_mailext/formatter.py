@@ -27,7 +27,7 @@ from buildbot.util.twisted import async_to_deferred
 
 from buildbot_mailext.context import build_context
 from buildbot_mailext.context import result_name
-from buildbot_mailext.context import sample_context
+from buildbot_mailext.samples import sample_context
 from buildbot_mailext.context import worker_context
 from buildbot_mailext.templates import RenderedMail
 from buildbot_mailext.templates import TemplateSet

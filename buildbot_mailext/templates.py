@@ -264,7 +264,7 @@ class TemplateSet:
             return errors
 
         if context is None:
-            from buildbot_mailext.context import sample_context
+            from buildbot_mailext.samples import sample_context
 
             context = sample_context(kind="worker" if name.startswith("worker") else "build")
 
@@ -298,7 +298,7 @@ class TemplateSet:
     def validate_string(self, source: str, what: str, context: dict | None = None) -> list[str]:
         """Config-time check of an inline template string (e.g. a route's ``subject``)."""
         if context is None:
-            from buildbot_mailext.context import sample_context
+            from buildbot_mailext.samples import sample_context
 
             context = sample_context()
         try:

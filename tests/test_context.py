@@ -21,7 +21,7 @@ from buildbot_mailext.context import HEADER_SLACK_LINES
 from buildbot_mailext.context import build_context
 from buildbot_mailext.context import previous_build_same_branch
 from buildbot_mailext.context import read_log_tail
-from buildbot_mailext.context import sample_context
+from buildbot_mailext.samples import sample_context
 from buildbot_mailext.context import transition_for
 from buildbot_mailext.context import worker_context
 

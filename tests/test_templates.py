@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from buildbot_mailext.context import sample_context
+from buildbot_mailext.samples import sample_context
 from buildbot_mailext.templates import PACKAGED_TEMPLATES_DIR
 from buildbot_mailext.templates import TemplateSet
 from buildbot_mailext.templates import collapse_subject
