@@ -138,10 +138,11 @@ class SmtpServer:
     def endpoint(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
-    def start(self) -> "SmtpServer":
+    def start(self, port: Optional[int] = None) -> "SmtpServer":
+        """Listen on a free port, or on ``port`` (a relay coming back where it was)."""
         last: Optional[BaseException] = None
-        for _ in range(5):  # free_port() can race with another test grabbing the port
-            self.port = free_port(self.host)
+        for _ in range(1 if port else 5):  # free_port() can race with another test
+            self.port = port or free_port(self.host)
             ctl = Controller(_Handler(self), hostname=self.host, port=self.port, **self._kwargs)
             try:
                 ctl.start()

@@ -216,6 +216,28 @@ class TransportTestCase(unittest.TestCase):
         self.assertIn("delivered", [line for line in self.lines if "greylisted" in line][-1])
 
     @defer.inlineCallbacks
+    def test_refused_then_relay_comes_back_mail_is_delivered(self):
+        # The site guide's scenario: no MTA listening when the build fails. The mail is
+        # kept and goes out once something listens there again.
+        srv = self.server()
+        port = srv.port
+        srv.stop()
+        t = self.transport(port, retry_delays=(0.5, 5))
+        ok = yield t.send("bb@example.org", ["dev@example.org"], MSG, "down-then-up")
+        self.assertIs(ok, False)
+        self.assertEqual(t.pending(), 1)
+        self.assertOneLine("down-then-up", "refused", "retry 1/2 in 0.5s")
+        srv.start(port=port)
+        for _ in range(50):  # the retry fires after 0.5 s; allow a slow machine 5 s
+            if srv.messages:
+                break
+            yield task.deferLater(reactor, 0.1, lambda: None)
+        self.assertEqual(len(srv.messages), 1)
+        self.assertIn(b"Subject: build #12 failed", srv.messages[0].data)
+        self.assertEqual(t.pending(), 0)
+        self.assertIn("delivered", [line for line in self.lines if "down-then-up" in line][-1])
+
+    @defer.inlineCallbacks
     def test_451_after_data(self):
         srv = self.server(data_reply="451 4.3.0 Queue file write error")
         t = self.transport(srv.port)
