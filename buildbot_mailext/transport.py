@@ -287,6 +287,10 @@ class _SessionProtocol(smtp.ESMTPClient):
 
 
 class _SessionFactory(protocol.ClientFactory):
+    # Not "Starting factory ..." / "Stopping factory ..." in twistd.log for every mail:
+    # the outcome line says all an operator needs.
+    noisy = False
+
     def __init__(self, transport: "MailTransport", jobs: list[_Job], session_done: defer.Deferred):
         self._transport = transport
         self._jobs = jobs

@@ -7,10 +7,11 @@ preflight="warn": the master starts, and the same explanation is a banner in twi
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
-from harness import HarnessError, LOOPBACK, Master, example_cfg_text, free_port
+from harness import HarnessError, LOOPBACK, Master, Worker, example_cfg_text, free_port
 
 REFUSED_TEXT = "connection refused"
 FIX_TEXT = "install and start an MTA such as Postfix"
@@ -57,13 +58,35 @@ def test_start_halts_with_the_message(tmp_path):
     assert REFUSED_TEXT in str(caught.value)
 
 
-def test_warn_starts_and_logs_a_banner(tmp_path):
+def test_warn_starts_logs_a_banner_and_keeps_the_failure_mail(tmp_path):
+    """The site guide's log, as it reads now: the master runs, and a failing build's mail
+    is one classified line and kept for a retry -- no retry storm, no traceback."""
     master, endpoint = make_master(tmp_path, "warn")
+    worker = Worker(tmp_path / "worker", master.pb_port, "example-worker", "example-pass")
     try:
         master.start(timeout=120)
-        log = master.log_path.read_text()
+        worker.create()
+        worker.start()
+        master.wait_worker("example-worker")
+        build = master.force_and_wait("force", "runtests")
+        deadline = time.monotonic() + 30
+        while "NOT delivered" not in master.log_path.read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
     finally:
+        worker.stop()
         master.stop()
+    log = master.log_path.read_text()
     assert "MAIL PREFLIGHT WARNING" in log
     assert REFUSED_TEXT in log and FIX_TEXT in log and endpoint in log
     assert "BuildMaster is running" in log
+
+    (line,) = [l for l in log.splitlines() if "NOT delivered" in l]
+    print(line)
+    assert f"build 'runtests' #{build['number']}" in line
+    assert "route 'runtests-to-dev'" in line
+    assert endpoint in line and "refused" in line
+    assert re.search(r"retry 1/\d+ in \d+s", line)
+    assert "Unhandled error" not in log and "Traceback" not in log
+    assert "SMTP Client retrying" not in log
+    # The master stopped with the mail still unsent: it says so (until the durable queue).
+    assert "mails still unsent" in log
