@@ -345,10 +345,22 @@ class MailExtNotifier(MailNotifier):
     def sendMessage(self, reports):
         routed = [r for r in reports if r.get("mailext_route") is not None]
         plain = [r for r in reports if r.get("mailext_route") is None]
-        for report in routed:
-            yield self._send_route_report(report)
+        # Composed side by side, not one after the other: the mails of one build reach the
+        # transport in the same reactor turn and leave in one SMTP session.
+        sending = [
+            self._guarded(self._send_route_report(r), f"route {r['mailext_route'].name!r}")
+            for r in routed
+        ]
         if plain:
-            yield self._send_merged_reports(plain)
+            sending.append(self._guarded(self._send_merged_reports(plain), "generator reports"))
+        yield defer.gatherResults(sending)
+
+    def _guarded(self, d: defer.Deferred, what: str) -> defer.Deferred:
+        # One mail failing to compose (a bug, not a mail problem) must not stop the others;
+        # say which mail it was before the traceback.
+        return d.addErrback(
+            log.err, f"{self.name}: could not compose the mail for {what} (a bug: please report it)"
+        )
 
     @defer.inlineCallbacks
     def _send_route_report(self, report):
