@@ -15,6 +15,7 @@ three transitions computed against the previous build of the same builder *and b
 from __future__ import annotations
 
 import re
+from email.utils import parseaddr
 from types import SimpleNamespace
 from typing import Any, ClassVar, Sequence
 
@@ -63,14 +64,24 @@ def normalize_addresses(to: str | Sequence[str] | None) -> list[str]:
     return list(to)
 
 
+# local@domain, where domain is a host name (one label is fine: root@localhost is a real
+# local-delivery address) or an address literal such as [192.0.2.1].
+_ADDR_SPEC = re.compile(r"^[^\s@<>()\[\],;:\"]+@(?:[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.?|\[[0-9A-Fa-f:.]+\])$")
+
+
 def is_valid_address(address: Any) -> bool:
-    # Same acceptance rule as stock MailNotifier, plus: no CR/LF anywhere (an address
-    # ends up in the To header and in RCPT TO).
-    return (
-        isinstance(address, str)
-        and not re.search(r"[\r\n\x00]", address)
-        and VALID_EMAIL.search(address) is not None
-    )
+    """``user@example.org`` or ``Name <user@example.org>``; never CR/LF or other control
+    characters (an address ends up in a header and in RCPT TO). Buildbot's own check
+    (VALID_EMAIL) also demands a dot in the domain; we accept ``buildbot@localhost``,
+    which works with stock MailNotifier and is common for local delivery."""
+    if not isinstance(address, str) or re.search(r"[\x00-\x1f\x7f]", address):
+        return False
+    if VALID_EMAIL.search(address):
+        return True
+    _, addr = parseaddr(address)
+    # parseaddr repairs some damage ("a@exa mple.org" -> "a@example.org"): the address
+    # must stand in the text as written.
+    return bool(addr) and addr in address and _ADDR_SPEC.match(addr) is not None
 
 
 class MailRoute(util.ComparableMixin):

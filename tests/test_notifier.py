@@ -176,7 +176,7 @@ class ConfigTestCase(unittest.TestCase):
 
     def test_stock_arguments_are_accepted(self):
         notifier = MailExtNotifier(
-            "buildbot@example.org",
+            "buildbot@localhost",  # no dot: stock accepts it, so must we
             relayhost="localhost",
             lookup="example.org",
             extraRecipients=["ops@example.org"],

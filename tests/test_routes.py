@@ -3,7 +3,7 @@
 import pytest
 from buildbot.process.results import EXCEPTION, FAILURE, SUCCESS, WARNINGS
 
-from buildbot_mailext.routes import MailRoute, expand_modes, wanted_by_results
+from buildbot_mailext.routes import MailRoute, expand_modes, is_valid_address, wanted_by_results
 
 
 def test_lone_string_is_one_recipient_not_characters():
@@ -46,6 +46,27 @@ def test_config_errors_name_the_setting(kwargs, expected):
     errors = MailRoute(**kwargs).config_errors()
     assert any(expected in e for e in errors), errors
     assert all(e.startswith("MailRoute ") for e in errors)
+
+
+@pytest.mark.parametrize(
+    "address, valid",
+    [
+        ("dev@example.org", True),
+        ("Dev List <dev@example.org>", True),
+        ('"Doe, John" <john@example.org>', True),
+        ("buildbot@localhost", True),  # accepted by stock MailNotifier; local delivery
+        ("root@[127.0.0.1]", True),
+        ("no-at-sign", False),
+        ("two words@example.org", False),
+        ("dev@example.org\nBcc: x@example.org", False),
+        ("dev@exa mple.org", False),
+        ("@example.org", False),
+        ("dev@", False),
+        (None, False),
+    ],
+)
+def test_address_validation(address, valid):
+    assert is_valid_address(address) is valid
 
 
 def test_empty_to_is_fine_with_interested_users():
