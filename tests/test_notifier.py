@@ -119,6 +119,25 @@ class NotifierTestCase(TestReactorMixin, unittest.TestCase, ReporterTestMixin):
         self.assertIn("owner@example.org", by_route["with-users"]["msg"]["To"])
 
     @defer.inlineCallbacks
+    def test_reconfig_with_same_config_keeps_name_and_pending_mail(self):
+        def config():
+            return dict(
+                fromaddr="buildbot@example.org",
+                preflight="off",
+                routes=[MailRoute("dev@example.org", builders=["Builder0"])],
+            )
+
+        notifier = MailExtNotifier(**config())
+        yield notifier.setServiceParent(self.master)
+        yield notifier.startService()
+        transport = notifier.transport
+        sibling = MailExtNotifier(**config())
+        self.assertEqual(sibling.name, notifier.name)
+        yield notifier.reconfigServiceWithSibling(sibling)
+        self.assertIs(notifier.transport, transport)  # retries in memory survive reconfig
+        yield notifier.stopService()
+
+    @defer.inlineCallbacks
     def test_passing_build_sends_nothing_in_mode_failing(self):
         notifier = yield self.make_notifier(routes=[MailRoute("dev@example.org")])
         yield self.finish_build(notifier, SUCCESS)
