@@ -110,8 +110,8 @@ class MailExtNotifier(MailNotifier):
         if templates_dir is not None and not os.path.isdir(str(templates_dir)):
             errors.append(
                 f"MailExtNotifier: templates_dir {templates_dir!r} is not a directory; "
-                "create it or fix the path (relative paths are relative to the master's "
-                "working directory)"
+                "create it or fix the path (a relative path is relative to the master "
+                "directory)"
             )
             templates_dir = None
         for route in routes:
