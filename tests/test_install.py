@@ -107,12 +107,12 @@ def test_plugin_entry_points_resolve(venv):
 def test_packaged_templates_installed_and_render(venv):
     proc = run_py(venv, """
         import os, sys
-        from buildbot_mailext import templates, context
+        from buildbot_mailext import samples, templates
         d = templates.PACKAGED_TEMPLATES_DIR
         assert "site-packages" in d and os.path.isdir(d), d
         names = sorted(f for f in os.listdir(d) if f.endswith(".j2"))
         assert "build_failure.html.j2" in names, names
-        out = templates.TemplateSet().render("build_failure", context.sample_context())
+        out = templates.TemplateSet().render("build_failure", samples.sample_context())
         assert out.subject and "\\n" not in out.subject, out.subject
         assert out.text.strip(), "empty text part"
         assert "<html" in out.html.lower(), out.html[:200]
