@@ -51,51 +51,64 @@ DEFAULT_BUILD_TEMPLATE = "build_summary"
 WORKER_MISSING_TEMPLATE = "worker_missing"
 
 
-def _smtp_kwargs(
-    relayhost, smtpPort, useTls, useSmtps, smtpUser, smtpPassword,
-    tls_ca_file, tls_verify, allow_plaintext_auth, smtp_timeout,
+def notifier_arguments(
+    fromaddr,
+    relayhost="localhost",
+    lookup=None,
+    extraRecipients=None,
+    sendToInterestedUsers=True,
+    extraHeaders=None,
+    useTls=False,
+    useSmtps=False,
+    smtpUser=None,
+    smtpPassword=None,
+    smtpPort=25,
+    dumpMailsToLog=False,
+    generators=None,
+    routes=None,
+    templates_dir=None,
+    preflight="fail",
+    smtp_timeout=30.0,
+    tls_ca_file=None,
+    tls_verify=True,
+    allow_plaintext_auth=False,
 ) -> dict[str, Any]:
-    return {
-        "relayhost": relayhost,
-        "smtpPort": smtpPort,
-        "useTls": useTls,
-        "useSmtps": useSmtps,
-        "smtpUser": smtpUser,
-        "smtpPassword": smtpPassword,
-        "tls_ca_file": tls_ca_file,
-        "tls_verify": tls_verify,
-        "allow_plaintext_auth": allow_plaintext_auth,
-        "smtp_timeout": smtp_timeout,
-    }
+    """Every argument ``MailExtNotifier`` takes, with its default: stock ``MailNotifier``'s
+    in stock's positional order, then ours. ``checkConfig`` and ``reconfigService`` both
+    read their arguments through this one signature."""
+    return dict(locals())
+
+
+# The arguments stock MailNotifier.checkConfig/reconfigService take besides fromaddr
+# and generators, and the ones that describe the SMTP connection.
+STOCK_ARGUMENTS = (
+    "relayhost", "lookup", "extraRecipients", "sendToInterestedUsers", "extraHeaders",
+    "useTls", "useSmtps", "smtpUser", "smtpPassword", "smtpPort", "dumpMailsToLog",
+)
+SMTP_ARGUMENTS = (
+    "relayhost", "smtpPort", "useTls", "useSmtps", "smtpUser", "smtpPassword",
+    "tls_ca_file", "tls_verify", "allow_plaintext_auth", "smtp_timeout",
+)
+
+
+def _subset(arguments: dict[str, Any], names: Sequence[str]) -> dict[str, Any]:
+    return {name: arguments[name] for name in names}
 
 
 class MailExtNotifier(MailNotifier):
     """``MailNotifier`` with per-builder routes, file templates, a verified-TLS,
     relayhost-aware transport and a preflight. Every stock argument keeps its meaning."""
 
-    def checkConfig(
-        self,
-        fromaddr,
-        relayhost="localhost",
-        lookup=None,
-        extraRecipients=None,
-        sendToInterestedUsers=True,
-        extraHeaders=None,
-        useTls=False,
-        useSmtps=False,
-        smtpUser=None,
-        smtpPassword=None,
-        smtpPort=25,
-        dumpMailsToLog=False,
-        generators=None,
-        routes=None,
-        templates_dir=None,
-        preflight="fail",
-        smtp_timeout=30.0,
-        tls_ca_file=None,
-        tls_verify=True,
-        allow_plaintext_auth=False,
-    ):
+    def checkConfig(self, *args, **kwargs):
+        try:
+            arguments = notifier_arguments(*args, **kwargs)
+        except TypeError as e:  # a misspelt or missing argument in master.cfg
+            self.name = self.name or "MailExtNotifier"
+            config.error(f"MailExtNotifier: {str(e).partition(') ')[2] or e}")
+            return
+        fromaddr = arguments["fromaddr"]
+        routes, generators = arguments["routes"], arguments["generators"]
+        extraHeaders, preflight = arguments["extraHeaders"], arguments["preflight"]
         errors: list[str] = []
         if not is_valid_address(fromaddr):
             errors.append(
@@ -103,7 +116,7 @@ class MailExtNotifier(MailNotifier):
                 "write it as 'buildbot@example.org' or 'Buildbot <buildbot@example.org>'"
             )
         routes = self._route_list(routes, errors)
-        templates_dir = self._resolve_templates_dir(templates_dir)
+        templates_dir = self._resolve_templates_dir(arguments["templates_dir"])
         if generators is not None and not isinstance(generators, list):
             errors.append("MailExtNotifier: generators must be a list (or None)")
             generators = None
@@ -118,10 +131,7 @@ class MailExtNotifier(MailNotifier):
             errors.extend(route.config_errors())
         errors.extend(self._template_errors(routes, generators, templates_dir))
         errors.extend(mime.extra_header_errors(extraHeaders))
-        smtp = _smtp_kwargs(
-            relayhost, smtpPort, useTls, useSmtps, smtpUser, smtpPassword,
-            tls_ca_file, tls_verify, allow_plaintext_auth, smtp_timeout,
-        )
+        smtp = _subset(arguments, SMTP_ARGUMENTS)
         errors.extend(check_smtp_settings(**smtp))
         errors.extend(preflight_mod.check_preflight_mode(preflight))
 
@@ -133,82 +143,35 @@ class MailExtNotifier(MailNotifier):
         # Formatters validate their templates when built: only build them from a config
         # that passed, or every template error would be reported twice.
         built = [] if errors else self._build_generators(routes, generators, templates_dir)
-        super().checkConfig(
-            fromaddr,
-            relayhost=relayhost,
-            lookup=lookup,
-            extraRecipients=extraRecipients,
-            sendToInterestedUsers=sendToInterestedUsers,
-            extraHeaders=extraHeaders if isinstance(extraHeaders, dict) else None,
-            useTls=useTls,
-            useSmtps=useSmtps,
-            smtpUser=smtpUser,
-            smtpPassword=smtpPassword,
-            smtpPort=smtpPort,
-            dumpMailsToLog=dumpMailsToLog,
-            generators=built,
-        )
+        stock = _subset(arguments, STOCK_ARGUMENTS)
+        if not isinstance(extraHeaders, dict):
+            stock["extraHeaders"] = None  # reported above, in our words
+        super().checkConfig(fromaddr, generators=built, **stock)
         if errors:
             return
         # What `preflight_targets()` and the CLI probe: known only after validation.
         self._preflight_targets = (
             SmtpSettings.from_notifier_args(**smtp),
             fromaddr,
-            self._probe_recipients(routes, extraRecipients),
+            self._probe_recipients(routes, arguments["extraRecipients"]),
         )
         preflight_mod.run_at_config_load(*self._preflight_targets, preflight, self.name)
 
     @defer.inlineCallbacks
-    def reconfigService(
-        self,
-        fromaddr,
-        relayhost="localhost",
-        lookup=None,
-        extraRecipients=None,
-        sendToInterestedUsers=True,
-        extraHeaders=None,
-        useTls=False,
-        useSmtps=False,
-        smtpUser=None,
-        smtpPassword=None,
-        smtpPort=25,
-        dumpMailsToLog=False,
-        generators=None,
-        routes=None,
-        templates_dir=None,
-        preflight="fail",
-        smtp_timeout=30.0,
-        tls_ca_file=None,
-        tls_verify=True,
-        allow_plaintext_auth=False,
-    ):
-        routes = self._route_list(routes, [])
-        templates_dir = self._resolve_templates_dir(templates_dir)
+    def reconfigService(self, *args, **kwargs):
+        arguments = notifier_arguments(*args, **kwargs)  # secrets are rendered by now
+        fromaddr, preflight = arguments["fromaddr"], arguments["preflight"]
+        routes = self._route_list(arguments["routes"], [])
+        templates_dir = self._resolve_templates_dir(arguments["templates_dir"])
         yield super().reconfigService(
             fromaddr,
-            relayhost=relayhost,
-            lookup=lookup,
-            extraRecipients=extraRecipients,
-            sendToInterestedUsers=sendToInterestedUsers,
-            extraHeaders=extraHeaders,
-            useTls=useTls,
-            useSmtps=useSmtps,
-            smtpUser=smtpUser,
-            smtpPassword=smtpPassword,
-            smtpPort=smtpPort,
-            dumpMailsToLog=dumpMailsToLog,
-            generators=self._build_generators(routes, generators, templates_dir),
+            generators=self._build_generators(routes, arguments["generators"], templates_dir),
+            **_subset(arguments, STOCK_ARGUMENTS),
         )
         self.routes = routes
         self.templates_dir = templates_dir
         self.preflight = preflight
-        # Secrets are rendered by now (BuildbotService renders `secrets` kwargs).
-        settings = SmtpSettings.from_notifier_args(
-            **_smtp_kwargs(
-                relayhost, smtpPort, useTls, useSmtps, smtpUser, smtpPassword,
-                tls_ca_file, tls_verify, allow_plaintext_auth, smtp_timeout,
-            )
-        )
+        settings = SmtpSettings.from_notifier_args(**_subset(arguments, SMTP_ARGUMENTS))
         if getattr(self, "transport", None) is None:
             self.transport = MailTransport(settings)
         elif self.transport.settings != settings:
@@ -216,11 +179,10 @@ class MailExtNotifier(MailNotifier):
             self.transport.settings = settings
         for warning in settings.startup_warnings():
             log.msg(f"{self.name}: {warning}")
-        start_check = getattr(preflight_mod, "run_at_start", None)
-        if start_check is not None:
-            # Not awaited: a slow relay must not delay the master's start.
-            recipients = self._probe_recipients(routes, extraRecipients)
-            start_check(settings, fromaddr, recipients, preflight, self.name)
+        # Not awaited: a slow relay must not delay the master's start. (It only probes
+        # when the config-load preflight had to skip AUTH for secrets.)
+        recipients = self._probe_recipients(routes, arguments["extraRecipients"])
+        preflight_mod.run_at_start(settings, fromaddr, recipients, preflight, self.name)
 
     @defer.inlineCallbacks
     def stopService(self):

@@ -233,6 +233,12 @@ class ConfigTestCase(unittest.TestCase):
         self.assertIn("template 'no_such_template'", text)
         self.assertIn("extraHeaders: 'Subject' is set by the notifier", text)
 
+    def test_misspelt_argument_is_a_config_error(self):
+        errors = self.config_errors(relay_host="[relay.example.org]:587")
+        self.assertEqual(
+            errors, ["MailExtNotifier: got an unexpected keyword argument 'relay_host'"]
+        )
+
     def test_routes_must_be_mail_routes(self):
         errors = self.config_errors(routes=[{"to": "a@example.org"}])
         self.assertIn("routes must contain MailRoute(...) objects", errors[0])
