@@ -46,11 +46,9 @@ def run(args: argparse.Namespace) -> int:
     rendered = templates.render(args.template, context)
     headers = {}
     if not is_worker:
-        headers = {
-            "X-Buildbot-Builder": context["buildername"],
-            "X-Buildbot-Result": context["result"],
-            "X-Buildbot-URL": context["build_url"],
-        }
+        headers = mime.buildbot_headers(
+            context["buildername"], context["result"], context["build_url"]
+        )
     msg = mime.build_email(
         subject=rendered.subject,
         from_addr=args.fromaddr,

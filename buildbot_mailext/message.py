@@ -39,7 +39,9 @@ STRUCTURAL_HEADERS = frozenset(
         "Content-Disposition",
     )
 )
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
+# C0/C1 control characters; removed after whitespace runs (CR, LF, TAB...) became spaces,
+# so "a\r\nb" gives "a b".
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 _SPACES = re.compile(r"\s+")
 # CRLF on the wire. Bodies are encoded with a 76-column policy (quoted-printable lines
 # stay within RFC 2045's 76). Headers are written with the 998 one: values are capped
@@ -50,16 +52,35 @@ SMTP_POLICY = policy.SMTP.clone(max_line_length=998)
 
 
 def one_line(value: object, limit: int = MAX_HEADER_VALUE) -> str:
-    """A header-safe rendering of ``value``: CR, LF and every other control character
-    become a space, whitespace runs collapse, and the result is capped at ``limit``."""
-    text = str(value)
-    text = _CONTROL.sub(" ", text)
+    """A header-safe rendering of ``value``: whitespace runs (CR and LF included) become one
+    space, control characters and line separators go, and the result is capped at ``limit``.
+    Every header value we set, the rendered subject included, goes through here."""
+    text = "" if value is None else str(value)
+    text = _SPACES.sub(" ", text)
+    text = _CONTROL.sub("", text)
+    # \s does not match U+2028/U+2029 everywhere; some mail clients break lines on them.
+    text = text.replace("\u2028", " ").replace("\u2029", " ")
     text = _SPACES.sub(" ", text).strip()
     # Lone surrogates (from undecodable bytes) cannot be encoded into a header.
     text = text.encode("utf-8", "replace").decode("utf-8")
     if len(text) > limit:
         text = text[: limit - 1].rstrip() + "…"
     return text
+
+
+def envelope_recipients(addresses: Iterable[str]) -> list[str]:
+    """Bare addresses for RCPT TO, each once, in the order given."""
+    unique: list[str] = []
+    for address in addresses:
+        bare = bare_address(address)
+        if bare and bare not in unique:
+            unique.append(bare)
+    return unique
+
+
+def buildbot_headers(builder: str, result: str, url: str) -> dict[str, str]:
+    """The headers list filters sort on."""
+    return {"X-Buildbot-Builder": builder, "X-Buildbot-Result": result, "X-Buildbot-URL": url}
 
 
 def bare_address(address: str) -> str:

@@ -239,12 +239,9 @@ class MailExtNotifier(MailNotifier):
 
     @staticmethod
     def _probe_recipients(routes, extraRecipients) -> list[str]:
-        recipients: list[str] = []
-        for address in [a for r in routes for a in r.to] + list(extraRecipients or []):
-            bare = mime.bare_address(address)
-            if bare and bare not in recipients:
-                recipients.append(bare)
-        return recipients
+        return mime.envelope_recipients(
+            [a for r in routes for a in r.to] + list(extraRecipients or [])
+        )
 
     def _stable_name(self, fromaddr, smtp, routes, generators, templates_dir) -> str:
         # Derived from the configuration only, so two notifiers never collide and an
@@ -370,10 +367,10 @@ class MailExtNotifier(MailNotifier):
         headers = {}
         if builds:
             build = builds[0]
-            headers["X-Buildbot-Builder"] = build["builder"]["name"]
-            headers["X-Buildbot-Result"] = statusToString(build["results"])
-            headers["X-Buildbot-URL"] = getURLForBuild(
-                self.master, build["builder"]["builderid"], build["number"]
+            headers = mime.buildbot_headers(
+                build["builder"]["name"],
+                statusToString(build["results"]),
+                getURLForBuild(self.master, build["builder"]["builderid"], build["number"]),
             )
         extra = self.extraHeaders
         if extra and len(builds) == 1:
@@ -391,8 +388,7 @@ class MailExtNotifier(MailNotifier):
             extra_headers=extra,
             attachments=self._attachments(reports, builds),
         )
-        recipients = [mime.bare_address(a) for a in list(to) + list(cc)]
-        recipients = [r for i, r in enumerate(recipients) if r and r not in recipients[:i]]
+        recipients = mime.envelope_recipients([*to, *cc])
         label = self._label(what, builds, msg)
         if not recipients:
             log.msg(f"{self.name}: {label}: no recipients (nobody to mail), nothing sent")

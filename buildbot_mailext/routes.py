@@ -20,7 +20,7 @@ from types import SimpleNamespace
 from typing import Any, ClassVar, Sequence
 
 from buildbot import util
-from buildbot.process.results import EXCEPTION, FAILURE, RETRY
+from buildbot.process.results import EXCEPTION, FAILURE
 from buildbot.reporters import utils
 from buildbot.reporters.generators.build import BuildStatusGenerator
 from buildbot.reporters.generators.worker import WorkerMissingGenerator
@@ -255,12 +255,11 @@ class RouteGenerator(BuildStatusGenerator):
         )
         if not self.is_message_needed_by_props(build):
             return None
+        previous_results = None
         if self.route.wants_previous_build:
-            build["prev_build"] = yield previous_build_same_branch(master, build)
-        else:
-            build.setdefault("prev_build", None)
-        prev = build["prev_build"]
-        previous_results = prev["results"] if prev and prev["results"] != RETRY else None
+            # Already skips builds that say nothing about the code (retry, cancelled, skipped).
+            prev = yield previous_build_same_branch(master, build)
+            previous_results = prev["results"] if prev else None
         if not wanted_by_results(self.mode, build["results"], previous_results):
             return None
         report = yield self.build_message(formatter, master, reporter, build)

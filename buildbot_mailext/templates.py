@@ -18,7 +18,6 @@ A template *name* ``NAME`` is the set of three files ``NAME.subject.j2``, ``NAME
 from __future__ import annotations
 
 import os
-import re
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,8 @@ from typing import Any
 import jinja2
 
 from buildbot.process.results import Results
+
+from buildbot_mailext.message import MAX_SUBJECT, one_line
 
 __all__ = [
     "PACKAGED_TEMPLATES_DIR",
@@ -39,7 +40,7 @@ __all__ = [
 # The three files that make up one template name, in render order.
 PARTS = ("subject", "txt", "html")
 
-SUBJECT_MAX_CHARS = 200
+SUBJECT_MAX_CHARS = MAX_SUBJECT
 
 
 def _find_packaged_templates_dir() -> str:
@@ -70,26 +71,10 @@ class RenderedMail:
     html: str
 
 
-# C0/C1 control characters except TAB; used for the subject (which must be a single header line)
-_CONTROL_RE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
-_WS_RE = re.compile(r"\s+")
-
-
 def collapse_subject(value: Any, limit: int = SUBJECT_MAX_CHARS) -> str:
-    """Make ``value`` safe as a mail subject: one line, no control characters, at most ``limit``.
-
-    Whitespace runs (including CR/LF from e.g. a hostile branch name) become one space *before*
-    control characters are removed, so "a\\r\\nb" gives "a b" and not "ab".
-    """
-    text = "" if value is None else str(value)
-    text = _WS_RE.sub(" ", text)
-    text = _CONTROL_RE.sub("", text)
-    # \s does not cover U+2028/U+2029 in every case; they would still break some mail clients
-    text = text.replace("\u2028", " ").replace("\u2029", " ")
-    text = _WS_RE.sub(" ", text).strip()
-    if len(text) > limit:
-        text = text[: limit - 1].rstrip() + "\u2026"
-    return text
+    """Make ``value`` safe as a mail subject: one line, no control characters, at most
+    ``limit`` characters (the header hygiene of :func:`buildbot_mailext.message.one_line`)."""
+    return one_line(value, limit)
 
 
 # --- filters -----------------------------------------------------------------------------------
