@@ -138,9 +138,16 @@ def _notifier_targets(notifier: Any) -> tuple[SmtpSettings, str, list[str]]:
     if callable(targets):
         settings, fromaddr, recipients = targets()
         return settings, fromaddr, list(recipients)
-    kwargs = dict(getattr(notifier, "_config_kwargs", {}) or {})
-    args = list(getattr(notifier, "_config_args", ()) or ())
-    fromaddr = kwargs.pop("fromaddr", None) or (args[0] if args else None) or getattr(notifier, "fromaddr", "")
-    recipients = list(kwargs.get("extraRecipients") or getattr(notifier, "extraRecipients", None) or [])
-    settings = SmtpSettings.from_notifier_args(**kwargs)
-    return settings, fromaddr, recipients
+    # Stock MailNotifier's signature is the start of ours, positional order included.
+    from buildbot_mailext.message import envelope_recipients
+    from buildbot_mailext.notifier import SMTP_ARGUMENTS, notifier_arguments
+
+    try:
+        arguments = notifier_arguments(
+            *(getattr(notifier, "_config_args", ()) or ()),
+            **(getattr(notifier, "_config_kwargs", {}) or {}),
+        )
+    except TypeError as e:
+        raise ValueError(f"cannot read its arguments: {e}") from None
+    settings = SmtpSettings.from_notifier_args(**{k: arguments[k] for k in SMTP_ARGUMENTS})
+    return settings, arguments["fromaddr"], envelope_recipients(arguments["extraRecipients"] or [])

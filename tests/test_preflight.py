@@ -326,6 +326,19 @@ def test_cli_master_dir_with_stock_mailnotifier(tmp_path):
     assert out.returncode == 1 and f"127.0.0.1:{port}" in out.stdout and "nothing is listening" in out.stdout
 
 
+def test_cli_master_dir_with_stock_mailnotifier_positional_relayhost(tmp_path):
+    # MailNotifier(fromaddr, relayhost, ...) positionally: the relay probed is that one,
+    # not the default localhost.
+    with closed_port() as port:
+        (tmp_path / "master.cfg").write_text(textwrap.dedent(f"""
+            from buildbot.plugins import reporters
+            c = BuildmasterConfig = {{}}
+            c['services'] = [reporters.MailNotifier("bb@example.org", "[127.0.0.1]:{port}")]
+        """))
+        out = cli(str(tmp_path))
+    assert out.returncode == 1 and f"127.0.0.1:{port}" in out.stdout and "nothing is listening" in out.stdout
+
+
 def test_cli_master_dir_with_mailext_notifier_in_warn_mode(tmp_path):
     """Exit status is 1 on failure whatever the notifier's preflight mode."""
     with closed_port() as port:
