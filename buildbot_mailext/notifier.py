@@ -33,6 +33,7 @@ from twisted.internet import defer
 from twisted.python import log
 
 from buildbot_mailext import message as mime
+from buildbot_mailext import outbox as outbox_mod
 from buildbot_mailext import preflight as preflight_mod
 from buildbot_mailext.formatter import MailExtFormatter
 from buildbot_mailext.relay import SmtpSettings, check_smtp_settings
@@ -72,6 +73,12 @@ def notifier_arguments(
     tls_ca_file=None,
     tls_verify=True,
     allow_plaintext_auth=False,
+    retry_initial=outbox_mod.DEFAULT_RETRY_INITIAL,
+    retry_max_delay=outbox_mod.DEFAULT_RETRY_MAX_DELAY,
+    give_up_after=outbox_mod.DEFAULT_GIVE_UP_AFTER,
+    outbox_max_messages=outbox_mod.DEFAULT_MAX_MESSAGES,
+    outbox_max_bytes=outbox_mod.DEFAULT_MAX_BYTES,
+    outbox_lease=outbox_mod.DEFAULT_LEASE,
 ) -> dict[str, Any]:
     """Every argument ``MailExtNotifier`` takes, with its default: stock ``MailNotifier``'s
     in stock's positional order, then ours. ``checkConfig`` and ``reconfigService`` both
@@ -88,6 +95,10 @@ STOCK_ARGUMENTS = (
 SMTP_ARGUMENTS = (
     "relayhost", "smtpPort", "useTls", "useSmtps", "smtpUser", "smtpPassword",
     "tls_ca_file", "tls_verify", "allow_plaintext_auth", "smtp_timeout",
+)
+OUTBOX_ARGUMENTS = (
+    "retry_initial", "retry_max_delay", "give_up_after", "outbox_max_messages",
+    "outbox_max_bytes", "outbox_lease", "smtp_timeout",
 )
 
 
@@ -134,9 +145,10 @@ class MailExtNotifier(MailNotifier):
         smtp = _subset(arguments, SMTP_ARGUMENTS)
         errors.extend(check_smtp_settings(**smtp))
         errors.extend(preflight_mod.check_preflight_mode(preflight))
+        errors.extend(outbox_mod.check_outbox_options(**_subset(arguments, OUTBOX_ARGUMENTS)))
 
         if self.name is None:
-            self.name = self._stable_name(fromaddr, smtp, routes, generators, templates_dir)
+            self.name = self._stable_name(fromaddr, routes, generators, templates_dir)
         for error in errors:
             config.error(error)
 
@@ -172,11 +184,16 @@ class MailExtNotifier(MailNotifier):
         self.templates_dir = templates_dir
         self.preflight = preflight
         settings = SmtpSettings.from_notifier_args(**_subset(arguments, SMTP_ARGUMENTS))
+        relay_changed = False
         if getattr(self, "transport", None) is None:
             self.transport = MailTransport(settings)
         elif self.transport.settings != settings:
-            # Pending retries go to the new server: that is usually why the config changed.
             self.transport.settings = settings
+            relay_changed = True
+        self._configure_outbox(arguments)
+        if relay_changed:
+            # Pending mail goes to the new server now: that is usually why the config changed.
+            self.outbox.wake_now()
         for warning in settings.startup_warnings():
             log.msg(f"{self.name}: {warning}")
         # Not awaited: a slow relay must not delay the master's start. (It only probes
@@ -184,9 +201,39 @@ class MailExtNotifier(MailNotifier):
         recipients = self._probe_recipients(routes, arguments["extraRecipients"])
         preflight_mod.run_at_start(settings, fromaddr, recipients, preflight, self.name)
 
+    def _configure_outbox(self, arguments: dict[str, Any]) -> None:
+        policy = outbox_mod.RetryPolicy(
+            arguments["retry_initial"], arguments["retry_max_delay"], arguments["give_up_after"]
+        )
+        limits = outbox_mod.OutboxLimits(arguments["outbox_max_messages"], arguments["outbox_max_bytes"])
+        if getattr(self, "outbox", None) is None:
+            # Filed under the notifier's name, which does not depend on relay settings:
+            # a reconfig that changes the relay finds the same rows (issue 12).
+            self.outbox = outbox_mod.Outbox(
+                self.master, self.name, self.transport, self._build_digest, policy, limits,
+                arguments["outbox_lease"],
+            )
+        else:
+            self.outbox.policy, self.outbox.limits = policy, limits
+            self.outbox.lease = arguments["outbox_lease"]
+
+    @defer.inlineCallbacks
+    def startService(self):
+        yield super().startService()
+        try:
+            yield self.outbox.start()
+        except Exception as e:
+            log.msg(
+                f"{self.name}: the mail outbox cannot use the master's database ({e}); "
+                "mail cannot be queued: check db_url in master.cfg and run 'buildbot upgrade-master'"
+            )
+            raise
+
     @defer.inlineCallbacks
     def stopService(self):
         yield super().stopService()
+        if getattr(self, "outbox", None) is not None:
+            yield self.outbox.stop()
         if getattr(self, "transport", None) is not None:
             yield self.transport.stop()
 
@@ -243,13 +290,13 @@ class MailExtNotifier(MailNotifier):
             [a for r in routes for a in r.to] + list(extraRecipients or [])
         )
 
-    def _stable_name(self, fromaddr, smtp, routes, generators, templates_dir) -> str:
-        # Derived from the configuration only, so two notifiers never collide and an
-        # unchanged master.cfg keeps the same name on reconfig (no churn).
+    def _stable_name(self, fromaddr, routes, generators, templates_dir) -> str:
+        # Derived from what the mail says and whom it goes to, never from how it travels:
+        # a reconfig that changes relay settings keeps the name, so the service is
+        # reconfigured rather than replaced and its queued mail (filed under the name in
+        # the outbox) goes out through the new relay.
         parts = [
             repr(fromaddr),
-            repr(smtp["relayhost"]),
-            repr(smtp["smtpPort"]),
             repr(templates_dir),
             *(repr(sorted(vars(r).items(), key=lambda kv: kv[0])) for r in routes),
             *(g.generate_name() for g in (generators or [])),
@@ -304,6 +351,15 @@ class MailExtNotifier(MailNotifier):
     def sendMessage(self, reports):
         routed = [r for r in reports if r.get("mailext_route") is not None]
         plain = [r for r in reports if r.get("mailext_route") is None]
+        # Exactly one mail per event across masters: every master sees every build event,
+        # and only the one that inserts the claim first composes the mail.
+        claims = [self._claim(f"route {r['mailext_route'].name}", [r]) for r in routed]
+        if plain:
+            claims.append(self._claim("generators", plain))
+        won = yield defer.gatherResults(claims)
+        if plain and not won.pop():
+            plain = []
+        routed = [r for r, ok in zip(routed, won) if ok]
         # Composed side by side, not one after the other: the mails of one build reach the
         # transport in the same reactor turn and leave in one SMTP session.
         sending = [
@@ -313,6 +369,29 @@ class MailExtNotifier(MailNotifier):
         if plain:
             sending.append(self._guarded(self._send_merged_reports(plain), "generator reports"))
         yield defer.gatherResults(sending)
+
+    @defer.inlineCallbacks
+    def _claim(self, what: str, reports) -> Any:
+        won = yield self.outbox.claim(what, self._event_identity(reports))
+        if not won:
+            log.msg(f"{self.name}: {what}: {self._event_text(reports)} is mailed by another master")
+        return won
+
+    @staticmethod
+    def _event_identity(reports) -> list:
+        """What makes these reports one event: the builds and whether each was finished,
+        or (worker-missing and other build-less mail) the text every master renders alike."""
+        builds = merge_reports_prop(reports, "builds") or []
+        if builds:
+            return sorted([b["buildid"], bool(b.get("complete"))] for b in builds)
+        return [[str(r.get("worker")), str(r.get("subject")), str(r.get("body"))] for r in reports]
+
+    @staticmethod
+    def _event_text(reports) -> str:
+        builds = merge_reports_prop(reports, "builds") or []
+        if builds:
+            return ", ".join(f"build {b['builder']['name']!r} #{b['number']}" for b in builds)
+        return "this event"
 
     def _guarded(self, d: defer.Deferred, what: str) -> defer.Deferred:
         # One mail failing to compose (a bug, not a mail problem) must not stop the others;
@@ -329,7 +408,7 @@ class MailExtNotifier(MailNotifier):
             interested = yield self._interested_addresses(report.get("users") or [])
             to.extend(a for a in sorted(interested) if a not in to)
         yield self._compose_and_send(
-            [report], to=to, cc=[], what=f"route {route.name!r}"
+            [report], to=to, cc=[], what=f"route {route.name!r}", route=f"route {route.name}"
         )
 
     @defer.inlineCallbacks
@@ -342,7 +421,7 @@ class MailExtNotifier(MailNotifier):
         else:
             interested = yield self.findInterrestedUsersEmails(list(users))
             to, cc = self._stock_to_cc(interested)
-        yield self._compose_and_send(reports, to=to, cc=cc, what="generator")
+        yield self._compose_and_send(reports, to=to, cc=cc, what="generator", route="generators")
 
     def _stock_to_cc(self, interested) -> tuple[list[str], list[str]]:
         # Same rule as stock processRecipients(): extras go to Cc when mailing
@@ -360,7 +439,7 @@ class MailExtNotifier(MailNotifier):
         return MailNotifier.findInterrestedUsersEmails(stand_in, list(users))
 
     @defer.inlineCallbacks
-    def _compose_and_send(self, reports, to: Sequence[str], cc: Sequence[str], what: str):
+    def _compose_and_send(self, reports, to: Sequence[str], cc: Sequence[str], what: str, route: str):
         builds = merge_reports_prop(reports, "builds") or []
         text, html = self._bodies(reports)
         subject = merge_reports_prop_take_first(reports, "subject") or "Buildbot mail"
@@ -393,7 +472,7 @@ class MailExtNotifier(MailNotifier):
         if not recipients:
             log.msg(f"{self.name}: {label}: no recipients (nobody to mail), nothing sent")
             return
-        yield self.sendMail(msg, recipients, label=label)
+        yield self.sendMail(msg, recipients, label=label, route=route)
 
     @staticmethod
     def _label(what: str, builds, msg) -> str:
@@ -439,13 +518,39 @@ class MailExtNotifier(MailNotifier):
             attachments.append((name, content.encode("utf-8", "replace")))
         return attachments
 
-    def sendMail(self, m, recipients, label: str | None = None):
-        """Hand one message to the transport. Never errbacks: the transport logs and
-        retries what it cannot deliver now."""
+    def sendMail(self, m, recipients, label: str | None = None, route: str = "generators"):
+        """Write one message to the outbox; its first attempt follows at once. Fires once
+        the mail is stored (not when delivered); never errbacks."""
         data = mime.message_bytes(m) if hasattr(m, "as_bytes") else m.as_string().encode()
         label = label or f"mail {m['Message-ID']}"
-        log.msg(f"{self.name}: sending {label} ({len(data)} bytes) to {', '.join(recipients)}")
         if self.dumpMailsToLog:
             log.msg(f"mail data:\n{data.decode('utf-8', 'replace')}")
-        return self.transport.send(mime.bare_address(self.fromaddr), recipients, data, label)
+        mail = outbox_mod.NewMail(
+            route=route, label=label, subject=mime.one_line(m["Subject"] or "", 200),
+            envelope_from=mime.bare_address(self.fromaddr), recipients=list(recipients), message=data,
+        )
+        d = self.outbox.queue(mail)
+        d.addErrback(
+            lambda f: log.msg(
+                f"{self.name}: mail {label}: NOT queued: the outbox cannot write to the master's "
+                f"database ({f.getErrorMessage()}); mail lost: check the database (db_url)"
+            )
+        )
+        return d
 
+    def _build_digest(self, route: str, items: list, recipients: list) -> bytes:
+        """The digest that stands for the mails of ``route`` held back by a full outbox."""
+        lines = [
+            f"The mail outbox of {self.name} is full (outbox_max_messages / outbox_max_bytes),",
+            f"so these {len(items)} mails for {route} were folded into this one:",
+            "",
+            *(f"- {item['subject']}  [{item['label']}]" for item in items),
+            "",
+            "Make room: let pending mail leave (is the relay up?) or drop dead letters with",
+            "'buildbot-mailext outbox MASTER_DIR drop --dead'.",
+        ]
+        msg = mime.build_email(
+            subject=f"[Buildbot] {outbox_mod.digest_summary(len(items))} ({route})",
+            from_addr=self.fromaddr, to=recipients, cc=[], text="\n".join(lines), html=None,
+        )
+        return mime.message_bytes(msg)

@@ -8,6 +8,7 @@ bytes.
 
 import email
 from email import policy
+from types import SimpleNamespace
 
 from buildbot.config.errors import ConfigErrors, capture_config_errors
 from buildbot.process.results import FAILURE, SUCCESS
@@ -24,7 +25,8 @@ from buildbot_mailext import MailExtNotifier, MailRoute
 
 
 class RecordingTransport:
-    """Stands in for MailTransport: records what the notifier asks it to send."""
+    """Stands in for MailTransport: records what the notifier's outbox asks it to send, and
+    answers each attempt with a Delivery that says every recipient accepted it."""
 
     def __init__(self):
         self.sent = []
@@ -40,7 +42,16 @@ class RecordingTransport:
                 "label": label,
             }
         )
-        return defer.succeed(True)
+        return defer.succeed(
+            SimpleNamespace(
+                label=label, accepted=list(recipients), refused_permanently={}, refused_temporarily={},
+                failure=None, reply="250 ok", queue_id=None, endpoint="recorder", delivered=True,
+            )
+        )
+
+    @staticmethod
+    def describe(delivery):
+        return f"mail {delivery.label}: delivered via recorder to {', '.join(delivery.accepted)}"
 
     def stop(self):
         return defer.succeed(None)
@@ -62,8 +73,9 @@ class NotifierTestCase(TestReactorMixin, unittest.TestCase, ReporterTestMixin):
         notifier = MailExtNotifier(**kwargs)
         yield notifier.setServiceParent(self.master)
         yield notifier.startService()
+        self.addCleanup(notifier.stopService)
         notifier.transport.stop()
-        self.transport = notifier.transport = RecordingTransport()
+        self.transport = notifier.transport = notifier.outbox.transport = RecordingTransport()
         return notifier
 
     @defer.inlineCallbacks
@@ -130,12 +142,22 @@ class NotifierTestCase(TestReactorMixin, unittest.TestCase, ReporterTestMixin):
         notifier = MailExtNotifier(**config())
         yield notifier.setServiceParent(self.master)
         yield notifier.startService()
-        transport = notifier.transport
+        transport, outbox = notifier.transport, notifier.outbox
         sibling = MailExtNotifier(**config())
         self.assertEqual(sibling.name, notifier.name)
         yield notifier.reconfigServiceWithSibling(sibling)
-        self.assertIs(notifier.transport, transport)  # retries in memory survive reconfig
+        self.assertIs(notifier.transport, transport)
+        self.assertIs(notifier.outbox, outbox)
         yield notifier.stopService()
+
+    def test_relay_settings_do_not_change_the_derived_name(self):
+        # The outbox files queued mail under the name: a relay change + reconfig must find it.
+        def make(**relay):
+            return MailExtNotifier(
+                "buildbot@example.org", routes=[MailRoute("a@example.org")], preflight="off", **relay
+            ).name
+
+        self.assertEqual(make(relayhost="old.example.org"), make(relayhost="[127.0.0.1]:2525", smtpPort=587))
 
     @defer.inlineCallbacks
     def test_passing_build_sends_nothing_in_mode_failing(self):
