@@ -157,7 +157,7 @@ class NotifierTestCase(TestReactorMixin, unittest.TestCase, ReporterTestMixin):
                 "buildbot@example.org", routes=[MailRoute("a@example.org")], preflight="off", **relay
             ).name
 
-        self.assertEqual(make(relayhost="old.example.org"), make(relayhost="[127.0.0.1]:2525", smtpPort=587))
+        self.assertEqual(make(relayhost="old.example.org"), make(relayhost="[127.0.0.1]:2525", useTls=True))
 
     @defer.inlineCallbacks
     def test_passing_build_sends_nothing_in_mode_failing(self):
