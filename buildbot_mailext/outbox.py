@@ -49,6 +49,8 @@ from sqlalchemy.dialects import mysql
 from twisted.internet import defer
 from twisted.python import log
 
+from buildbot_mailext.transport import Delivery, describe
+
 PENDING = "pending"
 DEAD = "dead"
 
@@ -568,9 +570,9 @@ def _recipient_text(replies: dict) -> str:
 class Outbox:
     """One notifier's outbox on one master: queue, claim, and the retry scheduler.
 
-    ``transport`` follows the transport contract: ``send(envelope_from, recipients,
-    message, label) -> Deferred[Delivery]`` (one attempt, never errbacks) and
-    ``describe(delivery) -> str`` (the head of the log line).
+    ``transport`` is a :class:`~buildbot_mailext.transport.MailTransport` (or anything with
+    its ``send(envelope_from, recipients, message, label) -> Deferred[Delivery]``: one
+    attempt, never errbacks).
     """
 
     def __init__(
@@ -784,10 +786,10 @@ class Outbox:
         )
 
     @defer.inlineCallbacks
-    def _record(self, delivery: Any, entry: OutboxEntry) -> Any:
+    def _record(self, delivery: Delivery, entry: OutboxEntry) -> Any:
         """Decide and store what happens after one attempt; log exactly one line."""
         now = self._now()
-        head = self.transport.describe(delivery)
+        head = describe(delivery)
         accepted = list(delivery.accepted) if delivery.delivered else []
         temporary = {r: v for r, v in delivery.refused_temporarily.items() if r not in accepted}
         permanent = {r: v for r, v in delivery.refused_permanently.items() if r not in accepted}
@@ -810,8 +812,8 @@ class Outbox:
                 thd_dead_letter, entry, list(permanent), error, entry.attempts, bool(temporary) and not give_up
             )
             notes.append(
-                f"dead letter #{dead_id} for {_recipient_text(permanent)} (a retry cannot fix this; "
-                "see buildbot-mailext outbox list)"
+                f"dead letter #{dead_id} for {', '.join(permanent)} (a retry cannot fix this; "
+                "see buildbot-mailext outbox MASTER_DIR list)"
             )
         if temporary and give_up:
             dead_id = yield self._db(thd_dead_letter, entry, list(temporary), error, entry.attempts, False)
@@ -829,14 +831,12 @@ class Outbox:
         log.msg(f"{head}; {'; '.join(notes)}")
 
     @staticmethod
-    def _error_text(delivery: Any, refused: dict) -> str:
-        """The row's ``last_error`` (``outbox list``): the failure and each refusal."""
-        parts = []
-        if delivery.failure is not None:
-            parts.append(f"{delivery.failure.kind}: {delivery.failure}")
-        if refused:
-            parts.append(_recipient_text(refused))
-        return "; ".join(parts) or "no outcome reported"
+    def _error_text(delivery: Delivery, refused: dict) -> str:
+        """The row's ``last_error`` (``outbox list``): the failure, or each refusal."""
+        f = delivery.failure
+        if f is not None:
+            return f"{f.kind}: {f}" + (f"; SMTP reply: {f.reply}" if f.reply else "")
+        return _recipient_text(refused) or "no outcome reported"
 
     @staticmethod
     def _age(seconds: float) -> str:

@@ -8,7 +8,6 @@ bytes.
 
 import email
 from email import policy
-from types import SimpleNamespace
 
 from buildbot.config.errors import ConfigErrors, capture_config_errors
 from buildbot.process.results import FAILURE, SUCCESS
@@ -22,6 +21,7 @@ from twisted.internet import defer
 from twisted.trial import unittest
 
 from buildbot_mailext import MailExtNotifier, MailRoute
+from buildbot_mailext.transport import Delivery
 
 
 class RecordingTransport:
@@ -42,16 +42,7 @@ class RecordingTransport:
                 "label": label,
             }
         )
-        return defer.succeed(
-            SimpleNamespace(
-                label=label, accepted=list(recipients), refused_permanently={}, refused_temporarily={},
-                failure=None, reply="250 ok", queue_id=None, endpoint="recorder", delivered=True,
-            )
-        )
-
-    @staticmethod
-    def describe(delivery):
-        return f"mail {delivery.label}: delivered via recorder to {', '.join(delivery.accepted)}"
+        return defer.succeed(Delivery(label, "recorder", accepted=list(recipients), reply="250 recorded"))
 
     def stop(self):
         return defer.succeed(None)
@@ -146,8 +137,8 @@ class NotifierTestCase(TestReactorMixin, unittest.TestCase, ReporterTestMixin):
         sibling = MailExtNotifier(**config())
         self.assertEqual(sibling.name, notifier.name)
         yield notifier.reconfigServiceWithSibling(sibling)
-        self.assertIs(notifier.transport, transport)
-        self.assertIs(notifier.outbox, outbox)
+        self.assertIs(notifier.transport, transport)  # one transport across reconfig: its settings change
+        self.assertIs(notifier.outbox, outbox)  # and one outbox: queued mail stays where it is
         yield notifier.stopService()
 
     def test_relay_settings_do_not_change_the_derived_name(self):

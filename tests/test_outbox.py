@@ -3,7 +3,7 @@
 The database is real (a file under the test's temp dir, Buildbot's own schema upgraded by
 the fake master, our tables created by the outbox); the reactor is Buildbot's test reactor
 so retry delays are advanced, not waited for. The transport is scripted: each attempt
-returns the Delivery the test chose. That is the one thing mocked here, because a fake
+returns the (real) Delivery the test chose. That is the one thing mocked here, because a fake
 reactor cannot open sockets; the same transitions against a real SMTP server are in
 tests/e2e/test_outbox_master.py.
 """
@@ -11,9 +11,6 @@ tests/e2e/test_outbox_master.py.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
-from typing import Optional
-
 import sqlalchemy as sa
 from buildbot.test.fake import fakemaster
 from buildbot.test.reactor import TestReactorMixin
@@ -22,48 +19,23 @@ from twisted.python import log
 from twisted.trial import unittest
 
 from buildbot_mailext import outbox as ob
+from buildbot_mailext.transport import Delivery, SendFailure
 
 
-@dataclass
-class Failure:
-    kind: str
-    cause: str
-
-    def __str__(self):
-        return self.cause
-
-
-@dataclass
-class Delivery:
-    """The transport contract's Delivery (TRANSPORT-INTERFACE.md), as the outbox reads it."""
-
-    label: str
-    accepted: list = field(default_factory=list)
-    refused_permanently: dict = field(default_factory=dict)
-    refused_temporarily: dict = field(default_factory=dict)
-    failure: Optional[Failure] = None
-    reply: Optional[str] = None
-    queue_id: Optional[str] = None
-    endpoint: str = "[127.0.0.1]:2525"
-
-    @property
-    def delivered(self) -> bool:
-        return bool(self.accepted) and self.reply is not None
+RELAY = "[127.0.0.1]:2525 (plain SMTP)"
 
 
 def accepted(*rcpts, reply="250 2.0.0 Ok: queued as X"):
-    return lambda label, recipients: Delivery(label, accepted=list(rcpts or recipients), reply=reply)
+    return lambda label, recipients: Delivery(label, RELAY, accepted=list(rcpts or recipients), reply=reply)
 
 
 def refused(reply="connection refused", kind="refused"):
-    return lambda label, recipients: Delivery(
-        label, refused_temporarily={r: reply for r in recipients}, failure=Failure(kind, reply)
-    )
+    return lambda label, recipients: Delivery.failed(label, RELAY, recipients, SendFailure(kind, reply))
 
 
 def rejected(reply="550 5.1.1 unknown user"):
-    return lambda label, recipients: Delivery(
-        label, refused_permanently={r: reply for r in recipients}, failure=Failure("permanent", reply)
+    return lambda label, recipients: Delivery.failed(
+        label, RELAY, recipients, SendFailure("permanent", "every recipient rejected", reply)
     )
 
 
@@ -83,12 +55,6 @@ class ScriptedTransport:
             return defer.Deferred()
         outcome = self.script.pop(0) if len(self.script) > 1 else self.script[0]
         return defer.succeed(outcome(label, list(recipients)))
-
-    @staticmethod
-    def describe(delivery):
-        if delivery.delivered:
-            return f"mail {delivery.label}: delivered to {', '.join(delivery.accepted)}"
-        return f"mail {delivery.label}: NOT delivered: {delivery.failure.kind}"
 
 
 def digest(route, items, recipients):
@@ -204,12 +170,12 @@ class OutboxTestCase(TestReactorMixin, unittest.TestCase):
         self.assertEqual(len(transport.attempts), 1)
         [row] = self.rows()
         self.assertEqual((row.id, row.state, row.recipients), (row_id, ob.DEAD, ["dev@example.org"]))
-        self.assertEqual(len(self.lines(f"dead letter #{row_id} for dev@example.org (550 5.1.1")), 1)
+        self.assertEqual(len(self.lines(f"SMTP reply: 550 5.1.1 unknown user; dead letter #{row_id} for dev@example.org (a retry")), 1)
 
     @defer.inlineCallbacks
     def test_one_recipient_550_and_one_250_delivers_one_and_dead_letters_the_other(self):
         def split(label, recipients):
-            return Delivery(label, accepted=["ok@example.org"], reply="250 ok",
+            return Delivery(label, RELAY, accepted=["ok@example.org"], reply="250 ok",
                             refused_permanently={"bad@example.org": "550 5.1.1 unknown"})
 
         box, transport = self.make_outbox(split)
@@ -223,7 +189,7 @@ class OutboxTestCase(TestReactorMixin, unittest.TestCase):
     @defer.inlineCallbacks
     def test_one_recipient_451_one_550_one_250_keeps_retrying_only_the_451(self):
         def mixed(label, recipients):
-            return Delivery(label, accepted=["ok@example.org"], reply="250 ok",
+            return Delivery(label, RELAY, accepted=["ok@example.org"], reply="250 ok",
                             refused_permanently={"bad@example.org": "550 unknown"},
                             refused_temporarily={"later@example.org": "451 greylisted"})
 
