@@ -827,7 +827,7 @@ class Outbox:
                 thd_reschedule, entry.id, list(temporary), now + delay, error, entry.attempts, now + self.lease
             )
             self._wake(delay)
-            notes.append(f"retry {entry.attempts + 1} in {delay:g}s (outbox #{entry.id}, kept in the database)")
+            notes.append(f"attempt {entry.attempts + 1} in {delay:g}s (outbox #{entry.id}, kept in the database)")
         log.msg(f"{head}; {'; '.join(notes)}")
 
     @staticmethod

@@ -135,8 +135,8 @@ class OutboxTestCase(TestReactorMixin, unittest.TestCase):
         self.reactor.advance(1)
         self.assertEqual(len(transport.attempts), 3)
         self.assertEqual(self.rows(), [])
-        self.assertEqual(len(self.lines("retry 2 in 30s")), 1)
-        self.assertEqual(len(self.lines("retry 3 in 60s")), 1)
+        self.assertEqual(len(self.lines("attempt 2 in 30s")), 1)
+        self.assertEqual(len(self.lines("attempt 3 in 60s")), 1)
         self.assertEqual(len(self.lines(f"outbox #{row_id} done")), 1)
 
     def test_retry_delays_double_up_to_the_cap(self):
