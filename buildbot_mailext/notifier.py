@@ -72,6 +72,8 @@ def notifier_arguments(
     tls_ca_file=None,
     tls_verify=True,
     allow_plaintext_auth=False,
+    smtp_cache_time=2.0,
+    smtp_max_sessions=4,
 ) -> dict[str, Any]:
     """Every argument ``MailExtNotifier`` takes, with its default: stock ``MailNotifier``'s
     in stock's positional order, then ours. ``checkConfig`` and ``reconfigService`` both
@@ -88,6 +90,7 @@ STOCK_ARGUMENTS = (
 SMTP_ARGUMENTS = (
     "relayhost", "smtpPort", "useTls", "useSmtps", "smtpUser", "smtpPassword",
     "tls_ca_file", "tls_verify", "allow_plaintext_auth", "smtp_timeout",
+    "smtp_cache_time", "smtp_max_sessions",
 )
 
 
