@@ -73,6 +73,8 @@ def notifier_arguments(
     tls_ca_file=None,
     tls_verify=True,
     allow_plaintext_auth=False,
+    smtp_cache_time=2.0,
+    smtp_max_sessions=4,
     retry_initial=outbox_mod.DEFAULT_RETRY_INITIAL,
     retry_max_delay=outbox_mod.DEFAULT_RETRY_MAX_DELAY,
     give_up_after=outbox_mod.DEFAULT_GIVE_UP_AFTER,
@@ -95,6 +97,7 @@ STOCK_ARGUMENTS = (
 SMTP_ARGUMENTS = (
     "relayhost", "smtpPort", "useTls", "useSmtps", "smtpUser", "smtpPassword",
     "tls_ca_file", "tls_verify", "allow_plaintext_auth", "smtp_timeout",
+    "smtp_cache_time", "smtp_max_sessions",
 )
 OUTBOX_ARGUMENTS = (
     "retry_initial", "retry_max_delay", "give_up_after", "outbox_max_messages",
