@@ -314,6 +314,24 @@ class Added:
 def thd_add(
     conn: Any,
     notifier: str,
+    mails: Sequence[NewMail],
+    owner: Optional[int],
+    now: float,
+    lease: float,
+    limits: OutboxLimits,
+    build_digest: DigestBuilder,
+) -> list[Added]:
+    """Write ``mails`` in one transaction (one commit: one fsync on SQLite, however many
+    mails a build made), each leased to ``owner`` for its first attempt, which the caller
+    makes right away; past the bound, a mail is folded into its route's digest instead."""
+    added = [_add_one(conn, notifier, mail, owner, now, lease, limits, build_digest) for mail in mails]
+    conn.commit()
+    return added
+
+
+def _add_one(
+    conn: Any,
+    notifier: str,
     mail: NewMail,
     owner: Optional[int],
     now: float,
@@ -321,8 +339,6 @@ def thd_add(
     limits: OutboxLimits,
     build_digest: DigestBuilder,
 ) -> Added:
-    """Write ``mail``, leased to ``owner`` for its first attempt (made by the caller right
-    away); past the bound, fold it into the route's digest instead."""
     t = outbox_table
     size = len(mail.message)
     rows, total = thd_totals(conn, notifier)
@@ -336,7 +352,6 @@ def thd_add(
                 digest_count=0, digest_items=None,
             )
         )
-        conn.commit()
         return Added(result.inserted_primary_key[0])
 
     item = {"subject": mail.subject, "label": mail.label}
@@ -368,7 +383,6 @@ def thd_add(
     else:
         conn.execute(t.update().where(t.c.id == digest.id).values(**values))
         digest_id = digest.id
-    conn.commit()
     return Added(digest_id, len(items), (rows, total))
 
 
@@ -420,26 +434,27 @@ def thd_next_due(conn: Any, notifier: str, owner: Optional[int], now: float) -> 
     return None if value is None else float(value)
 
 
-def thd_delivered(conn: Any, entry: OutboxEntry, build_digest: DigestBuilder) -> None:
-    """The server accepted the mail: delete the row. A digest that took more mails while it
-    was on the wire (compare-and-set on ``digest_count``) keeps only those, rebuilt."""
+def thd_delivered(conn: Any, entries: Sequence[OutboxEntry], build_digest: DigestBuilder) -> None:
+    """The server accepted these mails: delete their rows, in one transaction. A digest
+    that took more mails while it was on the wire (compare-and-set on ``digest_count``)
+    keeps only those, rebuilt."""
     t = outbox_table
-    deleted = conn.execute(t.delete().where(t.c.id == entry.id, t.c.digest_count == entry.digest_count))
-    conn.commit()
-    if deleted.rowcount or not entry.digest_count:
-        return
-    row = conn.execute(sa.select(*t.c).where(t.c.id == entry.id)).first()
-    if row is None:
-        return
-    current = _entry(row, with_message=False)
-    items = current.digest_items[entry.digest_count:]
-    message = build_digest(current.route, items, current.recipients)
-    conn.execute(
-        t.update().where(t.c.id == entry.id).values(
-            digest_items=json.dumps(items), digest_count=len(items), message=message, size=len(message),
-            subject=digest_summary(len(items)), next_try_at=0.0,
+    for entry in entries:
+        deleted = conn.execute(t.delete().where(t.c.id == entry.id, t.c.digest_count == entry.digest_count))
+        if deleted.rowcount or not entry.digest_count:
+            continue
+        row = conn.execute(sa.select(*t.c).where(t.c.id == entry.id)).first()
+        if row is None:
+            continue
+        current = _entry(row, with_message=False)
+        items = current.digest_items[entry.digest_count:]
+        message = build_digest(current.route, items, current.recipients)
+        conn.execute(
+            t.update().where(t.c.id == entry.id).values(
+                digest_items=json.dumps(items), digest_count=len(items), message=message, size=len(message),
+                subject=digest_summary(len(items)), next_try_at=0.0,
+            )
         )
-    )
     conn.commit()
 
 
@@ -563,6 +578,47 @@ def thd_drop(conn: Any, entry_ids: Sequence[int]) -> int:
 # ------------------------------------------------------------------------------- reactor side
 
 
+class _GroupCommit:
+    """Group commit: what is asked while a transaction runs goes into the next one.
+
+    A build that fails fifty builders queues fifty mails in one moment; on SQLite each
+    commit is an fsync, so one transaction per mail would make the database the
+    bottleneck. The first request starts at once (no timer: a single mail waits for
+    nothing); requests arriving meanwhile are done together when it finishes.
+    ``run(items)`` returns a Deferred firing with one result per item."""
+
+    def __init__(self, run: Callable[[list], defer.Deferred]) -> None:
+        self._run = run
+        self._waiting: list[tuple[Any, defer.Deferred]] = []
+        self._busy = False
+
+    def __call__(self, item: Any) -> defer.Deferred:
+        d: defer.Deferred = defer.Deferred()
+        self._waiting.append((item, d))
+        if not self._busy:
+            self._next()
+        return d
+
+    def _next(self) -> None:
+        batch, self._waiting = self._waiting, []
+        if not batch:
+            self._busy = False
+            return
+        self._busy = True
+        d = defer.maybeDeferred(self._run, [item for item, _ in batch])
+
+        def done(results: Any) -> None:
+            for (_, waiter), result in zip(batch, results):
+                waiter.callback(result)
+
+        def failed(f: Any) -> None:
+            for _, waiter in batch:
+                waiter.errback(f)
+
+        d.addCallbacks(done, failed)
+        d.addBoth(lambda _: self._next())
+
+
 def _recipient_text(replies: dict) -> str:
     return "; ".join(f"{rcpt} ({reply})" for rcpt, reply in replies.items())
 
@@ -600,6 +656,8 @@ class Outbox:
         self._running = False
         self._last_prune = 0.0
         self._tables_ready = False
+        self._write = _GroupCommit(self._write_batch)
+        self._delete = _GroupCommit(self._delete_batch)
 
     # -- plumbing
     @property
@@ -621,6 +679,14 @@ class Outbox:
         """How often a master looks for due rows it did not schedule itself (rows another
         master left behind, `outbox retry` from the CLI) and renews its leases."""
         return max(0.5, min(self.policy.initial, self.lease / 3.0))
+
+    def _write_batch(self, mails: list) -> defer.Deferred:
+        return self._db(
+            thd_add, self.notifier, mails, self.owner, self._now(), self.lease, self.limits, self.build_digest
+        )
+
+    def _delete_batch(self, entries: list) -> defer.Deferred:
+        return self._db(thd_delivered, entries, self.build_digest).addCallback(lambda _: [None] * len(entries))
 
     @defer.inlineCallbacks
     def ensure_tables(self) -> Any:
@@ -671,9 +737,7 @@ class Outbox:
         """Write ``mail`` to the outbox, then make its first attempt. Fires with the row id
         once the mail is safely stored (not when it is delivered)."""
         yield self.ensure_tables()
-        added: Added = yield self._db(
-            thd_add, self.notifier, mail, self.owner, self._now(), self.lease, self.limits, self.build_digest
-        )
+        added: Added = yield self._write(mail)
         if added.digest_count:
             rows, total = added.held
             log.msg(
@@ -800,7 +864,7 @@ class Outbox:
         error = self._error_text(delivery, {**temporary, **permanent})
 
         if not temporary and not permanent:
-            yield self._db(thd_delivered, entry, self.build_digest)
+            yield self._delete(entry)
             log.msg(f"{head}; outbox #{entry.id} done")
             return
 

@@ -319,3 +319,25 @@ class OptionsTestCase(unittest.TestCase):
         self.assertEqual(len(errors), 3, errors)
         self.assertIn("retry_max_delay=30 is shorter than retry_initial=60", errors[0])
         self.assertIn("outbox_lease=20 must be at least twice smtp_timeout=30", errors[2])
+
+
+class GroupCommitTestCase(unittest.TestCase):
+    def test_requests_made_while_a_transaction_runs_share_the_next_one(self):
+        transactions = []
+        running = []
+
+        def run(items):
+            transactions.append(list(items))
+            d = defer.Deferred()
+            running.append((d, items))
+            return d
+
+        commit = ob._GroupCommit(run)
+        results = [commit(n) for n in range(5)]
+        self.assertEqual(transactions, [[0]])  # the first one does not wait for company
+        d, items = running.pop()
+        d.callback([f"r{i}" for i in items])
+        self.assertEqual(transactions, [[0], [1, 2, 3, 4]])
+        d, items = running.pop()
+        d.callback([f"r{i}" for i in items])
+        self.assertEqual([self.successResultOf(r) for r in results], ["r0", "r1", "r2", "r3", "r4"])
