@@ -135,7 +135,7 @@ def _list(conn: Any, args: argparse.Namespace) -> int:
 def _show(conn: Any, args: argparse.Namespace) -> int:
     entry = ob.thd_get(conn, args.id)
     if entry is None:
-        print(f"outbox: no mail #{args.id} (see 'outbox {args.master_dir} list')", file=sys.stderr)
+        print(f"outbox: no mail #{args.id} (see 'buildbot-mailext outbox {args.master_dir} list')", file=sys.stderr)
         return 1
     sys.stdout.buffer.write(entry.message)
     sys.stdout.flush()
@@ -161,7 +161,7 @@ def _retry(conn: Any, args: argparse.Namespace) -> int:
     now = ob.wall_clock()
     done = _in_chunks(conn, ids, lambda c, chunk: ob.thd_retry_now(c, chunk, now), "retry")
     if not args.all and not done:
-        print(f"outbox: no mail #{args.id} (see 'outbox {args.master_dir} list')", file=sys.stderr)
+        print(f"outbox: no mail #{args.id} (see 'buildbot-mailext outbox {args.master_dir} list')", file=sys.stderr)
         return 1
     print(f"{done} mails due now: the master sends them at its next look at the outbox")
     return 0
@@ -171,7 +171,7 @@ def _drop(conn: Any, args: argparse.Namespace) -> int:
     ids = [e.id for e in ob.thd_list(conn, ob.DEAD)] if args.dead else [args.id]
     done = _in_chunks(conn, ids, ob.thd_drop, "drop")
     if not args.dead and not done:
-        print(f"outbox: no mail #{args.id} (see 'outbox {args.master_dir} list')", file=sys.stderr)
+        print(f"outbox: no mail #{args.id} (see 'buildbot-mailext outbox {args.master_dir} list')", file=sys.stderr)
         return 1
     print(f"{done} mails dropped from the outbox (never sent)")
     return 0
