@@ -88,10 +88,20 @@ outbox_table = sa.Table(
     sa.Column("next_try_at", sa.Float(precision=53), nullable=False),
     sa.Column("last_error", sa.Text, nullable=True),
     sa.Column("owner", sa.Integer, nullable=True),  # the owning master's masterid
-    sa.Column("lease_until", sa.Float(precision=53), nullable=True),
     sa.Column("digest_count", sa.Integer, nullable=False, default=0),  # 0: a plain mail
     sa.Column("digest_items", sa.Text, nullable=True),  # JSON list of {"subject", "label"}
     sa.Index("mailext_outbox_due", "notifier", "state", "next_try_at"),
+)
+
+# One row per (notifier, master): the master's lease on every pending row it owns, renewed
+# by one small UPDATE per pass (a heartbeat), so renewing never touches the mail rows
+# themselves (a bulk UPDATE of those would deadlock against another master's deletes).
+leases_table = sa.Table(
+    "mailext_leases",
+    metadata,
+    sa.Column("notifier", sa.String(191), primary_key=True),
+    sa.Column("owner", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("lease_until", sa.Float(precision=53), nullable=False),
 )
 
 claims_table = sa.Table(
@@ -216,7 +226,6 @@ class OutboxEntry:
     next_try_at: float
     last_error: Optional[str]
     owner: Optional[int]
-    lease_until: Optional[float]
     digest_count: int
     digest_items: list[dict] = field(default_factory=list)
     message: Optional[bytes] = None
@@ -242,7 +251,6 @@ def _entry(row: Any, with_message: bool) -> OutboxEntry:
         next_try_at=m["next_try_at"],
         last_error=m["last_error"],
         owner=m["owner"],
-        lease_until=m["lease_until"],
         digest_count=m["digest_count"],
         digest_items=json.loads(m["digest_items"] or "[]"),
         message=bytes(m["message"]) if with_message else None,
@@ -348,7 +356,7 @@ def _add_one(
                 notifier=notifier, route=mail.route, label=mail.label, subject=mail.subject,
                 envelope_from=mail.envelope_from, recipients=json.dumps(mail.recipients),
                 message=mail.message, size=size, state=PENDING, attempts=0, created_at=now,
-                next_try_at=now + lease, last_error=None, owner=owner, lease_until=now + lease,
+                next_try_at=now + lease, last_error=None, owner=owner,
                 digest_count=0, digest_items=None,
             )
         )
@@ -376,7 +384,7 @@ def _add_one(
             t.insert().values(
                 notifier=notifier, route=mail.route, label=f"digest for {mail.route}",
                 envelope_from=mail.envelope_from, state=PENDING, attempts=0, created_at=now,
-                next_try_at=now, last_error=None, owner=owner, lease_until=now + lease, **values,
+                next_try_at=now, last_error=None, owner=owner, **values,
             )
         )
         digest_id = result.inserted_primary_key[0]
@@ -387,9 +395,10 @@ def _add_one(
 
 
 def _takeable(owner: Optional[int], now: float) -> Any:
-    t = outbox_table
+    t, lt = outbox_table, leases_table
     # Ours, nobody's, or held by a master whose lease ran out (stopped or killed).
-    return sa.or_(t.c.owner == owner, t.c.owner.is_(None), t.c.lease_until < now)
+    alive = sa.exists().where(lt.c.notifier == t.c.notifier, lt.c.owner == t.c.owner, lt.c.lease_until >= now)
+    return sa.or_(t.c.owner == owner, t.c.owner.is_(None), ~alive)
 
 
 def thd_take_due(conn: Any, notifier: str, owner: Optional[int], now: float, lease: float, limit: int) -> list[OutboxEntry]:
@@ -409,11 +418,11 @@ def thd_take_due(conn: Any, notifier: str, owner: Optional[int], now: float, lea
         )
     ]
     taken = []
-    for row_id in ids:
+    for row_id in sorted(ids):  # one lock order for every transaction: no deadlock
         result = conn.execute(
             t.update()
             .where(t.c.id == row_id, t.c.state == PENDING, t.c.next_try_at <= now, _takeable(owner, now))
-            .values(owner=owner, lease_until=now + lease, next_try_at=now + lease)
+            .values(owner=owner, next_try_at=now + lease)
         )
         if result.rowcount == 1:
             taken.append(row_id)
@@ -439,7 +448,7 @@ def thd_delivered(conn: Any, entries: Sequence[OutboxEntry], build_digest: Diges
     that took more mails while it was on the wire (compare-and-set on ``digest_count``)
     keeps only those, rebuilt."""
     t = outbox_table
-    for entry in entries:
+    for entry in sorted(entries, key=lambda e: e.id):  # same lock order as thd_take_due
         deleted = conn.execute(t.delete().where(t.c.id == entry.id, t.c.digest_count == entry.digest_count))
         if deleted.rowcount or not entry.digest_count:
             continue
@@ -460,13 +469,12 @@ def thd_delivered(conn: Any, entries: Sequence[OutboxEntry], build_digest: Diges
 
 def thd_reschedule(
     conn: Any, entry_id: int, recipients: Sequence[str], next_try_at: float, last_error: str, attempts: int,
-    lease_until: float,
 ) -> None:
     t = outbox_table
     conn.execute(
         t.update().where(t.c.id == entry_id).values(
             recipients=json.dumps(list(recipients)), next_try_at=next_try_at, last_error=last_error,
-            attempts=attempts, lease_until=lease_until,
+            attempts=attempts,
         )
     )
     conn.commit()
@@ -479,8 +487,7 @@ def thd_dead_letter(
     (its other recipients will be retried) and the dead letter is a copy. Returns the dead
     row's id."""
     t = outbox_table
-    values = dict(recipients=json.dumps(list(recipients)), state=DEAD, last_error=last_error, attempts=attempts,
-                  lease_until=None)
+    values = dict(recipients=json.dumps(list(recipients)), state=DEAD, last_error=last_error, attempts=attempts)
     if not split:
         conn.execute(t.update().where(t.c.id == entry.id).values(**values))
         conn.commit()
@@ -497,26 +504,27 @@ def thd_dead_letter(
     return result.inserted_primary_key[0]
 
 
-def thd_renew_leases(conn: Any, notifier: str, owner: Optional[int], now: float, lease: float) -> None:
-    """Heartbeat: this master is alive and still owns its pending rows."""
-    t = outbox_table
-    conn.execute(
-        t.update().where(t.c.notifier == notifier, t.c.state == PENDING, t.c.owner == owner).values(
-            lease_until=now + lease
-        )
+def thd_renew_lease(conn: Any, notifier: str, owner: Optional[int], now: float, lease: float) -> None:
+    """Heartbeat: this master is alive and still owns its pending rows until now + lease."""
+    lt = leases_table
+    updated = conn.execute(
+        lt.update().where(lt.c.notifier == notifier, lt.c.owner == owner).values(lease_until=now + lease)
     )
+    if updated.rowcount == 0:  # only this master writes its own row: no race
+        conn.execute(lt.insert().values(notifier=notifier, owner=owner, lease_until=now + lease))
     conn.commit()
 
 
-def thd_release_leases(conn: Any, notifier: str, owner: Optional[int], now: float) -> int:
-    """Clean stop: end this master's leases now, so another master may take over at once.
+def thd_release_lease(conn: Any, notifier: str, owner: Optional[int], now: float) -> int:
+    """Clean stop: end this master's lease now, so another master may take over at once.
     Returns how many pending rows this master leaves behind."""
-    t = outbox_table
-    result = conn.execute(
-        t.update().where(t.c.notifier == notifier, t.c.state == PENDING, t.c.owner == owner).values(lease_until=now)
-    )
+    lt, t = leases_table, outbox_table
+    conn.execute(lt.update().where(lt.c.notifier == notifier, lt.c.owner == owner).values(lease_until=now - 1))
     conn.commit()
-    return result.rowcount
+    left = conn.execute(
+        sa.select(sa.func.count(t.c.id)).where(t.c.notifier == notifier, t.c.state == PENDING, t.c.owner == owner)
+    ).scalar()
+    return int(left or 0)
 
 
 def thd_resume(conn: Any, notifier: str, owner: Optional[int], now: float) -> int:
@@ -525,7 +533,7 @@ def thd_resume(conn: Any, notifier: str, owner: Optional[int], now: float) -> in
     result = conn.execute(
         t.update()
         .where(t.c.notifier == notifier, t.c.state == PENDING, _takeable(owner, now))
-        .values(next_try_at=now, owner=owner, lease_until=now)
+        .values(next_try_at=now, owner=owner)
     )
     conn.commit()
     return result.rowcount
@@ -559,7 +567,7 @@ def thd_retry_now(conn: Any, entry_ids: Sequence[int], now: float) -> int:
     t = outbox_table
     result = conn.execute(
         t.update().where(t.c.id.in_(list(entry_ids))).values(
-            state=PENDING, next_try_at=now, lease_until=now, created_at=sa.case(
+            state=PENDING, next_try_at=now, created_at=sa.case(
                 (t.c.state == DEAD, now), else_=t.c.created_at
             ), attempts=sa.case((t.c.state == DEAD, 0), else_=t.c.attempts),
         )
@@ -699,8 +707,13 @@ class Outbox:
     def start(self) -> Any:
         """Create the tables if needed and resume pending mail at once."""
         yield self.ensure_tables()
+        yield self._db(thd_renew_lease, self.notifier, self.owner, self._now(), self.lease)
         self._running = True
-        resumed = yield self._db(thd_resume, self.notifier, self.owner, self._now())
+        try:
+            resumed = yield self._db(thd_resume, self.notifier, self.owner, self._now())
+        except Exception as e:  # e.g. a deadlock with another master taking rows: they are
+            resumed = 0  # due anyway and the next pass takes them
+            log.msg(f"{self.notifier}: outbox: could not mark waiting mail due at start ({e}); sent at the next pass")
         if resumed:
             log.msg(f"{self.notifier}: outbox: {resumed} mails waiting from before: sending them now")
         self._wake(0)
@@ -714,7 +727,7 @@ class Outbox:
         if self._in_flight:
             yield defer.DeferredList(list(self._in_flight.values()), consumeErrors=True)
         try:
-            left = yield self._db(thd_release_leases, self.notifier, self.owner, self._now())
+            left = yield self._db(thd_release_lease, self.notifier, self.owner, self._now())
         except Exception as e:  # the DB may already be gone at shutdown
             log.msg(f"{self.notifier}: outbox: could not release leases at stop ({e}); they expire by themselves")
             return
@@ -756,7 +769,7 @@ class Outbox:
             id=added.id, notifier=self.notifier, route=mail.route, label=mail.label, subject=mail.subject,
             envelope_from=mail.envelope_from, recipients=list(mail.recipients), size=len(mail.message),
             state=PENDING, attempts=0, created_at=self._now(), next_try_at=0.0, last_error=None,
-            owner=self.owner, lease_until=None, digest_count=0, message=mail.message,
+            owner=self.owner, digest_count=0, message=mail.message,
         )
         if self._running:
             self._attempt(entry)
@@ -798,7 +811,7 @@ class Outbox:
     @defer.inlineCallbacks
     def _run_pass(self) -> Any:
         now = self._now()
-        yield self._db(thd_renew_leases, self.notifier, self.owner, now, self.lease)
+        yield self._db(thd_renew_lease, self.notifier, self.owner, now, self.lease)
         if now - self._last_prune >= PRUNE_EVERY:
             self._last_prune = now
             yield self._db(thd_prune_claims, now - CLAIM_RETENTION)
@@ -888,7 +901,7 @@ class Outbox:
         elif temporary:
             delay = self.policy.delay(entry.attempts)
             yield self._db(
-                thd_reschedule, entry.id, list(temporary), now + delay, error, entry.attempts, now + self.lease
+                thd_reschedule, entry.id, list(temporary), now + delay, error, entry.attempts
             )
             self._wake(delay)
             notes.append(f"attempt {entry.attempts + 1} in {delay:g}s (outbox #{entry.id}, kept in the database)")

@@ -11,6 +11,8 @@ tests/e2e/test_outbox_master.py.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import sqlalchemy as sa
 from buildbot.test.fake import fakemaster
 from buildbot.test.reactor import TestReactorMixin
@@ -65,7 +67,9 @@ class OutboxTestCase(TestReactorMixin, unittest.TestCase):
     @defer.inlineCallbacks
     def setUp(self):
         self.setup_test_reactor()
-        self.db_path = os.path.abspath(self.mktemp()) + ".sqlite"
+        tmp = tempfile.mkdtemp(prefix="mailext-outbox-test-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        self.db_path = os.path.join(tmp, "state.sqlite")
         self.master = yield fakemaster.make_master(
             self, wantDb=True, db_url=f"sqlite:///{self.db_path}", sqlite_memory=False
         )
