@@ -4,7 +4,9 @@ It owns configuration glue (``checkConfig`` validates and reports every problem 
 ``config.error``; ``reconfigService`` applies) and the order of the one-way path::
 
     build event -> route generators (routes.py) -> formatter (formatter.py)
-                -> MIME message (message.py) -> transport (transport.py)
+                -> claim (outbox.py: of several masters, one mails each event)
+                -> MIME message (message.py) -> outbox (outbox.py: stored, then sent
+                   and retried through transport.py)
 
 Reports made by a route are sent one mail per report, to that route's recipients.
 Reports from plain generators (``generators=``, or the stock defaults when neither
