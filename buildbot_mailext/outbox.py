@@ -41,7 +41,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Optional, Sequence
 
 import sqlalchemy as sa
@@ -236,22 +236,10 @@ _SUMMARY_COLUMNS = [c for c in outbox_table.c if c.name != "message"]
 
 def _entry(row: Any, with_message: bool) -> OutboxEntry:
     m = row._mapping
+    plain = {f.name: m[f.name] for f in fields(OutboxEntry) if f.name not in ("recipients", "digest_items", "message")}
     return OutboxEntry(
-        id=m["id"],
-        notifier=m["notifier"],
-        route=m["route"],
-        label=m["label"],
-        subject=m["subject"],
-        envelope_from=m["envelope_from"],
+        **plain,
         recipients=json.loads(m["recipients"]),
-        size=m["size"],
-        state=m["state"],
-        attempts=m["attempts"],
-        created_at=m["created_at"],
-        next_try_at=m["next_try_at"],
-        last_error=m["last_error"],
-        owner=m["owner"],
-        digest_count=m["digest_count"],
         digest_items=json.loads(m["digest_items"] or "[]"),
         message=bytes(m["message"]) if with_message else None,
     )
