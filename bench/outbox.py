@@ -190,7 +190,7 @@ async def main(reactor, args) -> None:
         sink.stop()
     width = max(len(r[0]) for r in rows)
     for name, value, note in rows:
-        print(f"  {name.ljust(width)}  {value:>14}  {note}")
+        print(f"  {name.ljust(width)}  {value:>14}  {note}".rstrip())
 
 
 def run() -> None:

@@ -320,7 +320,8 @@ def thd_add(
     """Write ``mails`` in one transaction (one commit: one fsync on SQLite, however many
     mails a build made), each leased to ``owner`` for its first attempt, which the caller
     makes right away; past the bound, a mail is folded into its route's digest instead."""
-    added = [_add_one(conn, notifier, mail, owner, now, lease, limits, build_digest) for mail in mails]
+    held = list(thd_totals(conn, notifier))  # [rows, bytes], kept current below: one count per batch
+    added = [_add_one(conn, notifier, mail, owner, now, lease, limits, build_digest, held) for mail in mails]
     conn.commit()
     return added
 
@@ -334,11 +335,13 @@ def _add_one(
     lease: float,
     limits: OutboxLimits,
     build_digest: DigestBuilder,
+    held: list,
 ) -> Added:
     t = outbox_table
     size = len(mail.message)
-    rows, total = thd_totals(conn, notifier)
+    rows, total = held
     if rows < limits.max_messages and total + size <= limits.max_bytes:
+        held[0], held[1] = rows + 1, total + size
         result = conn.execute(
             t.insert().values(
                 notifier=notifier, route=mail.route, label=mail.label, subject=mail.subject,
@@ -379,6 +382,7 @@ def _add_one(
     else:
         conn.execute(t.update().where(t.c.id == digest.id).values(**values))
         digest_id = digest.id
+    held[:] = thd_totals(conn, notifier)
     return Added(digest_id, len(items), (rows, total))
 
 

@@ -127,7 +127,7 @@ class Env:
 
     def fail_builds(self, count: int = BUILDS) -> list[dict]:
         requests = [self.master.force("force", FAIL_BUILDERS[i % len(FAIL_BUILDERS)])[1] for i in range(count)]
-        return [self.master.wait_build(r, timeout=120) for r in requests]
+        return [self.master.wait_build(r, timeout=300) for r in requests]
 
     def wait_log(self, *needles: str, timeout: float = 10) -> list[str]:
         """Log lines containing every needle, once there is one (a line follows the 250)."""
