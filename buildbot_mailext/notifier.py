@@ -377,7 +377,12 @@ class MailExtNotifier(MailNotifier):
 
     @defer.inlineCallbacks
     def _claim(self, what: str, reports) -> Any:
-        won = yield self.outbox.claim(what, self._event_identity(reports))
+        try:
+            won = yield self.outbox.claim(what, self._event_identity(reports))
+        except Exception as e:  # better a possible duplicate (several masters) than no mail
+            log.msg(f"{self.name}: {what}: {self._event_text(reports)}: cannot record the claim in the "
+                    f"database ({e}); mailing it anyway")
+            return True
         if not won:
             log.msg(f"{self.name}: {what}: {self._event_text(reports)} is mailed by another master")
         return won
