@@ -320,8 +320,29 @@ def thd_add(
     """Write ``mails`` in one transaction (one commit: one fsync on SQLite, however many
     mails a build made), each leased to ``owner`` for its first attempt, which the caller
     makes right away; past the bound, a mail is folded into its route's digest instead."""
-    held = list(thd_totals(conn, notifier))  # [rows, bytes], kept current below: one count per batch
-    added = [_add_one(conn, notifier, mail, owner, now, lease, limits, build_digest, held) for mail in mails]
+    t = outbox_table
+    rows, total = thd_totals(conn, notifier)  # one count per batch, kept current below
+    fits = []
+    for mail in mails:
+        if rows + len(fits) >= limits.max_messages or total + len(mail.message) > limits.max_bytes:
+            break
+        fits.append(mail)
+        total += len(mail.message)
+    values = [dict(
+        notifier=notifier, route=m.route, label=m.label, subject=m.subject,
+        envelope_from=m.envelope_from, recipients=json.dumps(m.recipients), message=m.message,
+        size=len(m.message), state=PENDING, attempts=0, created_at=now, next_try_at=now + lease,
+        last_error=None, owner=owner, digest_count=0, digest_items=None,
+    ) for m in fits]
+    if len(values) > 1 and conn.dialect.insert_executemany_returning_sort_by_parameter_order:
+        # SQLite and PostgreSQL: one multi-row INSERT ... RETURNING, ids in the order given
+        ids = list(conn.execute(t.insert().returning(t.c.id, sort_by_parameter_order=True), values).scalars())
+    else:  # MySQL has no RETURNING
+        ids = [conn.execute(t.insert().values(**v)).inserted_primary_key[0] for v in values]
+    added = [Added(i) for i in ids]
+    held = [rows + len(fits), total]
+    added += [_add_one(conn, notifier, mail, owner, now, lease, limits, build_digest, held)
+              for mail in mails[len(fits):]]
     conn.commit()
     return added
 
@@ -440,9 +461,12 @@ def thd_delivered(conn: Any, entries: Sequence[OutboxEntry], build_digest: Diges
     that took more mails while it was on the wire (compare-and-set on ``digest_count``)
     keeps only those, rebuilt."""
     t = outbox_table
-    for entry in sorted(entries, key=lambda e: e.id):  # same lock order as thd_take_due
+    plain = sorted(e.id for e in entries if not e.digest_count)
+    if plain:  # one statement; ids in order, the lock order of thd_take_due
+        conn.execute(t.delete().where(t.c.id.in_(plain), t.c.digest_count == 0))
+    for entry in sorted((e for e in entries if e.digest_count), key=lambda e: e.id):
         deleted = conn.execute(t.delete().where(t.c.id == entry.id, t.c.digest_count == entry.digest_count))
-        if deleted.rowcount or not entry.digest_count:
+        if deleted.rowcount:
             continue
         row = conn.execute(sa.select(*t.c).where(t.c.id == entry.id)).first()
         if row is None:

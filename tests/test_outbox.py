@@ -295,6 +295,19 @@ class OutboxTestCase(TestReactorMixin, unittest.TestCase):
         self.reactor.advance(30)
         self.assertEqual(self.rows(), [])
 
+    @defer.inlineCallbacks
+    def test_a_batch_is_one_insert_with_ids_in_order_and_folds_what_is_past_the_bound(self):
+        yield self.master.db.pool.do(ob.thd_ensure_tables)
+        mails = [self.mail(n) for n in range(4)]
+        added = yield self.master.db.pool.do(
+            ob.thd_add, "MailExtNotifier_test", mails, 1, 0.0, 60, ob.OutboxLimits(max_messages=2), digest
+        )
+        rows = {r.id: r for r in self.rows()}
+        self.assertEqual([rows[a.id].label for a in added[:2]], ["build #0", "build #1"])
+        self.assertEqual([a.digest_count for a in added], [0, 0, 1, 2])
+        self.assertEqual(added[2].id, added[3].id)
+        self.assertEqual(len(rows), 3)
+
     # ------------------------------------------------------------------ schema
 
     @defer.inlineCallbacks

@@ -7,8 +7,9 @@ Buildbot's; ``.ci/run`` installs it into /opt/mailext-crossbar, or set
 ``MAILEXT_CROSSBAR=/path/to/crossbar``), two masters on that database and queue, one
 worker. Every build event reaches both masters; the outbox's claim lets one mail out.
 
-Then the master that holds a queued mail stops while the relay is down, and the other
-master delivers it once the relay is back.
+Then the master that holds a queued mail stops (cleanly, then with SIGKILL) while the relay
+is down, and the other master delivers it once the relay is back (after a kill: once the
+killed master's lease has expired).
 
 Under ``CI=true`` a missing piece (PostgreSQL, crossbar, psycopg2) fails the test with its
 reason; elsewhere the module is skipped with the reason. Run with ``-s`` for the figures.
@@ -314,3 +315,38 @@ def test_a_stopped_masters_queued_mail_is_delivered_by_the_other_master(cluster)
     assert len(delivered_by) == 2, delivered_by
     assert cluster.rows() == []
     holder.start()  # leave the cluster whole for the fixture's teardown
+
+
+def test_a_killed_masters_queued_mail_is_delivered_by_the_other_master_after_the_lease(cluster):
+    master = cluster.masters[0]
+    master.wait_worker(WORKER[0], timeout=120)  # it may have been restarted by the test before
+    build = master.force_and_wait("force", "runtests")
+    deadline = time.monotonic() + 30
+    while len(rows := cluster.rows()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    owners = {r.owner for r in rows}
+    assert len(rows) == 2 and len(owners) == 1, rows
+    holder = cluster.masterids()[owners.pop()]
+    other = [m for m in cluster.masters if m is not holder][0]
+    pid = holder.pid
+    os.kill(pid, signal.SIGKILL)  # no clean stop: its lease must run out (outbox_lease=8)
+    while pid_alive(pid):
+        time.sleep(0.05)
+    holder.pid = None
+    relay_up = time.monotonic()
+    sink = cluster.sink()
+    try:
+        mails = sink.wait_for(2, timeout=60)
+        took = max((m.received_at for m in mails), default=relay_up) - relay_up
+        mails = sink.wait_for(3, timeout=3)
+    finally:
+        sink.stop()
+    numbers = sorted((m.rcpt_tos[0], m.message()["X-Buildbot-URL"].rsplit("/", 1)[1]) for m in mails)
+    print(f"\n[multi-master kill] queued 2 on {holder.basedir.name}, SIGKILL; delivered {len(mails)} by "
+          f"{other.basedir.name} once the lease expired, duplicates {len(numbers) - len(set(numbers))}, "
+          f"relay-up to last delivery {took:.2f}s")
+    assert numbers == sorted([("leads@example.org", str(build["number"])), (OPS, str(build["number"]))])
+    delivered_by = [line for line in other.log_path.read_text().splitlines() if ": delivered via" in line
+                    and f"#{build['number']} " in line]
+    assert len(delivered_by) == 2, delivered_by
+    assert cluster.rows() == []
