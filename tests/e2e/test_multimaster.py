@@ -311,7 +311,7 @@ def test_a_stopped_masters_queued_mail_is_delivered_by_the_other_master(cluster)
           f"{other.basedir.name}, duplicates {len(numbers) - len(set(numbers))}, relay-up to last delivery {took:.2f}s")
     assert numbers == sorted([("leads@example.org", str(build["number"])), (OPS, str(build["number"]))])
     delivered_by = [line for line in other.log_path.read_text().splitlines() if ": delivered via" in line
-                    and f"#{build['number']} " in line]
+                    and f"build 'runtests' #{build['number']} <" in line]
     assert len(delivered_by) == 2, delivered_by
     assert cluster.rows() == []
     holder.start()  # leave the cluster whole for the fixture's teardown
@@ -347,6 +347,6 @@ def test_a_killed_masters_queued_mail_is_delivered_by_the_other_master_after_the
           f"relay-up to last delivery {took:.2f}s")
     assert numbers == sorted([("leads@example.org", str(build["number"])), (OPS, str(build["number"]))])
     delivered_by = [line for line in other.log_path.read_text().splitlines() if ": delivered via" in line
-                    and f"#{build['number']} " in line]
+                    and f"build 'runtests' #{build['number']} <" in line]
     assert len(delivered_by) == 2, delivered_by
     assert cluster.rows() == []
