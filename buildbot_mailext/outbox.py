@@ -2,14 +2,18 @@
 
 This module owns the durable side of sending:
 
-* the two tables (``mailext_outbox``: one row per message not yet accepted, or dead;
+* three tables (``mailext_outbox``: one row per message not yet accepted, or dead;
+  ``mailext_leases``: one row per master and notifier, its heartbeat;
   ``mailext_claims``: which build event a notifier has already mailed, across masters);
 * the retry schedule (:class:`RetryPolicy`: first retry after ``retry_initial`` seconds,
   doubling, capped at ``retry_max_delay``, dead letter after ``give_up_after``);
 * what happens after each attempt (delivered -> row deleted; 4xx/refused/timeout -> retry;
   5xx/AUTH -> dead letter; a mix -> split), with one log line per transition;
-* leases: a row carries the master that owns it and until when; another master takes a
-  pending row over once that lease has expired (its owner stopped or was killed);
+* leases: a row carries the master that owns it; that master's lease (renewed at every
+  pass, ended at a clean stop) says until when; another master takes a pending row over
+  once the lease has expired (its owner stopped or was killed);
+* writes in groups: what is queued, or delivered, while a transaction runs shares the next
+  one (one commit for a burst, not one per mail).
 * the bound (``outbox_max_messages`` / ``outbox_max_bytes``): past it, new mails of a route
   are folded into one digest row for that route instead of being dropped.
 
