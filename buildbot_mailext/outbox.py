@@ -754,7 +754,9 @@ class Outbox:
         if left:
             log.msg(
                 f"{self.notifier}: outbox: {left} mails still pending, kept in the database: "
-                "they are sent when this master (or another master on the same database) runs again"
+                "they are sent when this notifier runs again, on this master or another one on the same "
+                "database (if its routes, fromaddr or templates_dir change, keep its name with "
+                f"name={self.notifier!r})"
             )
 
     # -- queueing
