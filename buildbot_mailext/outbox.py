@@ -338,7 +338,7 @@ def thd_add(
         size=len(m.message), state=PENDING, attempts=0, created_at=now, next_try_at=now + lease,
         last_error=None, owner=owner, digest_count=0, digest_items=None,
     ) for m in fits]
-    if len(values) > 1 and conn.dialect.insert_executemany_returning_sort_by_parameter_order:
+    if len(values) > 1 and getattr(conn.dialect, "insert_executemany_returning_sort_by_parameter_order", False):
         # SQLite and PostgreSQL: one multi-row INSERT ... RETURNING, ids in the order given
         ids = list(conn.execute(t.insert().returning(t.c.id, sort_by_parameter_order=True), values).scalars())
     else:  # MySQL has no RETURNING
