@@ -286,40 +286,12 @@ def test_two_masters_send_each_failing_build_once_per_route(cluster):
     assert len(lost) == len(expected), lost  # every event was claimed by the other master too
 
 
-def test_a_stopped_masters_queued_mail_is_delivered_by_the_other_master(cluster):
+def queued_mail_outlives_its_master(cluster: Cluster, lose, how: str) -> Master:
+    """A failing build while the relay is down; ``lose(holder)`` takes away the master that
+    queued its two mails; the relay comes back; the other master delivers both, once.
+    Returns the lost master."""
     master = cluster.masters[0]
-    build = master.force_and_wait("force", "runtests")
-    deadline = time.monotonic() + 30
-    while len(rows := cluster.rows()) < 2 and time.monotonic() < deadline:
-        time.sleep(0.2)
-    owners = {r.owner for r in rows}
-    assert len(rows) == 2 and len(owners) == 1, rows
-    by_id = cluster.masterids()
-    holder = by_id[owners.pop()]
-    other = [m for m in cluster.masters if m is not holder][0]
-    holder.stop()  # cleanly, while its mail waits for the relay
-    relay_up = time.monotonic()
-    sink = cluster.sink()
-    try:
-        mails = sink.wait_for(2, timeout=60)
-        took = max((m.received_at for m in mails), default=relay_up) - relay_up
-        mails = sink.wait_for(3, timeout=3)
-    finally:
-        sink.stop()
-    numbers = sorted((m.rcpt_tos[0], m.message()["X-Buildbot-URL"].rsplit("/", 1)[1]) for m in mails)
-    print(f"\n[multi-master failover] queued 2 on {holder.basedir.name}, stopped it; delivered {len(mails)} by "
-          f"{other.basedir.name}, duplicates {len(numbers) - len(set(numbers))}, relay-up to last delivery {took:.2f}s")
-    assert numbers == sorted([("leads@example.org", str(build["number"])), (OPS, str(build["number"]))])
-    delivered_by = [line for line in other.log_path.read_text().splitlines() if ": delivered via" in line
-                    and f"build 'runtests' #{build['number']} <" in line]
-    assert len(delivered_by) == 2, delivered_by
-    assert cluster.rows() == []
-    holder.start()  # leave the cluster whole for the fixture's teardown
-
-
-def test_a_killed_masters_queued_mail_is_delivered_by_the_other_master_after_the_lease(cluster):
-    master = cluster.masters[0]
-    master.wait_worker(WORKER[0], timeout=120)  # it may have been restarted by the test before
+    master.wait_worker(WORKER[0], timeout=120)  # it may have been restarted by a test before
     build = master.force_and_wait("force", "runtests")
     deadline = time.monotonic() + 30
     while len(rows := cluster.rows()) < 2 and time.monotonic() < deadline:
@@ -328,11 +300,7 @@ def test_a_killed_masters_queued_mail_is_delivered_by_the_other_master_after_the
     assert len(rows) == 2 and len(owners) == 1, rows
     holder = cluster.masterids()[owners.pop()]
     other = [m for m in cluster.masters if m is not holder][0]
-    pid = holder.pid
-    os.kill(pid, signal.SIGKILL)  # no clean stop: its lease must run out (outbox_lease=8)
-    while pid_alive(pid):
-        time.sleep(0.05)
-    holder.pid = None
+    lose(holder)
     relay_up = time.monotonic()
     sink = cluster.sink()
     try:
@@ -342,11 +310,27 @@ def test_a_killed_masters_queued_mail_is_delivered_by_the_other_master_after_the
     finally:
         sink.stop()
     numbers = sorted((m.rcpt_tos[0], m.message()["X-Buildbot-URL"].rsplit("/", 1)[1]) for m in mails)
-    print(f"\n[multi-master kill] queued 2 on {holder.basedir.name}, SIGKILL; delivered {len(mails)} by "
-          f"{other.basedir.name} once the lease expired, duplicates {len(numbers) - len(set(numbers))}, "
-          f"relay-up to last delivery {took:.2f}s")
+    print(f"\n[multi-master {how}] queued 2 on {holder.basedir.name}; delivered {len(mails)} by "
+          f"{other.basedir.name}, duplicates {len(numbers) - len(set(numbers))}, relay-up to last delivery {took:.2f}s")
     assert numbers == sorted([("leads@example.org", str(build["number"])), (OPS, str(build["number"]))])
     delivered_by = [line for line in other.log_path.read_text().splitlines() if ": delivered via" in line
                     and f"build 'runtests' #{build['number']} <" in line]
     assert len(delivered_by) == 2, delivered_by
     assert cluster.rows() == []
+    return holder
+
+
+def test_a_stopped_masters_queued_mail_is_delivered_by_the_other_master(cluster):
+    holder = queued_mail_outlives_its_master(cluster, lambda m: m.stop(), "clean stop")  # its lease ends at once
+    holder.start()  # leave the cluster whole for the next test
+
+
+def test_a_killed_masters_queued_mail_is_delivered_by_the_other_master_after_the_lease(cluster):
+    def kill(master: Master) -> None:  # no clean stop: its lease must run out (outbox_lease=8)
+        pid = master.pid
+        os.kill(pid, signal.SIGKILL)
+        while pid_alive(pid):
+            time.sleep(0.05)
+        master.pid = None
+
+    queued_mail_outlives_its_master(cluster, kill, "SIGKILL")
