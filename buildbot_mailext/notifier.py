@@ -35,6 +35,7 @@ from twisted.python import log
 from buildbot_mailext import message as mime
 from buildbot_mailext import preflight as preflight_mod
 from buildbot_mailext.formatter import MailExtFormatter
+from buildbot_mailext.masterconfig import KnownNames, check_after_load
 from buildbot_mailext.relay import SmtpSettings, check_smtp_settings
 from buildbot_mailext.routes import (
     MailExtWorkerMissingGenerator,
@@ -129,6 +130,9 @@ class MailExtNotifier(MailNotifier):
             templates_dir = None
         for route in routes:
             errors.extend(route.config_errors())
+        if routes and not errors:
+            # The builders are known only once master.cfg has run to its end.
+            check_after_load(lambda known: self._check_route_names(routes, known))
         errors.extend(self._template_errors(routes, generators, templates_dir))
         errors.extend(mime.extra_header_errors(extraHeaders))
         smtp = _subset(arguments, SMTP_ARGUMENTS)
@@ -208,6 +212,16 @@ class MailExtNotifier(MailNotifier):
                     f"MailExtNotifier: routes must contain MailRoute(...) objects, got {route!r}"
                 )
         return good
+
+    def _check_route_names(self, routes: list[MailRoute], known: KnownNames) -> None:
+        errors = [e for route in routes for e in route.unknown_name_errors(known)]
+        if known.multi_master:
+            # Another master of the cluster may run builders this file does not define.
+            for error in errors:
+                log.msg(f"{self.name}: warning: {error} (on this master; multiMaster=True)")
+            return
+        for error in errors:
+            config.error(error)
 
     @staticmethod
     def _resolve_templates_dir(templates_dir):

@@ -1,0 +1,111 @@
+"""What a notifier can know about the ``master.cfg`` that Buildbot is loading.
+
+A reporter is built *while* ``master.cfg`` runs (``buildbot checkconfig``, start,
+reconfig), before Buildbot has read ``c['builders']``, so it cannot look names up at that
+moment. This module owns the one way it can: find the configuration dictionary being
+executed (``BuildmasterConfig``, through the frame of Buildbot's
+``buildbot.config.master.loadConfigDict``) and register a check that Buildbot runs as a
+*configurator* once the whole file has run (``MasterConfig.loadFromDict`` runs
+configurators first, inside the same config-error collection, so a ``config.error`` raised
+there is reported by ``checkconfig`` like any other).
+
+:class:`KnownNames` is what such a check sees: the builder names, builder tags and
+scheduler names the configuration defines.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+from buildbot.interfaces import IConfigurator
+from zope.interface import implementer
+
+
+@dataclass(frozen=True)
+class KnownNames:
+    """Names defined by a master configuration, for checking what routes refer to."""
+
+    builders: tuple = ()
+    tags: tuple = ()
+    schedulers: tuple = ()
+    # True when another master of the cluster may run builders this file does not define.
+    multi_master: bool = False
+
+    @classmethod
+    def from_config_dict(cls, config_dict: dict) -> "KnownNames":
+        """Read a ``BuildmasterConfig`` dict as the user wrote it (BuilderConfig objects or
+        dicts in ``c['builders']``); anything malformed is skipped (Buildbot reports it)."""
+        builders, tags = [], set()
+        for builder in _as_list(config_dict.get("builders")):
+            name = _attr(builder, "name")
+            if isinstance(name, str):
+                builders.append(name)
+            for tag in _as_list(_attr(builder, "tags")):
+                if isinstance(tag, str):
+                    tags.add(tag)
+        schedulers = [
+            s.name for s in _as_list(config_dict.get("schedulers"))
+            if isinstance(getattr(s, "name", None), str)
+        ]
+        return cls(
+            builders=tuple(builders),
+            tags=tuple(sorted(tags)),
+            schedulers=tuple(schedulers),
+            multi_master=bool(config_dict.get("multiMaster")),
+        )
+
+
+def _as_list(value: Any) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else []
+
+
+def _attr(obj: Any, name: str) -> Any:
+    return obj.get(name) if isinstance(obj, dict) else getattr(obj, name, None)
+
+
+def _loading_namespace() -> Optional[dict]:
+    """The globals ``master.cfg`` is executed in (``loadConfigDict``'s ``localDict``), or
+    None when no master configuration is being loaded (a notifier built in a test)."""
+    try:
+        from buildbot.config import master as config_master
+    except ImportError:  # pragma: no cover
+        return None
+    code = config_master.loadConfigDict.__code__
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is code:
+            namespace = frame.f_locals.get("localDict")
+            return namespace if isinstance(namespace, dict) else None
+        frame = frame.f_back
+    return None
+
+
+@implementer(IConfigurator)
+class _AfterLoadCheck:
+    """A Buildbot configurator that only reads: it runs ``check`` on the finished config."""
+
+    def __init__(self, check: Callable[[KnownNames], None]) -> None:
+        self.check = check
+
+    def configure(self, config_dict: dict) -> None:
+        self.check(KnownNames.from_config_dict(config_dict))
+
+
+def check_after_load(check: Callable[[KnownNames], None]) -> bool:
+    """Run ``check(KnownNames)`` once the ``master.cfg`` being loaded has run to its end.
+
+    Returns False (and registers nothing) when no master configuration is being loaded, or
+    when the file has not defined ``BuildmasterConfig`` yet at this point (it is usually
+    its first line: ``c = BuildmasterConfig = {}``).
+    """
+    namespace = _loading_namespace()
+    config_dict = namespace.get("BuildmasterConfig") if namespace else None
+    if not isinstance(config_dict, dict):
+        return False
+    configurators = config_dict.setdefault("configurators", [])
+    if not isinstance(configurators, list):
+        return False  # a tuple or worse: Buildbot reports what it cannot use
+    configurators.append(_AfterLoadCheck(check))
+    return True

@@ -1,0 +1,61 @@
+"""`buildbot checkconfig` refuses a route that names a builder, tag or scheduler the
+master does not define (such a route would never send, silently), with the closest known
+names; run as an administrator runs it, on a real master directory."""
+
+from __future__ import annotations
+
+from harness import Master, example_cfg_text
+
+ROUTE = '''            MailRoute(
+                name="runtests-to-dev",
+                to=[env("MAILEXT_DEV_LIST", "dev-list@example.org")],
+                builders=["runtests"],'''
+
+
+def checkconfig(tmp_path, cfg: str):
+    master = Master(tmp_path / "master", cfg, env={"MAILEXT_PREFLIGHT": "off"})
+    master.create()
+    proc = master.checkconfig()  # from the test's directory, not the master's
+    print(proc.stdout)
+    return proc
+
+
+def with_route_filters(filters: str) -> str:
+    cfg = example_cfg_text()
+    assert ROUTE in cfg  # the example keeps this route
+    return cfg.replace(ROUTE, ROUTE.replace('builders=["runtests"],', filters))
+
+
+def test_unknown_builder_tag_and_scheduler_are_config_errors(tmp_path):
+    cfg = with_route_filters('builders=["runtets"], schedulers=["forse"],')
+    cfg = cfg.replace(
+        '''                builders=["docs"],''', '''                tags=["documentation"],'''
+    )
+    proc = checkconfig(tmp_path, cfg)
+    assert proc.returncode == 1
+    assert (
+        "MailRoute 'runtests-to-dev': builders: c['builders'] has no builder named "
+        "'runtets', so this route would never send; did you mean 'runtests'? "
+        "(known: docs, runtests)" in proc.stdout
+    )
+    assert "c['schedulers'] has no scheduler named 'forse'" in proc.stdout
+    assert "did you mean 'force'?" in proc.stdout
+    assert (
+        "MailRoute 'docs-to-docs-list': tags: no builder in c['builders'] has the tag "
+        "'documentation', so this route would never send (this configuration defines none)"
+        in proc.stdout
+    )
+    assert "Traceback" not in proc.stdout
+
+
+def test_string_is_one_builder_and_order_in_master_cfg_does_not_matter(tmp_path):
+    cfg = with_route_filters('builders="runtests",')
+    # The notifier defined before the builders and schedulers it names.
+    mail, rest = cfg.split("####### MAIL (buildbot-mailext)")
+    services, tail = rest.split("####### PROJECT IDENTITY")
+    head, builders = mail.split("####### BUILDERS")
+    cfg = head + "####### MAIL" + services + "####### BUILDERS" + builders + "####### PROJ" + tail
+    assert cfg.index("c['services']") < cfg.index("c['builders']")
+    proc = checkconfig(tmp_path, cfg)
+    assert proc.returncode == 0, proc.stdout
+    assert "Config file is good!" in proc.stdout
