@@ -163,6 +163,35 @@ class NotifierTestCase(TestReactorMixin, unittest.TestCase, ReporterTestMixin):
         self.assertEqual(sent["msg"]["To"], "ops@example.org")
         self.assertIsNotNone(sent["msg"].get_body(("plain",)))
 
+    def worker_missing_event(self, notifier):
+        worker = {
+            "name": "linux-worker",
+            "workerid": 3,
+            "notify": ["admin@example.org"],
+            "workerinfo": {"admin": "Admin <admin@example.org>", "host": "ci-3"},
+            "last_connection": "Tue, 25 Nov 2025 17:02:11 UTC",
+        }
+        return notifier._got_event(("workers", 3, "missing"), worker)
+
+    @defer.inlineCallbacks
+    def test_routes_keep_stock_worker_missing_mail(self):
+        notifier = yield self.make_notifier(
+            routes=[MailRoute("dev-list@example.org", builders=["Builder0"])]
+        )
+        yield self.worker_missing_event(notifier)
+        (sent,) = self.transport.sent
+        self.assertEqual(sent["to"], ["admin@example.org"])  # the worker's notify, as stock
+        self.assertIn("linux-worker", sent["msg"]["Subject"])
+        self.assertIn("linux-worker", sent["msg"].get_body(("plain",)).get_content())
+
+    @defer.inlineCallbacks
+    def test_worker_missing_false_opts_out(self):
+        for kwargs in ({"routes": [MailRoute("dev-list@example.org")]}, {}):
+            notifier = yield self.make_notifier(worker_missing=False, **kwargs)
+            yield self.worker_missing_event(notifier)
+            self.assertEqual(self.transport.sent, [], kwargs)
+            yield notifier.disownServiceParent()
+
     @defer.inlineCallbacks
     def test_plain_generators_keep_stock_semantics(self):
         notifier = yield self.make_notifier(
@@ -242,6 +271,10 @@ class ConfigTestCase(unittest.TestCase):
     def test_routes_must_be_mail_routes(self):
         errors = self.config_errors(routes=[{"to": "a@example.org"}])
         self.assertIn("routes must contain MailRoute(...) objects", errors[0])
+
+    def test_worker_missing_must_be_a_bool(self):
+        (error,) = self.config_errors(worker_missing="no")
+        self.assertIn("worker_missing must be True", error)
 
     def test_missing_templates_dir(self):
         errors = self.config_errors(templates_dir="/nonexistent/mail-templates")
