@@ -10,11 +10,14 @@ configurators first, inside the same config-error collection, so a ``config.erro
 there is reported by ``checkconfig`` like any other).
 
 :class:`KnownNames` is what such a check sees: the builder names, builder tags and
-scheduler names the configuration defines.
+scheduler names the configuration defines. :func:`in_master_dir` resolves a relative path
+from ``master.cfg`` the way Buildbot resolves its own: against the master directory, even
+when ``buildbot checkconfig DIR`` runs from elsewhere.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -80,6 +83,20 @@ def _loading_namespace() -> Optional[dict]:
             return namespace if isinstance(namespace, dict) else None
         frame = frame.f_back
     return None
+
+
+def in_master_dir(path: Any) -> Any:
+    """A relative ``path`` given in ``master.cfg`` made absolute against the master
+    directory while Buildbot loads the file (``checkconfig DIR`` runs from anywhere; a
+    running master runs in its directory, where a relative path already means the same).
+    ``None``, absolute paths and calls outside config loading: unchanged."""
+    if path is None or not isinstance(path, (str, os.PathLike)) or os.path.isabs(path):
+        return path
+    namespace = _loading_namespace()
+    basedir = namespace.get("basedir") if namespace else None
+    if not isinstance(basedir, str):
+        return path
+    return os.path.join(os.path.abspath(basedir), os.fspath(path))
 
 
 @implementer(IConfigurator)

@@ -35,7 +35,7 @@ from twisted.python import log
 from buildbot_mailext import message as mime
 from buildbot_mailext import preflight as preflight_mod
 from buildbot_mailext.formatter import MailExtFormatter
-from buildbot_mailext.masterconfig import KnownNames, check_after_load
+from buildbot_mailext.masterconfig import KnownNames, check_after_load, in_master_dir
 from buildbot_mailext.relay import SmtpSettings, check_smtp_settings
 from buildbot_mailext.routes import (
     MailExtWorkerMissingGenerator,
@@ -242,12 +242,8 @@ class MailExtNotifier(MailNotifier):
     @staticmethod
     def _resolve_templates_dir(templates_dir):
         # A relative templates_dir means the master directory's folder, as for every other
-        # path in master.cfg; `buildbot checkconfig DIR` runs from elsewhere, a running
-        # master from DIR itself.
-        if templates_dir is None or os.path.isabs(str(templates_dir)):
-            return templates_dir
-        basedir = preflight_mod.config_load_basedir()
-        return os.path.join(basedir, str(templates_dir)) if basedir else templates_dir
+        # path in master.cfg (the formatter resolves it the same way).
+        return in_master_dir(templates_dir)
 
     @staticmethod
     def _worker_missing_wanted(arguments: dict[str, Any], generators) -> bool:
