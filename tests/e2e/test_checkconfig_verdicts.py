@@ -1,10 +1,14 @@
-"""`buildbot checkconfig` refuses a route that names a builder, tag or scheduler the
-master does not define (such a route would never send, silently), with the closest known
-names; run as an administrator runs it, on a real master directory."""
+"""What `buildbot checkconfig` says, and its exit status, run as an administrator runs it
+on a real master directory:
+
+- a route that names a builder, tag or scheduler the master does not define (it would
+  never send, silently) is a config error with the closest known names;
+- preflight="warn" with an unreachable relay: the warning is printed, the exit status is
+  0 (only "fail" makes checkconfig fail)."""
 
 from __future__ import annotations
 
-from harness import Master, example_cfg_text
+from harness import Master, example_cfg_text, free_port
 
 ROUTE = '''            MailRoute(
                 name="runtests-to-dev",
@@ -59,3 +63,19 @@ def test_string_is_one_builder_and_order_in_master_cfg_does_not_matter(tmp_path)
     proc = checkconfig(tmp_path, cfg)
     assert proc.returncode == 0, proc.stdout
     assert "Config file is good!" in proc.stdout
+
+
+def test_preflight_warn_prints_the_warning_and_passes(tmp_path):
+    closed = free_port()  # nothing listens there
+    master = Master(
+        tmp_path / "master",
+        example_cfg_text(),
+        env={"MAILEXT_PREFLIGHT": "warn", "MAILEXT_RELAYHOST": f"[127.0.0.1]:{closed}"},
+    )
+    master.create()
+    proc = master.checkconfig()
+    print(proc.stdout)
+    assert "MAIL PREFLIGHT WARNING" in proc.stdout
+    assert f"127.0.0.1:{closed}" in proc.stdout and "connection refused" in proc.stdout
+    assert "Config file is good!" in proc.stdout
+    assert proc.returncode == 0
