@@ -272,6 +272,30 @@ class ConfigTestCase(unittest.TestCase):
         errors = self.config_errors(routes=[{"to": "a@example.org"}])
         self.assertIn("routes must contain MailRoute(...) objects", errors[0])
 
+    def test_unknown_route_names_are_errors_but_only_warnings_with_multi_master(self):
+        from twisted.python import log
+
+        from buildbot_mailext.masterconfig import KnownNames
+
+        route = MailRoute("dev@example.org", builders=["linxu"])
+        notifier = MailExtNotifier("buildbot@example.org", preflight="off", routes=[route])
+        with self.assertRaises(ConfigErrors) as caught:
+            with capture_config_errors(raise_on_error=True):
+                notifier._check_route_names([route], KnownNames(builders=("linux",)))
+        (error,) = caught.exception.errors
+        self.assertIn("no builder named 'linxu'", error)
+
+        logged = []
+        log.addObserver(logged.append)
+        self.addCleanup(log.removeObserver, logged.append)
+        with capture_config_errors(raise_on_error=True):  # nothing raised
+            notifier._check_route_names(
+                [route], KnownNames(builders=("linux",), multi_master=True)
+            )
+        (line,) = [" ".join(e["message"]) for e in logged if e.get("message")]
+        self.assertIn("warning: MailRoute 'linxu->dev@example.org': builders:", line)
+        self.assertIn("multiMaster=True", line)
+
     def test_worker_missing_must_be_a_bool(self):
         (error,) = self.config_errors(worker_missing="no")
         self.assertIn("worker_missing must be True", error)
