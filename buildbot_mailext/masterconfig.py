@@ -92,11 +92,18 @@ def in_master_dir(path: Any) -> Any:
     ``None``, absolute paths and calls outside config loading: unchanged."""
     if path is None or not isinstance(path, (str, os.PathLike)) or os.path.isabs(path):
         return path
-    namespace = _loading_namespace()
-    basedir = namespace.get("basedir") if namespace else None
-    if not isinstance(basedir, str):
+    basedir = loading_basedir()
+    if basedir is None:
         return path
     return os.path.join(os.path.abspath(basedir), os.fspath(path))
+
+
+def loading_basedir() -> Optional[str]:
+    """The master directory whose ``master.cfg`` Buildbot is executing right now (for
+    ``buildbot checkconfig``, start or reconfig), or None outside config loading."""
+    namespace = _loading_namespace()
+    basedir = namespace.get("basedir") if namespace else None
+    return basedir if isinstance(basedir, str) else None
 
 
 @implementer(IConfigurator)
