@@ -204,6 +204,11 @@ class MailRoute(util.ComparableMixin):
                     f"{where}: '{setting}' must be a name, a list of names (strings) or "
                     f"None, got {value!r}"
                 )
+            elif value is not None and not value:
+                errors.append(
+                    f"{where}: '{setting}' is empty, so this route would never send; "
+                    f"leave it out (or None) to match them all"
+                )
         if self.builders is not None and self.tags is not None:
             errors.append(
                 f"{where}: give either 'builders' or 'tags', not both (Buildbot's rule); "

@@ -88,6 +88,11 @@ def test_valid_route_has_no_errors():
             "MailRoute '5->d@example.org': 'builders' must be a name, a list of names",
         ),
         (
+            dict(to="d@example.org", builders=[]),
+            "'builders' is empty, so this route would never send; leave it out (or None) "
+            "to match them all",
+        ),
+        (
             dict(to="d@example.org", tags=[("linux",)]),
             "'tags' must be a name, a list of names (strings) or None, got [('linux',)]",
         ),
