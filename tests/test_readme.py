@@ -117,6 +117,7 @@ def test_quick_start_runs_as_written(tmp_path):
 
     from test_install import IGNORE, _clean_env
 
+    assert shutil.which("curl"), "the README's quick start uses curl: apt-get install curl"
     script = readme_block(QUICK_START_TITLE, ".. code-block:: bash")
     assert script.startswith("SRC=/path/to/buildbot-mailext\n")
     src = tmp_path / "src"
