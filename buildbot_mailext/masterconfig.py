@@ -114,6 +114,15 @@ class _AfterLoadCheck:
         self.check = check
 
     def configure(self, config_dict: dict) -> None:
+        configurators = config_dict.get("configurators")
+        if isinstance(configurators, list) and self in configurators:
+            later = configurators[configurators.index(self) + 1:]
+            if any(not isinstance(c, _AfterLoadCheck) for c in later):
+                # A configurator listed after this one may still add builders (Buildbot's
+                # JanitorConfigurator does): check once they all ran. Buildbot's loop over
+                # the list reaches what is appended to it.
+                configurators.append(_AfterLoadCheck(self.check))
+                return
         self.check(KnownNames.from_config_dict(config_dict))
 
 

@@ -166,3 +166,26 @@ def test_mode_shortcuts_match_buildbot():
 )
 def test_wanted_by_results(mode, results, previous, wanted):
     assert wanted_by_results(mode, results, previous) is wanted
+
+
+def test_route_names_are_checked_after_every_configurator_ran():
+    # A configurator listed after the notifier's check may add builders (Buildbot's
+    # JanitorConfigurator does); run Buildbot's own configurator loop on such a list.
+    from buildbot.config.master import MasterConfig
+    from buildbot.interfaces import IConfigurator
+    from zope.interface import implementer
+
+    from buildbot_mailext.masterconfig import _AfterLoadCheck
+
+    @implementer(IConfigurator)
+    class AddsBuilder:
+        def configure(self, config_dict):
+            config_dict["builders"].append({"name": "janitor"})
+
+    seen = []
+    config_dict = {"builders": [{"name": "linux"}]}
+    config_dict["configurators"] = [
+        _AfterLoadCheck(seen.append), AddsBuilder(), _AfterLoadCheck(seen.append)
+    ]
+    MasterConfig().run_configurators("master.cfg", config_dict)
+    assert [known.builders for known in seen] == [("linux", "janitor")] * 2
