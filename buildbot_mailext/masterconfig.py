@@ -60,6 +60,20 @@ class KnownNames:
         )
 
 
+    @classmethod
+    def from_master_config(cls, master_config: Any) -> "KnownNames":
+        """The same names from the ``MasterConfig`` a running master holds
+        (``master.config``); empty when there is none."""
+        schedulers = getattr(master_config, "schedulers", None)
+        return cls.from_config_dict(
+            {
+                "builders": getattr(master_config, "builders", None),
+                "schedulers": list(schedulers.values()) if isinstance(schedulers, dict) else None,
+                "multiMaster": getattr(master_config, "multiMaster", False),
+            }
+        )
+
+
 def _as_list(value: Any) -> list:
     return list(value) if isinstance(value, (list, tuple)) else []
 

@@ -189,6 +189,7 @@ class MailExtNotifier(MailNotifier):
             **_subset(arguments, STOCK_ARGUMENTS),
         )
         self.routes = routes
+        self._warn_unknown_route_names(routes)
         self.templates_dir = templates_dir
         self.preflight = preflight
         settings = SmtpSettings.from_notifier_args(**_subset(arguments, SMTP_ARGUMENTS))
@@ -229,15 +230,23 @@ class MailExtNotifier(MailNotifier):
                 )
         return good
 
-    def _check_route_names(self, routes: list[MailRoute], known: KnownNames) -> None:
-        errors = [e for route in routes for e in route.unknown_name_errors(known)]
+    @staticmethod
+    def _check_route_names(routes: list[MailRoute], known: KnownNames) -> None:
         if known.multi_master:
-            # Another master of the cluster may run builders this file does not define.
-            for error in errors:
-                log.msg(f"{self.name}: warning: {error} (on this master; multiMaster=True)")
-            return
-        for error in errors:
+            return  # another master may run that builder: _warn_unknown_route_names says it
+        for error in (e for route in routes for e in route.unknown_name_errors(known)):
             config.error(error)
+
+    def _warn_unknown_route_names(self, routes: list[MailRoute]) -> None:
+        # At start and reconfig, against the configuration the master runs: says it when
+        # the config-load check could not run (BuildmasterConfig defined after the
+        # notifier) or must not refuse (multiMaster).
+        known = KnownNames.from_master_config(getattr(self.master, "config", None))
+        if not known.builders:
+            return  # no master configuration to compare with (e.g. Buildbot's fake master)
+        where = " on this master (multiMaster=True)" if known.multi_master else ""
+        for error in (e for route in routes for e in route.unknown_name_errors(known)):
+            log.msg(f"{self.name}: warning: {error}{where}")
 
     @staticmethod
     def _resolve_templates_dir(templates_dir):

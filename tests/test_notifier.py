@@ -193,6 +193,33 @@ class NotifierTestCase(TestReactorMixin, unittest.TestCase, ReporterTestMixin):
             yield notifier.disownServiceParent()
 
     @defer.inlineCallbacks
+    def test_unknown_route_names_are_logged_at_start(self):
+        # What the master runs: when the config-load check could not run (BuildmasterConfig
+        # defined after the notifier) or must not refuse (multiMaster), twistd.log says it.
+        from buildbot.process.factory import BuildFactory
+        from buildbot.config.builder import BuilderConfig
+        from twisted.python import log
+
+        self.master.config.builders = [
+            BuilderConfig(name="linux", workernames=["w"], factory=BuildFactory())
+        ]
+        logged = []
+        log.addObserver(logged.append)
+        self.addCleanup(log.removeObserver, logged.append)
+        for multi_master in (False, True):
+            self.master.config.multiMaster = multi_master
+            del logged[:]
+            notifier = yield self.make_notifier(
+                routes=[MailRoute("dev@example.org", builders=["linxu", "linux"])]
+            )
+            lines = [" ".join(e["message"]) for e in logged if "linxu" in " ".join(e.get("message", ()))]
+            self.assertEqual(len(lines), 1, lines)
+            self.assertIn("warning: MailRoute 'linxu+linux->dev@example.org': builders: "
+                          "c['builders'] has no builder named 'linxu'", lines[0])
+            self.assertEqual(multi_master, lines[0].endswith("(multiMaster=True)"))
+            yield notifier.disownServiceParent()
+
+    @defer.inlineCallbacks
     def test_plain_generators_keep_stock_semantics(self):
         notifier = yield self.make_notifier(
             extraRecipients=["ops@example.org"],
@@ -272,29 +299,19 @@ class ConfigTestCase(unittest.TestCase):
         errors = self.config_errors(routes=[{"to": "a@example.org"}])
         self.assertIn("routes must contain MailRoute(...) objects", errors[0])
 
-    def test_unknown_route_names_are_errors_but_only_warnings_with_multi_master(self):
-        from twisted.python import log
-
+    def test_unknown_route_names_are_config_errors_unless_multi_master(self):
         from buildbot_mailext.masterconfig import KnownNames
 
         route = MailRoute("dev@example.org", builders=["linxu"])
-        notifier = MailExtNotifier("buildbot@example.org", preflight="off", routes=[route])
         with self.assertRaises(ConfigErrors) as caught:
             with capture_config_errors(raise_on_error=True):
-                notifier._check_route_names([route], KnownNames(builders=("linux",)))
+                MailExtNotifier._check_route_names([route], KnownNames(builders=("linux",)))
         (error,) = caught.exception.errors
         self.assertIn("no builder named 'linxu'", error)
-
-        logged = []
-        log.addObserver(logged.append)
-        self.addCleanup(log.removeObserver, logged.append)
-        with capture_config_errors(raise_on_error=True):  # nothing raised
-            notifier._check_route_names(
+        with capture_config_errors(raise_on_error=True):  # nothing raised: logged at start
+            MailExtNotifier._check_route_names(
                 [route], KnownNames(builders=("linux",), multi_master=True)
             )
-        (line,) = [" ".join(e["message"]) for e in logged if e.get("message")]
-        self.assertIn("warning: MailRoute 'linxu->dev@example.org': builders:", line)
-        self.assertIn("multiMaster=True", line)
 
     def test_worker_missing_must_be_a_bool(self):
         (error,) = self.config_errors(worker_missing="no")
