@@ -6,7 +6,9 @@ This module owns:
 - :func:`probe` -- resolve, connect, banner, EHLO, STARTTLS + certificate check, AUTH,
   ``MAIL FROM`` + ``RCPT TO`` for every recipient, then ``RSET``/``QUIT``; plus, when the
   relay is the local Postfix, its ``relayhost``/``mydestination`` trap. Synchronous
-  (smtplib/ssl/socket), every step bounded by the notifier's ``smtp_timeout``.
+  (smtplib/ssl/socket), every step bounded by the notifier's ``smtp_timeout``. The
+  conversation is :class:`_Probe`: one method per step, one method (``explain``) that
+  turns an exception into a :class:`Problem`.
 - :func:`run_at_config_load` -- called by the notifier's ``checkConfig``; runs the probe only
   while Buildbot loads ``master.cfg`` (``buildbot checkconfig``, and master start/reconfig,
   where Buildbot loads the config in a thread, so the reactor is never blocked). A notifier
@@ -218,27 +220,9 @@ def probe(
     timeout = float(timeout or settings.timeout)
     if isinstance(recipients, str):  # one address, not a sequence of characters
         recipients = [recipients]
-    ep = settings.endpoint_label()
-    result = PreflightResult(ok=False, endpoint=f"{ep} ({_mode_label(settings)})")
+    result = PreflightResult(ok=False, endpoint=f"{settings.endpoint_label()} ({_mode_label(settings)})")
     start = time.monotonic()
-
-    def step(text: str) -> None:
-        result.steps.append(f"{text} @{time.monotonic() - start:.3f}s")
-
-    def problem(kind: str, what: str, fix: str) -> None:
-        result.problems.append(Problem(kind, what, fix))
-
-    held: dict[str, Any] = {}  # sockets to close whatever happens
-    try:
-        _probe_dialogue(settings, fromaddr, recipients, check_auth, timeout, result, step, problem, held)
-    except _Abort:
-        pass
-    except Exception as e:  # noqa: BLE001 - an unexpected error is still one readable problem
-        problem("unexpected", f"{ep}: {type(e).__name__}: {e}", "report this to buildbot-mailext with the steps below")
-    finally:
-        for thing in held.values():
-            with contextlib.suppress(Exception):
-                thing.close()
+    _Probe(settings, fromaddr, recipients, check_auth, timeout, result).run()
     result.elapsed = time.monotonic() - start
     result.ok = not result.problems
     return result
@@ -253,267 +237,372 @@ def _mode_label(settings: SmtpSettings) -> str:
     return label
 
 
-def _probe_dialogue(settings, fromaddr, recipients, check_auth, timeout, result, step, problem, held) -> None:
-    host, port = settings.host, settings.port
-    ep = settings.endpoint_label()
+class _ConnectFailed(Exception):
+    """Internal: no address of the relay took the TCP connection; ``errors`` says why, per address."""
 
-    # 1. resolve
-    try:
-        addrs = _resolve(host, port, timeout)
-    except socket.gaierror as e:
-        problem(
-            "dns",
-            f"{ep}: the host name {host!r} does not resolve ({e.strerror or e})",
-            f"check the spelling of relayhost (getent hosts {host} must answer on this machine), fix the DNS "
-            "resolver in /etc/resolv.conf, or give the relay's IP address: relayhost='[192.0.2.25]:587'",
-        )
-        step("resolve failed")
-        raise _Abort
-    except TimeoutError as e:
-        problem(
-            "dns",
-            f"{ep}: resolving {host!r} got {e}",
-            "the DNS resolver of this machine does not answer: fix /etc/resolv.conf, or give the relay's IP address",
-        )
-        step("resolve timed out")
-        raise _Abort
-    step("resolved " + ", ".join(a[3][0] for a in addrs))
+    def __init__(self, errors: list[tuple[str, BaseException]]):
+        super().__init__("; ".join(f"{a}: {e}" for a, e in errors))
+        self.errors = errors
 
-    # 2. connect (every address, as an MTA client would)
-    sock = None
-    errors: list[tuple[str, BaseException]] = []
-    for family, socktype, proto, sockaddr in addrs:
-        s = socket.socket(family, socktype, proto)
-        s.settimeout(timeout)
+
+def _is_timeout(exc: Optional[BaseException]) -> bool:
+    # Before Python 3.10 socket.timeout is not a TimeoutError: name both.
+    return isinstance(exc, (socket.timeout, TimeoutError))
+
+
+class _Probe:
+    """One preflight conversation with one SMTP server.
+
+    A method per SMTP step (:meth:`steps` lists them in order). A step that finds a fault
+    in the server's *answer* (a 5xx, a missing extension) reports it with :meth:`fail` or
+    :meth:`report`; a step that *raises* leaves the wording to :meth:`explain`, the one place
+    that turns an exception into a :class:`Problem`. Every problem goes through
+    :meth:`report`, so a subclass can reword all of them in one place.
+    """
+
+    def __init__(
+        self,
+        settings: SmtpSettings,
+        fromaddr: str,
+        recipients: Sequence[str],
+        check_auth: bool,
+        timeout: float,
+        result: PreflightResult,
+    ):
+        self.settings = settings
+        self.host, self.port = settings.host, settings.port
+        self.ep = settings.endpoint_label()
+        self.fromaddr = fromaddr
+        self.recipients = list(recipients)
+        self.check_auth = check_auth
+        self.timeout = timeout
+        self.result = result
+        self.addrs: list[tuple] = []
+        self.sock: Optional[socket.socket] = None
+        self.smtp: Optional[_ProbeSMTP] = None
+        self.banner_text = ""
+        self._start = time.monotonic()
+
+    # -- the conversation
+    def steps(self) -> list[Any]:
+        return [
+            self.resolve, self.connect, self.greet, self.ehlo, self.starttls, self.auth,
+            self.mail_and_rcpt, self.quit, self.local_postfix,
+        ]
+
+    def run(self) -> None:
         try:
-            s.connect(sockaddr)
-        except BaseException as e:  # noqa: BLE001
-            s.close()
-            errors.append((sockaddr[0], e))
-            continue
-        sock = held["sock"] = s
-        break
-    if sock is None:
+            for step in self.steps():
+                try:
+                    step()
+                except _Abort:
+                    raise
+                except Exception as e:  # noqa: BLE001 - every exception becomes one problem
+                    self.explain(step.__name__, e)
+                    raise _Abort from None
+        except _Abort:
+            pass
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        for thing in (self.smtp, self.sock):
+            if thing is not None:
+                with contextlib.suppress(Exception):
+                    thing.close()
+
+    # -- bookkeeping
+    def step(self, text: str) -> None:
+        self.result.steps.append(f"{text} @{time.monotonic() - self._start:.3f}s")
+
+    def report(self, problem: Problem) -> None:
+        self.result.problems.append(problem)
+
+    def problem(self, kind: str, what: str, fix: str) -> None:
+        self.report(Problem(kind, what, fix))
+
+    def fail(self, kind: str, what: str, fix: str, step: Optional[str] = None) -> None:
+        """Report a problem that makes the later steps meaningless, and stop."""
+        self.problem(kind, what, fix)
+        if step:
+            self.step(step)
+        raise _Abort
+
+    def offered(self) -> str:
+        return " ".join(sorted(k.upper() for k in self.smtp.esmtp_features)) or "nothing"
+
+    # -- 1. resolve
+    def resolve(self) -> None:
+        self.addrs = _resolve(self.host, self.port, self.timeout)
+        self.step("resolved " + ", ".join(a[3][0] for a in self.addrs))
+
+    # -- 2. connect (every address, as an MTA client would)
+    def connect(self) -> None:
+        errors: list[tuple[str, BaseException]] = []
+        for family, socktype, proto, sockaddr in self.addrs:
+            s = socket.socket(family, socktype, proto)
+            s.settimeout(self.timeout)
+            try:
+                s.connect(sockaddr)
+            except BaseException as e:  # noqa: BLE001
+                s.close()
+                errors.append((sockaddr[0], e))
+                continue
+            self.sock = s
+            break
+        if self.sock is None:
+            raise _ConnectFailed(errors)
+        connected_ip = self.sock.getpeername()[0]
+        self.step(f"connected to {format_endpoint(connected_ip, self.port)}")
+        for a, e in errors:
+            self.result.notes.append(f"{format_endpoint(a, self.port)} failed ({e}); {connected_ip} worked")
+
+    # -- 3. banner (and the implicit TLS handshake for SMTPS)
+    def greet(self) -> None:
+        settings, sock = self.settings, self.sock
+        self.ctx = _ssl_context(settings) if settings.tls != "none" else None
+
+        def sock_factory() -> socket.socket:
+            if settings.tls == "smtps":
+                return self.ctx.wrap_socket(sock, server_hostname=self.host)
+            return sock
+
+        self.smtp = _ProbeSMTP(sock_factory, self.timeout)
+        self.smtp._host = self.host  # smtplib uses it as the TLS server name for STARTTLS
+        code, banner = self.smtp.connect(self.host, self.port)
+        self.banner_text = _reply_text(code, banner)
+        self.step(f"banner {self.banner_text[:60]}")
+        if code != 220:
+            self.fail(
+                "banner",
+                f"{self.ep}: the server refuses the session: {self.banner_text}",
+                "the MTA does not accept mail from this machine now; read its log and access rules",
+            )
+
+    # -- 4. EHLO
+    def ehlo(self) -> None:
+        code, resp = self.smtp.ehlo()
+        self.step(f"EHLO {code}")
+        if code != 250:
+            self.fail("protocol", f"{self.ep}: EHLO refused: {_reply_text(code, resp)}", "check the MTA's log; it should accept EHLO")
+
+    # -- 5. STARTTLS
+    def starttls(self) -> None:
+        if self.settings.tls == "smtps":
+            self.step("TLS (SMTPS) certificate " + ("verified" if self.settings.tls_verify else "NOT verified"))
+            return
+        if self.settings.tls != "starttls":
+            return
+        if not self.smtp.has_extn("starttls"):
+            self.fail(
+                "starttls",
+                f"{self.ep}: STARTTLS not offered (the EHLO reply lists: {self.offered()}), and useTls=True requires it",
+                "enable TLS on the relay (Postfix: smtpd_tls_security_level = may, with smtpd_tls_cert_file and "
+                "smtpd_tls_key_file), use the relay's submission port (587), use useSmtps=True if this is an "
+                "implicit-TLS port (465), or drop useTls=True for a local MTA on loopback",
+                step="no STARTTLS",
+            )
+        self.smtp.starttls(context=self.ctx)
+        self.step("STARTTLS ok, certificate " + ("verified" if self.settings.tls_verify else "NOT verified"))
+        code, resp = self.smtp.ehlo()
+        self.step(f"EHLO (TLS) {code}")
+
+    # -- 6. AUTH
+    def auth(self) -> None:
+        settings = self.settings
+        if not settings.uses_auth:
+            return
+        if not settings.credentials_are_plain():
+            self.result.notes.append("AUTH not checked at config load (credentials come from secrets); checked at start")
+        elif not self.check_auth:
+            self.result.notes.append("AUTH not checked (check_auth=False)")
+        elif not self.smtp.has_extn("auth"):
+            self.fail(
+                "auth",
+                f"{self.ep}: smtpUser is set but the server offers no AUTH (EHLO lists: {self.offered()})",
+                "the relay may not need a login (remove smtpUser/smtpPassword), or offers AUTH only after "
+                "STARTTLS (set useTls=True), or only on its submission port 587",
+            )
+        else:
+            code, resp = self.smtp.login(_as_text(settings.user), _as_text(settings.password))
+            self.step(f"AUTH {code}")
+
+    # -- 7. MAIL FROM / RCPT TO (never DATA)
+    def mail_and_rcpt(self) -> None:
+        sender = parseaddr(self.fromaddr)[1] or self.fromaddr
+        code, resp = self.smtp.mail(sender)
+        self.step(f"MAIL FROM {code}")
+        if code != 250:
+            self.problem(
+                "sender",
+                f"{self.ep}: MAIL FROM:<{sender}> refused: {_reply_text(code, resp)}",
+                "set fromaddr to an address the relay accepts as sender (often one of your site's domain, or "
+                "the address smtpUser may send as)",
+            )
+            return
+        if not self.recipients:
+            self.result.notes.append("no fixed recipients to check (RCPT TO not tried)")
+        for rcpt in self.recipients:
+            code, resp = self.smtp.rcpt(rcpt)
+            if code not in (250, 251):
+                self.recipient_refused(rcpt, code, _reply_text(code, resp))
+        self.step(f"RCPT TO x{len(self.recipients)}")
+
+    def recipient_refused(self, rcpt: str, code: int, reply: str) -> None:
+        if 400 <= code < 500:
+            self.problem(
+                "recipient-temporary",
+                f"{self.ep}: recipient {rcpt} temporarily refused: {reply}",
+                "the relay defers this recipient (greylisting, full queue, unknown-user lookup down); "
+                "read the relay's log; mails will be retried",
+            )
+        elif "relay" in reply.lower() or code in (554,):
+            self.problem(
+                "recipient",
+                f"{self.ep}: recipient {rcpt} refused, relay denied: {reply}",
+                "the relay does not relay for this machine: have its admin allow this host (Postfix: add "
+                "its address to mynetworks), or log in (smtpUser/smtpPassword with useTls=True), or use "
+                "the relay your site designates for machines (relayhost=...)",
+            )
+        else:
+            self.problem(
+                "recipient",
+                f"{self.ep}: recipient {rcpt} refused: {reply}",
+                f"check the address {rcpt} in the route's recipients (typo? list renamed?)",
+            )
+
+    # -- 8. RSET / QUIT
+    def quit(self) -> None:
+        with contextlib.suppress(Exception):
+            self.smtp.rset()
+        with contextlib.suppress(Exception):
+            self.smtp.quit()
+        self.step("RSET, QUIT")
+
+    # -- 9. the local-Postfix trap
+    def local_postfix(self) -> None:
+        if not _is_loopback(self.addrs):
+            return
+        try:
+            problems, notes = check_local_postfix(self.settings, self.recipients, self.banner_text)
+        except Exception as e:  # noqa: BLE001
+            problems, notes = [], [f"local Postfix check failed: {e}"]
+        for p in problems:
+            self.report(p)
+        self.result.notes.extend(notes)
+        if problems or notes:
+            self.step("postconf checked")
+
+    # -- the one place where an exception becomes a problem
+    def explain(self, step: str, e: BaseException) -> None:
+        ep, settings = self.ep, self.settings
+        if isinstance(e, _ConnectFailed):
+            self.connect_failed(e.errors)
+        elif isinstance(e, ssl.SSLCertVerificationError):
+            verify_message = getattr(e, "verify_message", "") or str(e)
+            self.problem(
+                "cert",
+                f"{ep}: the server certificate is not valid: {verify_message}"
+                + (f" (trusted CA file: {settings.tls_ca_file})" if settings.tls_ca_file else " (trusting the system CAs)"),
+                _cert_fix(settings, verify_message),
+            )
+            self.step("STARTTLS: certificate rejected" if step == "starttls" else "TLS handshake: certificate rejected")
+        elif isinstance(e, ssl.SSLError) and step == "greet":
+            self.problem(
+                "tls",
+                f"{ep}: TLS handshake failed ({e.reason or e})",
+                "useSmtps=True expects implicit TLS (usually port 465); for a port that starts in plain text and "
+                "offers STARTTLS (usually 587 or 25) use useTls=True instead",
+            )
+            self.step("TLS handshake failed")
+        elif isinstance(e, ssl.SSLError) and step == "starttls":
+            self.problem("tls", f"{ep}: TLS handshake after STARTTLS failed ({e.reason or e})", "check the relay's TLS setup and log")
+            self.step("STARTTLS handshake failed")
+        elif isinstance(e, smtplib.SMTPResponseException) and step == "starttls":
+            self.problem("tls", f"{ep}: STARTTLS refused: {_reply_text(e.smtp_code, e.smtp_error)}", "check the relay's TLS setup and log")
+        elif isinstance(e, socket.gaierror) and step == "resolve":
+            self.problem(
+                "dns",
+                f"{ep}: the host name {self.host!r} does not resolve ({e.strerror or e})",
+                f"check the spelling of relayhost (getent hosts {self.host} must answer on this machine), fix the DNS "
+                "resolver in /etc/resolv.conf, or give the relay's IP address: relayhost='[192.0.2.25]:587'",
+            )
+            self.step("resolve failed")
+        elif _is_timeout(e) and step == "resolve":
+            self.problem(
+                "dns",
+                f"{ep}: resolving {self.host!r} got {e}",
+                "the DNS resolver of this machine does not answer: fix /etc/resolv.conf, or give the relay's IP address",
+            )
+            self.step("resolve timed out")
+        elif step == "greet" and (_is_timeout(e) or isinstance(e, smtplib.SMTPServerDisconnected)):
+            self.no_greeting(e)
+        elif isinstance(e, smtplib.SMTPAuthenticationError) and step == "auth":
+            self.problem(
+                "auth",
+                f"{ep}: AUTH rejected for smtpUser {_as_text(settings.user)!r}: {_reply_text(e.smtp_code, e.smtp_error)}",
+                "check smtpUser/smtpPassword (or the secret they come from); some relays want the full "
+                "address as user name, or an application password",
+            )
+            self.step("AUTH rejected")
+        elif isinstance(e, smtplib.SMTPException) and step == "auth":
+            self.problem("auth", f"{ep}: AUTH failed: {e}", "check which AUTH mechanisms the relay offers (LOGIN/PLAIN/CRAM-MD5)")
+        else:
+            self.problem("unexpected", f"{ep}: {type(e).__name__}: {e}", "report this to buildbot-mailext with the steps below")
+
+    def connect_failed(self, errors: list[tuple[str, BaseException]]) -> None:
+        ep, host, port = self.ep, self.host, self.port
         where = ", ".join(format_endpoint(a, port) for a, _ in errors)
         refused = [a for a, e in errors if isinstance(e, ConnectionRefusedError)]
         timed_out = [a for a, e in errors if isinstance(e, (socket.timeout, TimeoutError))]
         if len(refused) == len(errors):
-            problem(
+            self.problem(
                 "refused",
                 f"{ep}: connection refused ({where}): nothing is listening there",
-                START_MTA_FIX if _is_loopback(addrs) else
+                START_MTA_FIX if _is_loopback(self.addrs) else
                 f"start the MTA on {host}, check the port (25, 587 STARTTLS, 465 SMTPS), or fix relayhost",
             )
-            step("connect refused")
+            self.step("connect refused")
         elif timed_out:
-            problem(
+            self.problem(
                 "timeout",
-                f"{ep}: no TCP connection within {timeout:g}s ({where}): a firewall drops the packets, or the "
+                f"{ep}: no TCP connection within {self.timeout:g}s ({where}): a firewall drops the packets, or the "
                 "host is down",
                 f"check that this machine may reach {ep} (firewall rules for outgoing port {port}; many sites "
                 "block outgoing port 25), or set relayhost to your site's relay",
             )
-            step("connect timed out")
+            self.step("connect timed out")
         else:
             text = "; ".join(f"{a}: {e}" for a, e in errors)
-            problem(
+            self.problem(
                 "unreachable",
                 f"{ep}: cannot connect ({text})",
                 "check routing/network to the relay, or set relayhost to a relay this machine can reach",
             )
-            step("connect failed")
-        raise _Abort
-    connected_ip = sock.getpeername()[0]
-    step(f"connected to {format_endpoint(connected_ip, port)}")
-    for a, e in errors:
-        result.notes.append(f"{format_endpoint(a, port)} failed ({e}); {connected_ip} worked")
+            self.step("connect failed")
 
-    # 3. banner (and the implicit TLS handshake for SMTPS)
-    ctx = _ssl_context(settings) if settings.tls != "none" else None
-
-    def sock_factory() -> socket.socket:
-        if settings.tls == "smtps":
-            return ctx.wrap_socket(sock, server_hostname=host)
-        return sock
-
-    smtp = held["smtp"] = _ProbeSMTP(sock_factory, timeout)
-    smtp._host = host  # smtplib uses it as the TLS server name for STARTTLS
-    try:
-        code, banner = smtp.connect(host, port)
-    except ssl.SSLCertVerificationError as e:
-        _cert_problem(problem, settings, e)
-        step("TLS handshake: certificate rejected")
-        raise _Abort
-    except ssl.SSLError as e:
-        problem(
-            "tls",
-            f"{ep}: TLS handshake failed ({e.reason or e})",
-            "useSmtps=True expects implicit TLS (usually port 465); for a port that starts in plain text and "
-            "offers STARTTLS (usually 587 or 25) use useTls=True instead",
-        )
-        step("TLS handshake failed")
-        raise _Abort
-    except (socket.timeout, TimeoutError, smtplib.SMTPServerDisconnected) as e:
+    def no_greeting(self, e: BaseException) -> None:
         # smtplib reports a read timeout as SMTPServerDisconnected("... timed out")
         timed_out = not isinstance(e, smtplib.SMTPServerDisconnected) or isinstance(e.__context__, TimeoutError)
         if not timed_out:
-            problem(
+            self.problem(
                 "banner",
-                f"{ep}: the server closed the connection before greeting ({e})",
+                f"{self.ep}: the server closed the connection before greeting ({e})",
                 "the MTA refuses this client (check its access rules and its log, e.g. /var/log/mail.log)",
             )
-            step("disconnected before banner")
-            raise _Abort
+            self.step("disconnected before banner")
+            return
         hint = (
-            " (a TLS handshake got no answer: is this port really SMTPS?)" if settings.tls == "smtps" else
+            " (a TLS handshake got no answer: is this port really SMTPS?)" if self.settings.tls == "smtps" else
             " (if this is an SMTPS port such as 465, set useSmtps=True)"
         )
-        problem(
+        self.problem(
             "timeout",
-            f"{ep}: connected, but no SMTP greeting came within {timeout:g}s: something is listening that "
+            f"{self.ep}: connected, but no SMTP greeting came within {self.timeout:g}s: something is listening that "
             f"does not speak SMTP, or the server is hung{hint}",
-            f"check what listens on {ep} (ss -ltnp), restart the MTA, or correct relayhost / port",
+            f"check what listens on {self.ep} (ss -ltnp), restart the MTA, or correct relayhost / port",
         )
-        step("no banner")
-        raise _Abort
-    banner_text = _reply_text(code, banner)
-    step(f"banner {banner_text[:60]}")
-    if code != 220:
-        problem(
-            "banner",
-            f"{ep}: the server refuses the session: {banner_text}",
-            "the MTA does not accept mail from this machine now; read its log and access rules",
-        )
-        raise _Abort
-
-    # 4. EHLO
-    code, resp = smtp.ehlo()
-    step(f"EHLO {code}")
-    if code != 250:
-        problem("protocol", f"{ep}: EHLO refused: {_reply_text(code, resp)}", "check the MTA's log; it should accept EHLO")
-        raise _Abort
-
-    # 5. STARTTLS
-    if settings.tls == "starttls":
-        if not smtp.has_extn("starttls"):
-            offered = " ".join(sorted(k.upper() for k in smtp.esmtp_features)) or "nothing"
-            problem(
-                "starttls",
-                f"{ep}: STARTTLS not offered (the EHLO reply lists: {offered}), and useTls=True requires it",
-                "enable TLS on the relay (Postfix: smtpd_tls_security_level = may, with smtpd_tls_cert_file and "
-                "smtpd_tls_key_file), use the relay's submission port (587), use useSmtps=True if this is an "
-                "implicit-TLS port (465), or drop useTls=True for a local MTA on loopback",
-            )
-            step("no STARTTLS")
-            raise _Abort
-        try:
-            code, resp = smtp.starttls(context=ctx)
-        except ssl.SSLCertVerificationError as e:
-            _cert_problem(problem, settings, e)
-            step("STARTTLS: certificate rejected")
-            raise _Abort
-        except ssl.SSLError as e:
-            problem("tls", f"{ep}: TLS handshake after STARTTLS failed ({e.reason or e})", "check the relay's TLS setup and log")
-            step("STARTTLS handshake failed")
-            raise _Abort
-        except smtplib.SMTPResponseException as e:
-            problem("tls", f"{ep}: STARTTLS refused: {_reply_text(e.smtp_code, e.smtp_error)}", "check the relay's TLS setup and log")
-            raise _Abort
-        step("STARTTLS ok, certificate " + ("verified" if settings.tls_verify else "NOT verified"))
-        code, resp = smtp.ehlo()
-        step(f"EHLO (TLS) {code}")
-    elif settings.tls == "smtps":
-        step("TLS (SMTPS) certificate " + ("verified" if settings.tls_verify else "NOT verified"))
-
-    # 6. AUTH
-    if settings.uses_auth:
-        if not settings.credentials_are_plain():
-            result.notes.append("AUTH not checked at config load (credentials come from secrets); checked at start")
-        elif not check_auth:
-            result.notes.append("AUTH not checked (check_auth=False)")
-        elif not smtp.has_extn("auth"):
-            offered = " ".join(sorted(k.upper() for k in smtp.esmtp_features)) or "nothing"
-            problem(
-                "auth",
-                f"{ep}: smtpUser is set but the server offers no AUTH (EHLO lists: {offered})",
-                "the relay may not need a login (remove smtpUser/smtpPassword), or offers AUTH only after "
-                "STARTTLS (set useTls=True), or only on its submission port 587",
-            )
-            raise _Abort
-        else:
-            try:
-                code, resp = smtp.login(_as_text(settings.user), _as_text(settings.password))
-                step(f"AUTH {code}")
-            except smtplib.SMTPAuthenticationError as e:
-                problem(
-                    "auth",
-                    f"{ep}: AUTH rejected for smtpUser {_as_text(settings.user)!r}: {_reply_text(e.smtp_code, e.smtp_error)}",
-                    "check smtpUser/smtpPassword (or the secret they come from); some relays want the full "
-                    "address as user name, or an application password",
-                )
-                step("AUTH rejected")
-                raise _Abort
-            except smtplib.SMTPException as e:
-                problem("auth", f"{ep}: AUTH failed: {e}", "check which AUTH mechanisms the relay offers (LOGIN/PLAIN/CRAM-MD5)")
-                raise _Abort
-
-    # 7. MAIL FROM / RCPT TO (never DATA)
-    sender = parseaddr(fromaddr)[1] or fromaddr
-    code, resp = smtp.mail(sender)
-    step(f"MAIL FROM {code}")
-    if code != 250:
-        problem(
-            "sender",
-            f"{ep}: MAIL FROM:<{sender}> refused: {_reply_text(code, resp)}",
-            "set fromaddr to an address the relay accepts as sender (often one of your site's domain, or "
-            "the address smtpUser may send as)",
-        )
-    else:
-        if not recipients:
-            result.notes.append("no fixed recipients to check (RCPT TO not tried)")
-        for rcpt in recipients:
-            code, resp = smtp.rcpt(rcpt)
-            if code in (250, 251):
-                continue
-            reply = _reply_text(code, resp)
-            if 400 <= code < 500:
-                problem(
-                    "recipient-temporary",
-                    f"{ep}: recipient {rcpt} temporarily refused: {reply}",
-                    "the relay defers this recipient (greylisting, full queue, unknown-user lookup down); "
-                    "read the relay's log; mails will be retried",
-                )
-            elif "relay" in reply.lower() or code in (554,):
-                problem(
-                    "recipient",
-                    f"{ep}: recipient {rcpt} refused, relay denied: {reply}",
-                    "the relay does not relay for this machine: have its admin allow this host (Postfix: add "
-                    "its address to mynetworks), or log in (smtpUser/smtpPassword with useTls=True), or use "
-                    "the relay your site designates for machines (relayhost=...)",
-                )
-            else:
-                problem(
-                    "recipient",
-                    f"{ep}: recipient {rcpt} refused: {reply}",
-                    f"check the address {rcpt} in the route's recipients (typo? list renamed?)",
-                )
-        step(f"RCPT TO x{len(recipients)}")
-    with contextlib.suppress(Exception):
-        smtp.rset()
-    with contextlib.suppress(Exception):
-        smtp.quit()
-    step("RSET, QUIT")
-
-    # 8. the local-Postfix trap
-    if _is_loopback(addrs):
-        try:
-            problems, notes = check_local_postfix(settings, recipients, banner_text)
-        except Exception as e:  # noqa: BLE001
-            problems, notes = [], [f"local Postfix check failed: {e}"]
-        result.problems.extend(problems)
-        result.notes.extend(notes)
-        if problems or notes:
-            step("postconf checked")
+        self.step("no banner")
 
 
 def _as_text(value: Any) -> str:
@@ -525,16 +614,6 @@ def _is_loopback(addrs: Sequence[tuple]) -> bool:
         return bool(addrs) and all(ipaddress.ip_address(a[3][0].split("%", 1)[0]).is_loopback for a in addrs)
     except ValueError:
         return False
-
-
-def _cert_problem(problem: Any, settings: SmtpSettings, e: ssl.SSLCertVerificationError) -> None:
-    verify_message = getattr(e, "verify_message", "") or str(e)
-    problem(
-        "cert",
-        f"{settings.endpoint_label()}: the server certificate is not valid: {verify_message}"
-        + (f" (trusted CA file: {settings.tls_ca_file})" if settings.tls_ca_file else " (trusting the system CAs)"),
-        _cert_fix(settings, verify_message),
-    )
 
 
 # ---------------------------------------------------------------------------- config load
