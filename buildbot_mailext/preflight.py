@@ -397,7 +397,8 @@ class _Probe:
             self.fail(
                 "starttls",
                 f"{self.ep}: STARTTLS not offered (the EHLO reply lists: {self.offered()}), and useTls=True requires it",
-                "enable TLS on the relay (Postfix: smtpd_tls_security_level = may, with smtpd_tls_cert_file and "
+                self.default_port_fix()
+                + "enable TLS on the relay (Postfix: smtpd_tls_security_level = may, with smtpd_tls_cert_file and "
                 "smtpd_tls_key_file), use the relay's submission port (587), use useSmtps=True if this is an "
                 "implicit-TLS port (465), or drop useTls=True for a local MTA on loopback",
                 step="no STARTTLS",
@@ -510,13 +511,14 @@ class _Probe:
         elif isinstance(e, ssl.SSLError) and step == "greet":
             self.problem(
                 "tls",
-                f"{ep}: TLS handshake failed ({e.reason or e})",
-                "useSmtps=True expects implicit TLS (usually port 465); for a port that starts in plain text and "
+                f"{ep}: TLS handshake failed ({getattr(e, 'reason', None) or e})",
+                self.default_port_fix()
+                + "useSmtps=True expects implicit TLS (usually port 465); for a port that starts in plain text and "
                 "offers STARTTLS (usually 587 or 25) use useTls=True instead",
             )
             self.step("TLS handshake failed")
         elif isinstance(e, ssl.SSLError) and step == "starttls":
-            self.problem("tls", f"{ep}: TLS handshake after STARTTLS failed ({e.reason or e})", "check the relay's TLS setup and log")
+            self.problem("tls", f"{ep}: TLS handshake after STARTTLS failed ({getattr(e, 'reason', None) or e})", "check the relay's TLS setup and log")
             self.step("STARTTLS handshake failed")
         elif isinstance(e, smtplib.SMTPResponseException) and step == "starttls":
             self.problem("tls", f"{ep}: STARTTLS refused: {_reply_text(e.smtp_code, e.smtp_error)}", "check the relay's TLS setup and log")
@@ -554,13 +556,13 @@ class _Probe:
         ep, host, port = self.ep, self.host, self.port
         where = ", ".join(format_endpoint(a, port) for a, _ in errors)
         refused = [a for a, e in errors if isinstance(e, ConnectionRefusedError)]
-        timed_out = [a for a, e in errors if isinstance(e, (socket.timeout, TimeoutError))]
+        timed_out = [a for a, e in errors if _is_timeout(e)]
         if len(refused) == len(errors):
             self.problem(
                 "refused",
                 f"{ep}: connection refused ({where}): nothing is listening there",
-                START_MTA_FIX if _is_loopback(self.addrs) else
-                f"start the MTA on {host}, check the port (25, 587 STARTTLS, 465 SMTPS), or fix relayhost",
+                (START_MTA_FIX if _is_loopback(self.addrs) else f"start the MTA on {host}, or fix relayhost")
+                + f"; {self.port_hint()}",
             )
             self.step("connect refused")
         elif timed_out:
@@ -581,9 +583,32 @@ class _Probe:
             )
             self.step("connect failed")
 
+    def port_hint(self) -> str:
+        return (
+            f"check the port: this is port {self.port} (25 unless relayhost or smtpPort names one; "
+            "587 for STARTTLS, 465 for SMTPS)"
+        )
+
+    def default_port_fix(self) -> str:
+        """Stock MailNotifier's meaning, kept: useTls/useSmtps without a port still use port 25.
+        When TLS fails there, the likely fix is the port, so say it first."""
+        if self.port != 25 or self.settings.tls == "none":
+            return ""
+        host = f"[{self.host}]"
+        if self.settings.tls == "smtps":
+            return (
+                f"useSmtps=True without a port connects to port 25 (as stock MailNotifier does); SMTPS is "
+                f"usually on port 465: set smtpPort=465 or relayhost='{host}:465'. Otherwise: "
+            )
+        return (
+            f"useTls=True without a port connects to port 25 (as stock MailNotifier does); relays offer "
+            f"STARTTLS for clients on their submission port: set relayhost='{host}:587' (or smtpPort=587). "
+            "Otherwise: "
+        )
+
     def no_greeting(self, e: BaseException) -> None:
         # smtplib reports a read timeout as SMTPServerDisconnected("... timed out")
-        timed_out = not isinstance(e, smtplib.SMTPServerDisconnected) or isinstance(e.__context__, TimeoutError)
+        timed_out = not isinstance(e, smtplib.SMTPServerDisconnected) or _is_timeout(e.__context__)
         if not timed_out:
             self.problem(
                 "banner",
