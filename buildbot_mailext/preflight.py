@@ -138,6 +138,57 @@ def _resolve(host: str, port: int, timeout: float) -> list[tuple]:
     return out
 
 
+def _nameservers() -> list[tuple[str, int]]:
+    """The resolvers of /etc/resolv.conf, as ``(address, 53)``."""
+    servers = []
+    with contextlib.suppress(OSError):
+        with open("/etc/resolv.conf", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) >= 2 and fields[0] == "nameserver":
+                    servers.append((fields[1].split("%", 1)[0], 53))
+    return servers or [("127.0.0.1", 53)]
+
+
+def lookup_mx(name: str, timeout: float, nameservers: Optional[Sequence[tuple[str, int]]] = None) -> list[str]:
+    """The MX hosts of ``name``, best preference first, as Postfix's smtp client looks them
+    up for an unbracketed relayhost; ``[]`` when the name has no MX record (then the name
+    itself is the host, RFC 5321 5.1). The standard library has no MX lookup: one UDP query
+    per resolver, built with Twisted's DNS message codec, bounded by ``timeout`` in all.
+
+    Raises socket.gaierror (no such domain, resolver error) or TimeoutError (no answer).
+    """
+    from twisted.names import dns
+
+    servers = list(nameservers or _nameservers())
+    query = dns.Message(id=int.from_bytes(os.urandom(2), "big"), recDes=1)
+    query.addQuery(name.encode("idna"), dns.MX)
+    deadline = time.monotonic() + timeout
+    for address, port in servers:
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        with socket.socket(family, socket.SOCK_DGRAM) as sock:
+            try:
+                sock.settimeout(max(0.1, min(deadline - time.monotonic(), timeout / len(servers))))
+                sock.sendto(query.toStr(), (address, port))
+                data = sock.recv(65535)
+            except OSError:  # timeout, unreachable resolver: try the next one
+                continue
+        answer = dns.Message()
+        try:
+            answer.fromStr(data)
+        except Exception:  # noqa: BLE001 - a garbled answer is as good as none
+            continue
+        if answer.id != query.id:
+            continue
+        if answer.rCode == dns.ENAME:
+            raise socket.gaierror(socket.EAI_NONAME, f"no such domain (DNS NXDOMAIN from {address})")
+        if answer.rCode != dns.OK:
+            raise socket.gaierror(socket.EAI_AGAIN, f"DNS error (rcode {answer.rCode} from {address})")
+        records = [rr.payload for rr in answer.answers if rr.type == dns.MX]
+        return [str(r.name).rstrip(".") for r in sorted(records, key=lambda r: r.preference)]
+    raise TimeoutError(f"no answer to the MX query from {', '.join(a for a, _ in servers)} within {timeout:g}s")
+
+
 def _reply_text(code: Any, resp: Any) -> str:
     if isinstance(resp, bytes):
         resp = resp.decode("utf-8", "replace")
@@ -162,10 +213,17 @@ def _cert_fix(settings: SmtpSettings, verify_message: str) -> str:
 
 
 def check_local_postfix(
-    settings: SmtpSettings, recipients: Sequence[str], banner: str = "", postconf: Optional[str] = None
+    settings: SmtpSettings,
+    recipients: Sequence[str],
+    banner: str = "",
+    postconf: Optional[str] = None,
+    fromaddr: str = "",
 ) -> tuple[list[Problem], list[str]]:
-    """The site-guide trap: the notifier talks to the local Postfix, Postfix has no relayhost,
-    and the recipients are not local: Postfix says 250 and then cannot deliver.
+    """The local Postfix, one hop further: the notifier talks to it, but does the mail leave?
+
+    - no relayhost and recipients outside ``mydestination``: the site-guide trap;
+    - a relayhost: probed from here as Postfix's smtp client would (:func:`check_postfix_relay`);
+    - mail from ``fromaddr`` already deferred in Postfix's queue (:func:`check_postfix_queue`).
 
     Only called when the relay is a loopback address. Returns (problems, notes).
     """
@@ -177,6 +235,19 @@ def check_local_postfix(
         local = postfix.read_settings(postconf)
     except Exception as e:  # noqa: BLE001 - a note, never a crash
         return [], [f"{ep} looks like the local Postfix, but 'postconf -h' failed ({e}); relayhost not checked"]
+    problems, notes = _check_postfix_destination(ep, local, recipients)
+    if local.relayhost:
+        relay_problems, relay_notes = check_postfix_relay(local, ep, settings.timeout)
+        problems += relay_problems
+        notes += relay_notes
+    if fromaddr:
+        problems += check_postfix_queue(ep, fromaddr, settings.timeout)
+    return problems, notes
+
+
+def _check_postfix_destination(
+    ep: str, local: postfix.PostfixSettings, recipients: Sequence[str]
+) -> tuple[list[Problem], list[str]]:
     if local.relayhost:
         return [], [f"{ep} is the local Postfix; it relays all outside mail via relayhost = {local.relayhost} (postconf -h relayhost)"]
     transport = local.default_transport
@@ -203,6 +274,73 @@ def check_local_postfix(
         "smtpPassword if the relay needs them)",
     )
     return [problem], notes
+
+
+def check_postfix_relay(
+    local: postfix.PostfixSettings,
+    ep: str,
+    timeout: float,
+    nameservers: Optional[Sequence[tuple[str, int]]] = None,
+) -> tuple[list[Problem], list[str]]:
+    """Probe Postfix's ``relayhost`` from this machine the way Postfix's smtp client would:
+    MX lookup unless bracketed (and unless Postfix does no DNS), connect, banner, EHLO, and
+    STARTTLS when ``smtp_tls_security_level`` requires it. No MAIL/RCPT: we are not Postfix's
+    client there, and no mail is sent. ``ep`` is the local Postfix's ``host:port``."""
+    notes = [f"not checked: {what} may send some mail elsewhere" for what in local.unchecked_routing()]
+    try:
+        host, port, mx_lookup = local.relay_target()
+    except ValueError as e:
+        return [], notes + [f"Postfix's relayhost = {local.relayhost} not checked: {e}"]
+    tls, verify, ca_file = local.tls_policy()
+    relay = SmtpSettings(host=host, port=port, tls=tls, tls_verify=verify, tls_ca_file=ca_file, timeout=timeout)
+    result = PreflightResult(ok=False, endpoint=local.relayhost)
+    _PostfixRelayProbe(relay, local, ep, mx_lookup, nameservers, timeout, result).run()
+    if not result.problems:
+        notes.append(
+            f"Postfix's relayhost {local.relayhost} answers from this machine: " + " | ".join(result.steps)
+        )
+    if local.get("smtp_sasl_auth_enable") == "yes":
+        notes.append("Postfix logs in to its relayhost (smtp_sasl_auth_enable = yes): that login is not checked here")
+    return result.problems, notes + result.notes
+
+
+def check_postfix_queue(ep: str, fromaddr: str, timeout: float, postqueue: Optional[str] = None) -> list[Problem]:
+    """Mail from ``fromaddr`` already deferred in Postfix's queue (``postqueue -j``): how
+    many, how old the oldest is, and Postfix's ``delay_reason``, grouped."""
+    sender = (parseaddr(fromaddr)[1] or fromaddr).lower()
+    try:
+        queue = postfix.read_queue(postqueue, timeout=timeout)
+    except postfix.QueueUnreadable:
+        return []  # the tracker says so, once, where it matters (at send time)
+    stuck = [e for e in queue if e.get("queue_name") == "deferred" and str(e.get("sender", "")).lower() == sender]
+    if not stuck:
+        return []
+    reasons: dict[str, int] = {}
+    for entry in stuck:
+        for reason in postfix.delay_reasons(entry) or ["no reason given yet"]:
+            reasons[reason] = reasons.get(reason, 0) + 1
+    oldest = min(float(e.get("arrival_time") or time.time()) for e in stuck)
+    grouped = "; ".join(f"{n} x {reason}" for reason, n in sorted(reasons.items(), key=lambda kv: -kv[1]))
+    ids = ", ".join(str(e["queue_id"]) for e in stuck[:5]) + (", ..." if len(stuck) > 5 else "")
+    return [Problem(
+        "postfix-deferred",
+        f"{ep} is the local Postfix and {len(stuck)} mail(s) from {sender} wait in its deferred queue "
+        f"(queue id {ids}); the oldest for {format_age(time.time() - oldest)}. Postfix says: {grouped}",
+        "fix what Postfix says above (see the postfix-relay-* problem, if any), then send them now with "
+        "postqueue -f; list them with postqueue -p; delete one with postsuper -d QUEUEID",
+    )]
+
+
+def format_age(seconds: float) -> str:
+    """``42s``, ``5m 3s``, ``2h 10m``, ``3d 4h``: how long a mail has waited."""
+    seconds = max(0, int(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m {seconds % 60}s"
+    if seconds < 86400:
+        return f"{seconds // 3600}h {seconds % 3600 // 60}m"
+    return f"{seconds // 86400}d {seconds % 86400 // 3600}h"
 
 
 def probe(
@@ -485,7 +623,7 @@ class _Probe:
         if not _is_loopback(self.addrs):
             return
         try:
-            problems, notes = check_local_postfix(self.settings, self.recipients, self.banner_text)
+            problems, notes = check_local_postfix(self.settings, self.recipients, self.banner_text, fromaddr=self.fromaddr)
         except Exception as e:  # noqa: BLE001
             problems, notes = [], [f"local Postfix check failed: {e}"]
         for p in problems:
@@ -628,6 +766,113 @@ class _Probe:
             f"check what listens on {self.ep} (ss -ltnp), restart the MTA, or correct relayhost / port",
         )
         self.step("no banner")
+
+
+# Each second-hop fault class, from the kind the first-hop wording gave it.
+_RELAY_KINDS = {
+    "dns": "postfix-relay-dns",
+    "refused": "postfix-relay-refused",
+    "unreachable": "postfix-relay-refused",
+    "banner": "postfix-relay-refused",
+    "protocol": "postfix-relay-refused",
+    "timeout": "postfix-relay-timeout",
+    "tls": "postfix-relay-tls",
+    "cert": "postfix-relay-tls",
+    "starttls": "postfix-relay-tls",
+}
+
+
+class _PostfixRelayProbe(_Probe):
+    """The second hop: Postfix's ``relayhost`` probed from this machine as Postfix's smtp
+    client would reach it (resolve with MX lookup unless bracketed, connect, banner, EHLO,
+    STARTTLS if Postfix requires TLS), then QUIT. Every problem is reworded for the
+    operator of the local Postfix: what Postfix will do with the mail, and Postfix's
+    settings as the fix."""
+
+    def __init__(
+        self,
+        relay: SmtpSettings,
+        local: postfix.PostfixSettings,
+        local_ep: str,
+        mx_lookup: bool,
+        nameservers: Optional[Sequence[tuple[str, int]]],
+        timeout: float,
+        result: PreflightResult,
+    ):
+        super().__init__(relay, "", [], False, timeout, result)
+        self.local = local
+        self.local_ep = local_ep
+        self.mx_lookup = mx_lookup
+        self.nameservers = nameservers
+
+    def steps(self) -> list[Any]:
+        return [self.resolve, self.connect, self.greet, self.ehlo, self.starttls, self.quit]
+
+    def step(self, text: str) -> None:
+        super().step(f"relay {text}")
+
+    def resolve(self) -> None:
+        hosts = [self.host]
+        if self.mx_lookup:
+            mx = lookup_mx(self.host, self.timeout, self.nameservers)
+            if mx:
+                hosts = mx
+                self.step(f"MX {self.host}: {', '.join(mx)}")
+            else:
+                self.step(f"no MX for {self.host}: the name itself")
+        for host in hosts:
+            with contextlib.suppress(socket.gaierror):
+                self.addrs += _resolve(host, self.port, self.timeout)
+        if not self.addrs:
+            self.addrs = _resolve(hosts[0], self.port, self.timeout)  # raises: say why
+        self.step("resolved " + ", ".join(a[3][0] for a in self.addrs))
+
+    def quit(self) -> None:
+        with contextlib.suppress(Exception):
+            self.smtp.quit()
+        self.step("QUIT")
+
+    def report(self, problem: Problem) -> None:
+        kind = _RELAY_KINDS.get(problem.kind, "postfix-relay-" + problem.kind)
+        lifetime = self.local.get("maximal_queue_lifetime", "5d")
+        inner = problem.what_happened
+        if inner.startswith(f"{self.ep}: "):
+            inner = f"{self.ep} {inner[len(self.ep) + 2:]}"
+        super().report(Problem(
+            kind,
+            f"{self.local_ep} is the local Postfix; it relays all outside mail via relayhost = "
+            f"{self.local.relayhost}, and from this machine that relay fails: {inner}. "
+            f"Postfix will accept every mail (250 ... queued as ...) and keep it deferred in its queue "
+            f"(postqueue -p); after maximal_queue_lifetime ({lifetime}) it bounces to the sender.",
+            self.relay_fix(kind) + f"; or bypass Postfix with the notifier's own relayhost='{EXAMPLE_RELAY}:587' "
+            "(useTls=True, smtpUser/smtpPassword if needed). Then postqueue -f sends what waits in the queue",
+        ))
+
+    def relay_fix(self, kind: str) -> str:
+        set_relay = f"postconf -e 'relayhost = {EXAMPLE_RELAY}:587' && postfix reload"
+        if kind == "postfix-relay-dns":
+            mx = f", host -t MX {self.host}" if self.mx_lookup else ""
+            return (
+                f"check the name in Postfix's relayhost (getent hosts {self.host}{mx}); in brackets ([name]) "
+                f"Postfix looks up no MX record: {set_relay}"
+            )
+        if kind == "postfix-relay-timeout":
+            return (
+                f"a firewall drops the packets to {self.ep}, or the relay hangs: many sites block outgoing "
+                f"port 25; use the relay's submission port: {set_relay}, with smtp_sasl_auth_enable = yes and "
+                "smtp_tls_security_level = encrypt if it wants a login"
+            )
+        if kind == "postfix-relay-tls":
+            level = self.local.get("smtp_tls_security_level") or "none"
+            return (
+                f"Postfix's smtp_tls_security_level = {level} needs TLS that this relay does not give: enable "
+                "STARTTLS on the relay, trust its CA (smtp_tls_CAfile = /path/to/ca.pem), use its submission "
+                f"port ({set_relay}), or lower the level: postconf -e 'smtp_tls_security_level = may'"
+            )
+        return (
+            f"start the MTA on {self.ep}, or point Postfix at your site's relay: {set_relay} (check the port: "
+            "25 unless relayhost names one; 587 for submission)"
+        )
 
 
 def _as_text(value: Any) -> str:
