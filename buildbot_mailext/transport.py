@@ -1,20 +1,19 @@
-"""Sending mail: one SMTP relay, Twisted's non-blocking SMTP client, classified failures and
-an in-memory retry with backoff.
+"""Sending mail: one SMTP relay, Twisted's non-blocking SMTP client, classified outcomes.
 
-This module owns :class:`MailTransport` (what the notifier hands finished messages to) and
-:class:`SendFailure` (the classification of everything that can go wrong on the way:
-``refused``, ``dns``, ``timeout``, ``tls``, ``auth``, ``transient`` (4xx) and ``permanent``
-(5xx, per recipient)).
+This module owns :class:`MailTransport` (what finished messages are handed to),
+:class:`Delivery` (the outcome of one attempt to send one message) and :class:`SendFailure`
+(the classification of everything that can go wrong on the way: ``refused``, ``dns``,
+``timeout``, ``tls``, ``auth``, ``transient`` (4xx) and ``permanent`` (5xx)).
 
 Why not stock ``ESMTPSenderFactory``: it retries a refused connection five times within the
 same second, errbacks into nobody's hands ("Unhandled error in Deferred") and sends one
 message per connection. Here a small ``ESMTPClient`` subclass walks a list of messages, so
-that messages due in the same reactor turn share one SMTP session; every failure becomes
-exactly one log line that names the message, the route, ``host:port``, the cause and the
-SMTP reply; the Deferred handed back to the notifier never errbacks.
+that messages due in the same reactor turn share one SMTP session; every attempt ends in one
+:class:`Delivery` (the Deferred handed back never errbacks).
 
-Retries live in memory only (the durable queue is a later issue), and every log line about a
-retry says so.
+The transport does not retry and does not log per message: what happens after an attempt
+(retry later, dead letter) belongs to the caller, which logs one line per outcome with
+:func:`describe` so that the wording lives here, next to the classification.
 """
 
 from __future__ import annotations
@@ -34,28 +33,36 @@ from twisted.python import log
 
 from buildbot_mailext.relay import SmtpSettings
 
-DEFAULT_RETRY_DELAYS = (30, 120, 600, 1800, 3600)
-
-# kinds that may go away by themselves: retried with backoff
+# kinds that may go away by themselves: worth another attempt later
 TRANSIENT_KINDS = frozenset({"refused", "dns", "timeout", "transient"})
 KINDS = ("refused", "dns", "timeout", "tls", "auth", "transient", "permanent")
-
-MEMORY_ONLY_NOTE = "kept in memory only until the durable queue lands: lost if the master stops"
 
 
 class SendFailure(Exception):
     """A classified send failure. ``str()`` is the one-line cause an operator reads."""
 
-    def __init__(self, kind: str, cause: str, reply: Optional[str] = None, recipients: Sequence[str] = ()):
+    def __init__(
+        self,
+        kind: str,
+        cause: str,
+        reply: Optional[str] = None,
+        recipients: Sequence[str] = (),
+        transient: Optional[bool] = None,
+    ):
         assert kind in KINDS, kind
         super().__init__(cause)
         self.kind = kind
         self.cause = cause
         self.reply = reply
         self.recipients = list(recipients)
+        # A TLS handshake cut by the network is worth another attempt; a certificate that
+        # does not verify is not. Other kinds follow TRANSIENT_KINDS.
+        self._transient = transient
 
     @property
     def transient(self) -> bool:
+        if self._transient is not None:
+            return self._transient
         return self.kind in TRANSIENT_KINDS
 
     def __str__(self) -> str:
@@ -169,11 +176,14 @@ def classify(exc: BaseException, settings: SmtpSettings) -> SendFailure:
     if module.startswith("OpenSSL") or module.startswith("service_identity") or "VerificationError" in type(exc).__name__:
         text = _ssl_error_text(exc)
         hint = ""
+        network = False
         if "certificate verify failed" in text or "VerificationError" in type(exc).__name__ or "verif" in text.lower():
             hint = " (private CA? set tls_ca_file=; name mismatch? set relayhost to the name in the certificate)"
-        elif "wrong version number" in text or "packet length too long" in text or "unexpected eof" in text:
+        elif "wrong version number" in text or "packet length too long" in text:
             hint = " (is this really an SMTPS port? for STARTTLS on 587 use useTls=True, not useSmtps)"
-        return SendFailure("tls", f"TLS handshake with {ep} failed: {text}{hint}")
+        elif "unexpected eof" in text or "reset" in text.lower() or "syscall" in text.lower():
+            network = True  # the peer went away mid-handshake: a network error, not a policy one
+        return SendFailure("tls", f"TLS handshake with {ep} failed: {text}{hint}", transient=network)
     if isinstance(exc, (net_error.ConnectionDone, net_error.ConnectionLost)):
         return SendFailure("transient", f"{ep} closed the connection unexpectedly")
     if isinstance(exc, net_error.ConnectError):
@@ -205,22 +215,85 @@ def _tls_creator(settings: SmtpSettings) -> Any:
     return ssl.optionsForClientTLS(settings.host, trustRoot=trust)
 
 
+_QUEUE_ID_PATTERNS = (
+    re.compile(r"\bqueued as ([A-Za-z0-9._-]+)", re.I),  # Postfix, aiosmtpd's examples
+    re.compile(r"\bid=([A-Za-z0-9-]+)"),  # Exim: "250 OK id=1rX2Yz-0004Ab-Cd"
+    re.compile(r"^\d{3} [245]\.\d+\.\d+ ([A-Za-z0-9]{8,}) Message accepted", re.I),  # Sendmail
+    re.compile(r"\bqp (\d+)"),  # qmail: "250 ok 1700000000 qp 1234"
+)
+
+
+def parse_queue_id(reply: Optional[str]) -> Optional[str]:
+    """The relay's queue id in a reply to DATA, for the common MTAs; None when not recognised."""
+    for pattern in _QUEUE_ID_PATTERNS:
+        match = pattern.search(reply or "")
+        if match:
+            return match.group(1)
+    return None
+
+
+@dataclass
+class Delivery:
+    """The outcome of ONE attempt to send ONE message. Never raised, always returned."""
+
+    label: str
+    endpoint: str  # settings.route_label() at the time of the attempt
+    accepted: list[str] = field(default_factory=list)  # accepted, with 250 after DATA
+    refused_permanently: dict[str, str] = field(default_factory=dict)  # recipient -> reply or cause
+    refused_temporarily: dict[str, str] = field(default_factory=dict)  # recipient -> reply or cause
+    failure: Optional[SendFailure] = None  # session/message-level failure; None when DATA was accepted
+    reply: Optional[str] = None  # final reply after DATA
+    queue_id: Optional[str] = None  # parsed from reply, when the relay's wording is known
+
+    @property
+    def delivered(self) -> bool:
+        """At least one recipient accepted after DATA."""
+        return bool(self.accepted)
+
+    @classmethod
+    def failed(cls, label: str, endpoint: str, recipients: Iterable[str], failure: SendFailure) -> "Delivery":
+        """Nothing went out: every recipient refused for the same cause, temporarily or not."""
+        d = cls(label, endpoint, failure=failure)
+        refused = d.refused_temporarily if failure.transient else d.refused_permanently
+        cause = f"{failure.kind}: {failure}" + (f" ({failure.reply})" if failure.reply else "")
+        for r in recipients:
+            refused[r] = cause
+        return d
+
+
+def _recipient_list(refused: dict[str, str]) -> str:
+    return "; ".join(f"{r} ({why})" for r, why in refused.items())
+
+
+def describe(delivery: Delivery) -> str:
+    """The head of the one log line for this outcome, e.g.
+    ``mail LABEL: delivered via relay:25 (plain SMTP) to a, b; SMTP reply: 250 ...``.
+
+    The caller appends what it decided (``; retry in 30s``, ``; dead letter``)."""
+    d = delivery
+    if d.delivered:
+        parts = [f"mail {d.label}: delivered via {d.endpoint} to {', '.join(d.accepted)}", f"SMTP reply: {d.reply or 'none'}"]
+        if d.refused_permanently:
+            parts.append(f"REJECTED permanently: {_recipient_list(d.refused_permanently)}")
+        if d.refused_temporarily:
+            parts.append(f"temporarily refused: {_recipient_list(d.refused_temporarily)}")
+        return "; ".join(parts)
+    f = d.failure or SendFailure("transient", "no outcome")
+    return f"mail {d.label}: NOT delivered via {d.endpoint}: {f.kind}: {f}; SMTP reply: {f.reply or 'none'}"
+
+
 @dataclass(eq=False)
 class _Job:
     envelope_from: str
     recipients: list[str]
     message: bytes
     label: str
-    deferred: Optional[defer.Deferred]  # None once fired (first outcome); later outcomes only log
-    attempts: int = 0
-    timer: Any = None
-    last_failure: Optional[str] = None
-    delivered_to: list[str] = field(default_factory=list)
+    deferred: Optional[defer.Deferred]  # None once fired
 
-    def fire(self, value: bool) -> None:
+    def fire(self, delivery: Delivery) -> None:
         d, self.deferred = self.deferred, None
         if d is not None:
-            d.callback(value)
+            d.callback(delivery)
 
 
 class _SessionProtocol(smtp.ESMTPClient):
@@ -268,7 +341,7 @@ class _SessionProtocol(smtp.ESMTPClient):
     def sentMail(self, code: int, resp: bytes, numOk: int, addresses: list, log_: Any) -> None:
         job, self._current = self._current, None
         if job is not None:
-            self._owner._message_done(job, code, resp, numOk, addresses)
+            job.fire(self._owner._outcome(job, code, resp, numOk, addresses))
 
     def sendError(self, exc: BaseException) -> None:
         if self._error is None:
@@ -305,26 +378,19 @@ class _SessionFactory(protocol.ClientFactory):
 class MailTransport:
     """Send messages through one SMTP relay without blocking the reactor.
 
-    ``send()`` returns a Deferred that fires True (delivered to every accepted recipient),
-    or False (handed to the in-memory retry, or permanently failed); it never errbacks.
-    Each outcome is one log line.
+    ``send()`` returns a Deferred that fires with one :class:`Delivery` per call; it never
+    errbacks, never retries and keeps nothing once it fired. It logs nothing per message:
+    the caller logs the outcome (see :func:`describe`).
     """
 
-    def __init__(
-        self,
-        settings: SmtpSettings,
-        reactor: Any = None,
-        retry_delays: Sequence[float] = DEFAULT_RETRY_DELAYS,
-    ):
+    def __init__(self, settings: SmtpSettings, reactor: Any = None):
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
             reactor = default_reactor
         self.reactor = reactor
-        self.retry_delays = tuple(retry_delays)
         self._due: list[_Job] = []
         self._flush_call: Any = None
-        self._waiting: list[_Job] = []  # jobs with a retry timer
         self._sessions: set[defer.Deferred] = set()
         self._stopping = False
         self.settings = settings  # property: also builds the TLS options
@@ -337,7 +403,7 @@ class MailTransport:
 
     @settings.setter
     def settings(self, settings: SmtpSettings) -> None:
-        """Replace the relay settings (reconfig); pending retries go to the new relay."""
+        """Replace the relay settings (reconfig): the next sessions use the new relay."""
         starttls_context = tls_creator = None
         if settings.tls != "none":
             # Built once per configuration: reading tls_ca_file and the platform trust store
@@ -351,28 +417,23 @@ class MailTransport:
 
     # -- public API
     def send(self, envelope_from: str, recipients: list[str], message: bytes, label: str) -> defer.Deferred:
+        """Try once to send ``message``; the Deferred fires with a :class:`Delivery`."""
         d: defer.Deferred = defer.Deferred()
         if isinstance(message, str):
             message = message.encode("utf-8")
         job = _Job(envelope_from, list(recipients), message, label, d)
+        endpoint = self.settings.route_label()
         if not job.recipients:
-            self._log(job, "NOT sent: no recipients")
-            job.fire(False)
-            return d
-        if self._stopping:
-            self._log(job, f"NOT sent: the notifier is stopping ({MEMORY_ONLY_NOTE})")
-            job.fire(False)
-            return d
-        self._enqueue(job)
+            job.fire(Delivery.failed(label, endpoint, [], SendFailure("permanent", "no recipients")))
+        elif self._stopping:
+            failure = SendFailure("transient", "not sent: the mail transport is stopping")
+            job.fire(Delivery.failed(label, endpoint, job.recipients, failure))
+        else:
+            self._enqueue(job)
         return d
 
-    def pending(self) -> int:
-        """Messages waiting for a retry."""
-        return len(self._waiting)
-
     def stop(self) -> defer.Deferred:
-        """Cancel retry timers, let running sessions finish (bounded by smtp_timeout), and
-        log what stays unsent."""
+        """Let running sessions finish (each bounded by smtp_timeout) and fire."""
         self._stopping = True
         if self._flush_call is not None and self._flush_call.active():
             self._flush_call.cancel()
@@ -380,29 +441,12 @@ class MailTransport:
         if self._due:  # due this very turn: still try them once
             self._start_session(self._due)
             self._due = []
-        waiting, self._waiting = self._waiting, []
-        for job in waiting:
-            if job.timer is not None and job.timer.active():
-                job.timer.cancel()
         d = defer.DeferredList(list(self._sessions), consumeErrors=True)
 
-        def report(_: Any) -> None:
-            unsent = waiting + self._waiting
-            self._waiting = []
+        def stopped(_: Any) -> None:
             self._stopping = False  # stopped: a restarted service may use this transport again
-            if unsent:
-                log.msg(
-                    f"mailext: {len(unsent)} mails still unsent, kept in memory only: lost at shutdown until "
-                    "the durable queue lands"
-                )
-                for job in unsent:
-                    log.msg(
-                        f"mailext: unsent at shutdown: {job.label} to {', '.join(job.recipients)} via "
-                        f"{self.settings.endpoint_label()} after {job.attempts} attempt(s); last error: "
-                        f"{job.last_failure or 'none'}"
-                    )
 
-        d.addCallback(report)
+        d.addCallback(stopped)
         return d
 
     # -- scheduling
@@ -433,8 +477,6 @@ class MailTransport:
         return endpoint
 
     def _start_session(self, jobs: list[_Job]) -> None:
-        for job in jobs:
-            job.attempts += 1
         session_done: defer.Deferred = defer.Deferred()
         self._sessions.add(session_done)
         session_done.addBoth(self._forget_session, session_done)
@@ -465,113 +507,43 @@ class MailTransport:
         return result
 
     # -- outcomes
-    def _message_done(self, job: _Job, code: int, resp: bytes, numOk: int, addresses: list) -> None:
-        """One message went through MAIL/RCPT/DATA (maybe only partly)."""
-        ep = self.settings.endpoint_label()
-        per_rcpt = [(_text(a), c, _reply(c, r)) for a, c, r in addresses]
-        accepted = [a for a, c, _ in per_rcpt if c in smtp.SUCCESS]
-        rejected_perm = [(a, r) for a, c, r in per_rcpt if isinstance(c, int) and c >= 500]
-        rejected_temp = [(a, r) for a, c, r in per_rcpt if isinstance(c, int) and 400 <= c < 500]
-        data_ok = code in smtp.SUCCESS and numOk > 0
-        perm_text = "; ".join(f"{a} ({r})" for a, r in rejected_perm)
+    def _outcome(self, job: _Job, code: int, resp: bytes, numOk: int, addresses: list) -> Delivery:
+        """One message went through MAIL/RCPT/DATA (maybe only partly): its Delivery."""
+        delivery = Delivery(job.label, self.settings.route_label())
+        per_rcpt = [(_text(a), c, _reply(c, r) or "") for a, c, r in addresses]
+        rcpt_ok = [a for a, c, _ in per_rcpt if c in smtp.SUCCESS]
+        for a, c, r in per_rcpt:
+            if c not in smtp.SUCCESS:
+                (delivery.refused_permanently if isinstance(c, int) and c >= 500 else delivery.refused_temporarily)[a] = r
+        reply = _reply(code, resp)
+        permanent = isinstance(code, int) and code >= 500
 
-        if data_ok:
-            job.delivered_to.extend(accepted)
-            parts = [f"mail {job.label}: delivered via {self.settings.route_label()} to {', '.join(accepted)}"]
-            if rejected_perm:
-                parts.append(f"REJECTED permanently (not retried): {perm_text}")
-            retry: Optional[SendFailure] = None
-            if rejected_temp:
-                retry = SendFailure(
-                    "transient",
-                    "recipient(s) temporarily refused",
-                    "; ".join(f"{a} ({r})" for a, r in rejected_temp),
-                    [a for a, _ in rejected_temp],
-                )
-                parts.append(f"temporarily refused: {retry.reply}")
-            parts.insert(1, f"SMTP reply: {_reply(code, resp)}")
-            if retry is None:
-                log.msg("; ".join(parts))
-                job.fire(True)
-                return
-            # One line for this outcome, then the retry bookkeeping for the 4xx recipients.
-            retry_job = _Job(job.envelope_from, retry.recipients, job.message, job.label, job.deferred, job.attempts)
-            job.deferred = None
-            self._retry_or_give_up(retry_job, retry, prefix="; ".join(parts))
-            return
-
-        # Nothing delivered in this attempt.
-        if not addresses and isinstance(code, int) and code > 0:  # MAIL FROM refused, or DATA refused
-            what = "sender or message refused"
-            failure = SendFailure(
-                "transient" if 400 <= code < 500 else "permanent", what, _reply(code, resp), job.recipients
-            )
-            self._retry_or_give_up(job, failure)
-            return
-        if accepted and isinstance(code, int) and code > 0:  # recipients OK, DATA (end of data) refused
-            failure = SendFailure(
-                "transient" if 400 <= code < 500 else "permanent", "message refused after DATA", _reply(code, resp)
-            )
-            self._retry_or_give_up(job, failure)
-            return
+        if code in smtp.SUCCESS and numOk > 0:
+            delivery.accepted = rcpt_ok
+            delivery.reply = reply
+            delivery.queue_id = parse_queue_id(reply)
+            return delivery
+        if not addresses and isinstance(code, int) and code > 0:  # MAIL FROM refused
+            failure = SendFailure("permanent" if permanent else "transient", "sender refused", reply, job.recipients)
+            return Delivery.failed(job.label, delivery.endpoint, job.recipients, failure)
+        if rcpt_ok and isinstance(code, int) and code > 0:  # recipients OK, end of DATA refused
+            failure = SendFailure("permanent" if permanent else "transient", "message refused after DATA", reply, rcpt_ok)
+            refused = delivery.refused_permanently if permanent else delivery.refused_temporarily
+            for a in rcpt_ok:
+                refused[a] = reply or ""
+            delivery.failure = failure
+            return delivery
         # Every recipient refused.
-        if rejected_temp:
-            if rejected_perm:
-                log.msg(
-                    f"mail {job.label}: REJECTED permanently via {ep} (not retried): {perm_text}"
-                )
-            failure = SendFailure(
-                "transient",
-                "recipient(s) temporarily refused",
-                "; ".join(f"{a} ({r})" for a, r in rejected_temp),
-                [a for a, _ in rejected_temp],
-            )
-            job.recipients = failure.recipients
-            self._retry_or_give_up(job, failure)
-            return
-        failure = SendFailure(
-            "permanent", f"every recipient rejected: {perm_text or _text(resp)}", None, [a for a, _ in rejected_perm]
-        )
-        self._retry_or_give_up(job, failure)
+        if delivery.refused_temporarily:
+            details = _recipient_list({**delivery.refused_temporarily, **delivery.refused_permanently})
+            delivery.failure = SendFailure("transient", "recipient(s) temporarily refused", details, list(delivery.refused_temporarily))
+        else:
+            details = _recipient_list(delivery.refused_permanently) or _text(resp)
+            delivery.failure = SendFailure("permanent", f"every recipient rejected: {details}", None, list(delivery.refused_permanently))
+        return delivery
 
     def _session_failed(self, jobs: Iterable[_Job], exc: BaseException) -> None:
         failure = classify(exc, self.settings)
+        endpoint = self.settings.route_label()
         for job in jobs:
-            self._retry_or_give_up(job, failure)
-
-    def _retry_or_give_up(self, job: _Job, failure: SendFailure, prefix: Optional[str] = None) -> None:
-        """Log ONE line for this outcome and either schedule a retry or give up.
-
-        ``prefix`` replaces the usual "NOT delivered" head when part of the message did go
-        out (some recipients accepted, others answered 4xx).
-        """
-        ep = self.settings.endpoint_label()
-        job.last_failure = f"{failure.kind}: {failure}"  # for the shutdown report
-        if prefix is None:
-            line = f"mail {job.label}: NOT delivered via {ep}: {failure.kind}: {failure}; SMTP reply: {failure.reply or 'none'}"
-        else:
-            line = prefix
-        if failure.transient and not self._stopping and job.attempts <= len(self.retry_delays):
-            delay = self.retry_delays[job.attempts - 1]
-            log.msg(f"{line}; retry {job.attempts}/{len(self.retry_delays)} in {delay:g}s ({MEMORY_ONLY_NOTE})")
-            job.timer = self.reactor.callLater(delay, self._retry_now, job)
-            self._waiting.append(job)
-            job.fire(False)
-            return
-        if failure.transient and self._stopping:
-            log.msg(f"{line}; not retried: the notifier is stopping ({MEMORY_ONLY_NOTE})")
-            self._waiting.append(job)  # reported by stop()
-        elif failure.transient:
-            log.msg(f"{line}; giving up after {job.attempts} attempts: mail lost")
-        else:
-            log.msg(f"{line}; not retried (a retry cannot fix this): mail lost")
-        job.fire(False)
-
-    def _retry_now(self, job: _Job) -> None:
-        job.timer = None
-        if job in self._waiting:
-            self._waiting.remove(job)
-        self._enqueue(job)
-
-    def _log(self, job: _Job, what: str) -> None:
-        log.msg(f"mail {job.label}: {what} (via {self.settings.endpoint_label()})")
+            job.fire(Delivery.failed(job.label, endpoint, job.recipients, failure))
