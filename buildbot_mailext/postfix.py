@@ -205,3 +205,15 @@ def delay_reasons(entry: dict[str, Any]) -> list[str]:
         if reason and reason not in seen:
             seen.append(reason)
     return seen
+
+
+def format_age(seconds: float) -> str:
+    """``42s``, ``5m 3s``, ``2h 10m``, ``3d 4h``: how long a mail has waited."""
+    seconds = max(0, int(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m {seconds % 60}s"
+    if seconds < 86400:
+        return f"{seconds // 3600}h {seconds % 3600 // 60}m"
+    return f"{seconds // 86400}d {seconds % 86400 // 3600}h"

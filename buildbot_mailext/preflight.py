@@ -325,22 +325,10 @@ def check_postfix_queue(ep: str, fromaddr: str, timeout: float, postqueue: Optio
     return [Problem(
         "postfix-deferred",
         f"{ep} is the local Postfix and {len(stuck)} mail(s) from {sender} wait in its deferred queue "
-        f"(queue id {ids}); the oldest for {format_age(time.time() - oldest)}. Postfix says: {grouped}",
+        f"(queue id {ids}); the oldest for {postfix.format_age(time.time() - oldest)}. Postfix says: {grouped}",
         "fix what Postfix says above (see the postfix-relay-* problem, if any), then send them now with "
         "postqueue -f; list them with postqueue -p; delete one with postsuper -d QUEUEID",
     )]
-
-
-def format_age(seconds: float) -> str:
-    """``42s``, ``5m 3s``, ``2h 10m``, ``3d 4h``: how long a mail has waited."""
-    seconds = max(0, int(seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m {seconds % 60}s"
-    if seconds < 86400:
-        return f"{seconds // 3600}h {seconds % 3600 // 60}m"
-    return f"{seconds // 86400}d {seconds % 86400 // 3600}h"
 
 
 def probe(
@@ -744,6 +732,11 @@ class _Probe:
             "Otherwise: "
         )
 
+    def smtps_hint(self) -> str:
+        if self.settings.tls == "smtps":
+            return " (a TLS handshake got no answer: is this port really SMTPS?)"
+        return " (if this is an SMTPS port such as 465, set useSmtps=True)"
+
     def no_greeting(self, e: BaseException) -> None:
         # smtplib reports a read timeout as SMTPServerDisconnected("... timed out")
         timed_out = not isinstance(e, smtplib.SMTPServerDisconnected) or _is_timeout(e.__context__)
@@ -755,10 +748,7 @@ class _Probe:
             )
             self.step("disconnected before banner")
             return
-        hint = (
-            " (a TLS handshake got no answer: is this port really SMTPS?)" if self.settings.tls == "smtps" else
-            " (if this is an SMTPS port such as 465, set useSmtps=True)"
-        )
+        hint = self.smtps_hint()
         self.problem(
             "timeout",
             f"{self.ep}: connected, but no SMTP greeting came within {self.timeout:g}s: something is listening that "
@@ -832,12 +822,15 @@ class _PostfixRelayProbe(_Probe):
             self.smtp.quit()
         self.step("QUIT")
 
+    def smtps_hint(self) -> str:
+        return ""  # the notifier's useSmtps is no fix for Postfix's relayhost
+
     def report(self, problem: Problem) -> None:
         kind = _RELAY_KINDS.get(problem.kind, "postfix-relay-" + problem.kind)
         lifetime = self.local.get("maximal_queue_lifetime", "5d")
         inner = problem.what_happened
-        if inner.startswith(f"{self.ep}: "):
-            inner = f"{self.ep} {inner[len(self.ep) + 2:]}"
+        if inner.startswith(f"{self.ep}: "):  # relayhost was just named
+            inner = inner[len(self.ep) + 2:]
         super().report(Problem(
             kind,
             f"{self.local_ep} is the local Postfix; it relays all outside mail via relayhost = "
