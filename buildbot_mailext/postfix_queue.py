@@ -67,6 +67,10 @@ def relay_is_local(settings: SmtpSettings) -> bool:
     return loopback and postfix.find_program("postqueue") is not None
 
 
+class NotLocalPostfix(postfix.QueueUnreadable):
+    """The notifier's relay on this machine is not the local Postfix."""
+
+
 @dataclass
 class TrackedMail:
     queue_id: str
@@ -89,7 +93,12 @@ class PostfixQueueTracker:
         poll_interval: float = DEFAULT_POLL_INTERVAL,
         reactor: Any = None,
         read_queue: Callable[[], list[dict[str, Any]]] = postfix.read_queue,
+        relay_port: Optional[int] = None,
+        explicit: bool = True,
     ):
+        """``relay_port``: the notifier's relay port on this machine; the first poll checks that
+        the local Postfix's smtpd listens there (else nothing is followed: said once when
+        ``explicit``, i.e. track_local_mta=True, silently when tracking was only the default)."""
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
@@ -99,6 +108,8 @@ class PostfixQueueTracker:
         self.poll_interval = float(poll_interval)
         self.reactor = reactor
         self._read_queue = read_queue
+        self.relay_port = relay_port
+        self.explicit = explicit
         self._mails: dict[str, TrackedMail] = {}
         self._loop: Optional[task.LoopingCall] = None
         self._polling: Optional[defer.Deferred] = None
@@ -131,7 +142,7 @@ class PostfixQueueTracker:
         if self._polling is not None:  # the previous read is still running: skip this turn
             return self._polling
         pool = self.reactor.getThreadPool()
-        d = threads.deferToThreadPool(self.reactor, pool, self._read_queue)
+        d = threads.deferToThreadPool(self.reactor, pool, self._read)
         d.addCallbacks(self._seen, self._failed)
         d.addErrback(log.err, f"{self.name}: reading Postfix's queue failed (a bug: please report it)")
         self._polling = d
@@ -141,6 +152,18 @@ class PostfixQueueTracker:
             return result
 
         return d.addBoth(done)
+
+    def _read(self) -> list[dict[str, Any]]:
+        # In a thread: postconf and postqueue are subprocesses.
+        if self.relay_port is not None:
+            postconf = postfix.find_postconf()
+            if not postconf or self.relay_port not in postfix.listen_ports(postconf):
+                raise NotLocalPostfix(
+                    f"port {self.relay_port} on this machine is not a listener of the local Postfix "
+                    "(postconf -M '*/inet')"
+                )
+            self.relay_port = None  # checked once
+        return self._read_queue()
 
     def _seen(self, entries: list[dict[str, Any]]) -> None:
         in_queue = {str(e.get("queue_id")): e for e in entries}
@@ -175,6 +198,8 @@ class PostfixQueueTracker:
         lost = len(self._mails)
         self._mails.clear()
         self._stop_loop()
+        if failure.check(NotLocalPostfix) and not self.explicit:
+            return  # tracking was only the default for a relay on this machine: not Postfix, fine
         log.msg(
             f"{self.name}: cannot follow mail handed to the local Postfix: {self.unreadable}. Mail is still "
             f"sent, but mail stuck in Postfix's queue will not be reported ({lost} mail(s) no longer followed); "
