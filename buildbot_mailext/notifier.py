@@ -229,7 +229,8 @@ class MailExtNotifier(MailNotifier):
         interval = min(postfix_queue.DEFAULT_POLL_INTERVAL, float(stuck_after))
         if tracker is None:
             self.postfix_tracker = postfix_queue.PostfixQueueTracker(
-                self.name, stuck_after, interval, relay_port=settings.port, explicit=bool(track_local_mta)
+                self.name, stuck_after, interval, reactor=self.master.reactor, relay_port=settings.port,
+                explicit=bool(track_local_mta),
             )
         else:
             tracker.stuck_after, tracker.poll_interval = float(stuck_after), interval
