@@ -522,7 +522,7 @@ class _Probe:
         if not self.smtp.has_extn("starttls"):
             self.fail(
                 "starttls",
-                f"{self.ep}: STARTTLS not offered (the EHLO reply lists: {self.offered()}), and useTls=True requires it",
+                f"{self.ep}: STARTTLS not offered (the EHLO reply lists: {self.offered()}), and {self.tls_requirement()} requires it",
                 self.default_port_fix()
                 + "enable TLS on the relay (Postfix: smtpd_tls_security_level = may, with smtpd_tls_cert_file and "
                 "smtpd_tls_key_file), use the relay's submission port (587), use useSmtps=True if this is an "
@@ -732,6 +732,9 @@ class _Probe:
             "Otherwise: "
         )
 
+    def tls_requirement(self) -> str:
+        return "useTls=True"
+
     def smtps_hint(self) -> str:
         if self.settings.tls == "smtps":
             return " (a TLS handshake got no answer: is this port really SMTPS?)"
@@ -824,6 +827,9 @@ class _PostfixRelayProbe(_Probe):
 
     def smtps_hint(self) -> str:
         return ""  # the notifier's useSmtps is no fix for Postfix's relayhost
+
+    def tls_requirement(self) -> str:
+        return f"Postfix's smtp_tls_security_level = {self.local.get('smtp_tls_security_level')}"
 
     def report(self, problem: Problem) -> None:
         kind = _RELAY_KINDS.get(problem.kind, "postfix-relay-" + problem.kind)

@@ -20,6 +20,7 @@ import shutil
 import smtplib
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 
@@ -243,8 +244,8 @@ class SecondHopTestCase(unittest.TestCase):
         self.assertEqual(cli.returncode, 1)
         self.assertIn("PROBLEM [postfix-relay-refused]", cli.stdout)
         self.assertIn(f"relayhost = [127.0.0.1]:{port}", cli.stdout)
-        basedir = self.mktemp()
-        os.makedirs(basedir)
+        basedir = tempfile.mkdtemp(prefix="mailext-test-")  # not self.mktemp(): it writes to cwd
+        self.addCleanup(shutil.rmtree, basedir, True)
         with open(os.path.join(basedir, "master.cfg"), "w") as f:
             f.write(textwrap.dedent(f"""
                 from buildbot.plugins import reporters

@@ -430,6 +430,7 @@ def test_second_hop_tls_required_but_not_offered():
     print("\n" + p.what_happened + "\n" + p.fix)
     assert p.kind == "postfix-relay-tls"
     assert f"relayhost = [127.0.0.1]:{srv.port}" in p.what_happened and "STARTTLS not offered" in p.what_happened
+    assert "and Postfix's smtp_tls_security_level = encrypt requires it" in p.what_happened
     assert "smtp_tls_security_level = encrypt needs TLS" in p.fix and "smtp_tls_CAfile" in p.fix
 
 
