@@ -16,25 +16,10 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import subprocess
 import time
 
-import pytest
-
-from harness import LOOPBACK, Master, Worker, _smtp_servers, example_cfg_text, free_port, repo_root
-
-SCRIPT = repo_root() / "tools" / "postfix-relay.sh"
-
-
-def _script(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ, MTA_HOSTNAME="buildserver.localdomain", RETRY_S="2")
-    return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout, env=env)
-
-
-def _unavailable(reason: str):
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"CI=true but {reason}")
-    pytest.skip(reason)
+from harness import LOOPBACK, Master, Worker, _smtp_servers, example_cfg_text, free_port
+from test_postfix_site import _script, _unavailable  # the same Postfix, run the same way
 
 
 def _wait_for_line(master: Master, text: str, timeout: float) -> list[str]:
@@ -69,8 +54,8 @@ def test_stuck_in_postfix_then_left_postfix(tmp_path):
     sink = _smtp_servers().SmtpServer(server_hostname="sink.localdomain")
     try:
         master.create()
-        master.start()
         worker.create()
+        master.start()
         worker.start()
         master.wait_worker("example-worker")
         build = master.force_and_wait("force", "runtests", timeout=90)
