@@ -73,6 +73,8 @@ def notifier_arguments(
     tls_ca_file=None,
     tls_verify=True,
     allow_plaintext_auth=False,
+    smtp_cache_time=2.0,
+    smtp_max_sessions=4,
     track_local_mta=None,
     postfix_stuck_after=postfix_queue.DEFAULT_STUCK_AFTER,
 ) -> dict[str, Any]:
@@ -91,6 +93,7 @@ STOCK_ARGUMENTS = (
 SMTP_ARGUMENTS = (
     "relayhost", "smtpPort", "useTls", "useSmtps", "smtpUser", "smtpPassword",
     "tls_ca_file", "tls_verify", "allow_plaintext_auth", "smtp_timeout",
+    "smtp_cache_time", "smtp_max_sessions",
 )
 
 
