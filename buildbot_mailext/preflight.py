@@ -5,10 +5,13 @@ This module owns:
 
 - :func:`probe` -- resolve, connect, banner, EHLO, STARTTLS + certificate check, AUTH,
   ``MAIL FROM`` + ``RCPT TO`` for every recipient, then ``RSET``/``QUIT``; plus, when the
-  relay is the local Postfix, its ``relayhost``/``mydestination`` trap. Synchronous
-  (smtplib/ssl/socket), every step bounded by the notifier's ``smtp_timeout``. The
-  conversation is :class:`_Probe`: one method per step, one method (``explain``) that
-  turns an exception into a :class:`Problem`.
+  relay is the local Postfix, one hop further (:func:`check_local_postfix`): its
+  ``relayhost``/``mydestination`` trap, its relayhost probed as Postfix's smtp client would
+  reach it (``postfix-relay-*``, :func:`lookup_mx`), and mail already deferred in its queue
+  (``postfix-deferred``). Synchronous (smtplib/ssl/socket), every step bounded by the
+  notifier's ``smtp_timeout``. A conversation is a :class:`_Probe`: one method per step,
+  one method (``explain``) that turns an exception into a :class:`Problem`;
+  :class:`_PostfixRelayProbe` is the second hop's.
 - :func:`run_at_config_load` -- called by the notifier's ``checkConfig``; runs the probe only
   while Buildbot loads ``master.cfg`` (``buildbot checkconfig``, and master start/reconfig,
   where Buildbot loads the config in a thread, so the reactor is never blocked). A notifier
