@@ -238,7 +238,7 @@ class MailExtNotifier(MailNotifier):
         else:
             tracker.stuck_after, tracker.poll_interval = float(stuck_after), interval
             # A reconfig may point at another relay, or fix what made the queue unreadable.
-            tracker.relay_port, tracker.explicit, tracker.unreadable = settings.port, bool(track_local_mta), None
+            tracker.relay_port, tracker.explicit, tracker.not_postfix = settings.port, bool(track_local_mta), False
         return defer.succeed(None)
 
     def _follow_in_postfix(self, delivery: Delivery) -> Delivery:

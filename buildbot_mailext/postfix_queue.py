@@ -8,7 +8,9 @@ default), in a thread, never blocking the reactor. A mail still in the queue aft
 ``stuck_after`` seconds gets ONE log line naming the mail (build and route), the queue id,
 Postfix's ``delay_reason`` and the fix; when it then leaves the queue, one line says so.
 Nothing is re-sent: once Postfix said 250, the mail is Postfix's. When the queue cannot be
-read (not Postfix, ``authorized_mailq_users``), the tracker says so once and stops.
+read (Postfix stopped, ``authorized_mailq_users``), the tracker says so once, keeps polling,
+and says when it can read it again; when the relay is not the local Postfix at all, it
+stops (silently unless ``track_local_mta=True`` was asked for).
 """
 
 from __future__ import annotations
@@ -113,12 +115,13 @@ class PostfixQueueTracker:
         self._mails: dict[str, TrackedMail] = {}
         self._loop: Optional[task.LoopingCall] = None
         self._polling: Optional[defer.Deferred] = None
-        self.unreadable: Optional[str] = None  # why the queue cannot be read; then we stop
+        self.unreadable: Optional[str] = None  # why the queue could not be read at the last poll
+        self.not_postfix = False  # the relay is not the local Postfix: nothing to follow
 
     # -- public API
     def track(self, queue_id: str, label: str) -> None:
         """Follow one mail Postfix accepted with ``queued as QUEUE_ID``."""
-        if self.unreadable is not None or not queue_id:
+        if self.not_postfix or not queue_id:
             return
         self._mails[queue_id] = TrackedMail(queue_id, label, self.reactor.seconds())
         if self._loop is None:
@@ -142,8 +145,9 @@ class PostfixQueueTracker:
         if self._polling is not None:  # the previous read is still running: skip this turn
             return self._polling
         pool = self.reactor.getThreadPool()
+        started = self.reactor.seconds()
         d = threads.deferToThreadPool(self.reactor, pool, self._read)
-        d.addCallbacks(self._seen, self._failed)
+        d.addCallbacks(self._seen, self._failed, callbackArgs=(started,))
         d.addErrback(log.err, f"{self.name}: reading Postfix's queue failed (a bug: please report it)")
         self._polling = d
 
@@ -165,10 +169,15 @@ class PostfixQueueTracker:
             self.relay_port = None  # checked once
         return self._read_queue()
 
-    def _seen(self, entries: list[dict[str, Any]]) -> None:
+    def _seen(self, entries: list[dict[str, Any]], started: float) -> None:
+        if self.unreadable is not None:
+            log.msg(f"{self.name}: Postfix's queue is readable again: following {len(self._mails)} mail(s)")
+            self.unreadable = None
         in_queue = {str(e.get("queue_id")): e for e in entries}
         now = self.reactor.seconds()
         for queue_id, mail in list(self._mails.items()):
+            if mail.handed_at > started:  # tracked while this read ran: the next read tells
+                continue
             entry = in_queue.get(queue_id)
             waited = now - mail.handed_at
             if entry is None:
@@ -194,17 +203,24 @@ class PostfixQueueTracker:
 
     def _failed(self, failure: Any) -> None:
         failure.trap(postfix.QueueUnreadable)
+        if failure.check(NotLocalPostfix):
+            # Permanent: nothing to follow, and nothing to poll for.
+            self.not_postfix = True
+            self._mails.clear()
+            self._stop_loop()
+            if self.explicit:  # tracking was asked for; as a mere default it stays silent
+                log.msg(
+                    f"{self.name}: track_local_mta=True, but {failure.getErrorMessage()}: mail handed to it "
+                    "is not followed; set track_local_mta=False"
+                )
+            return
+        if self.unreadable is None:  # said once; polling goes on (Postfix may be restarting)
+            log.msg(
+                f"{self.name}: cannot follow mail handed to the local Postfix: {failure.getErrorMessage()}. "
+                f"Mail is still sent, but mail stuck in Postfix's queue is not reported while this lasts "
+                f"({len(self._mails)} mail(s) waiting to be checked); set track_local_mta=False to silence this"
+            )
         self.unreadable = failure.getErrorMessage()
-        lost = len(self._mails)
-        self._mails.clear()
-        self._stop_loop()
-        if failure.check(NotLocalPostfix) and not self.explicit:
-            return  # tracking was only the default for a relay on this machine: not Postfix, fine
-        log.msg(
-            f"{self.name}: cannot follow mail handed to the local Postfix: {self.unreadable}. Mail is still "
-            f"sent, but mail stuck in Postfix's queue will not be reported ({lost} mail(s) no longer followed); "
-            "set track_local_mta=False to silence this"
-        )
 
     def _stop_loop(self) -> None:
         loop, self._loop = self._loop, None

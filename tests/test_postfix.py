@@ -341,17 +341,37 @@ class QueueTrackerTestCase(unittest.TestCase):
         self.assertIsNone(tracker._loop)
 
     @defer.inlineCallbacks
-    def test_unreadable_queue_is_said_once(self):
+    def test_unreadable_queue_is_said_once_and_when_it_is_readable_again(self):
+        postqueue = ["/nonexistent/postqueue"]  # then the real one: Postfix "comes back"
         tracker = PostfixQueueTracker(
-            "mail", poll_interval=0.1, read_queue=lambda: postfix_mod.read_queue("/nonexistent/postqueue")
+            "mail", stuck_after=30, poll_interval=0.1, read_queue=lambda: postfix_mod.read_queue(postqueue[0])
         )
         self.addCleanup(tracker.stop)
         tracker.track("ABC123", "route 'dev' build 'x' #1")
         yield self.wait_for(lambda: self.matching("cannot follow mail handed to the local Postfix"))
         tracker.track("DEF456", "route 'dev' build 'x' #2")
-        yield task.deferLater(reactor, 0.5, lambda: None)
+        yield task.deferLater(reactor, 0.5, lambda: None)  # several failed polls: one line
         (line,) = self.matching("cannot follow")
         print("\n" + line)
         self.assertIn("/nonexistent/postqueue -j could not run", line)
         self.assertIn("track_local_mta=False", line)
-        self.assertEqual(tracker.outstanding(), [])
+        self.assertEqual(len(tracker.outstanding()), 2)
+        postqueue[0] = None
+        yield self.wait_for(lambda: self.matching("queue is readable again"))
+        yield self.wait_for(lambda: not tracker.outstanding())  # neither id is in the real queue
+        self.assertEqual(len(self.matching("cannot follow")), 1)
+
+    @defer.inlineCallbacks
+    def test_relay_that_is_not_postfix_is_not_followed(self):
+        with SmtpServer() as other:  # an MTA on this machine, but not Postfix
+            quiet = PostfixQueueTracker("mail", poll_interval=0.1, relay_port=other.port, explicit=False)
+            asked = PostfixQueueTracker("asked", poll_interval=0.1, relay_port=other.port, explicit=True)
+            for tracker in (quiet, asked):
+                self.addCleanup(tracker.stop)
+                tracker.track("1", "route 'dev' build 'x' #1")
+            yield self.wait_for(lambda: quiet.not_postfix and asked.not_postfix)
+        self.assertEqual(self.matching("mail: "), [])
+        (line,) = self.matching("asked: track_local_mta=True, but")
+        self.assertIn(f"port {other.port} on this machine is not a listener of the local Postfix", line)
+        self.assertEqual(quiet.outstanding() + asked.outstanding(), [])
+        self.assertIsNone(quiet._loop)
