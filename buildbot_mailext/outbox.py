@@ -668,8 +668,12 @@ class Outbox:
         policy: RetryPolicy = RetryPolicy(),
         limits: OutboxLimits = OutboxLimits(),
         lease: float = DEFAULT_LEASE,
+        on_delivery: Optional[Callable[[Delivery], Any]] = None,
     ) -> None:
         self.master = master
+        # Told of every attempt's Delivery (the notifier hands Postfix's queue ids to its
+        # queue tracker); it must not raise, and cannot change what the outbox decides.
+        self.on_delivery = on_delivery
         self.notifier = notifier
         self.transport = transport
         self.build_digest = build_digest
@@ -889,6 +893,11 @@ class Outbox:
         """Decide and store what happens after one attempt; log exactly one line."""
         now = self._now()
         head = describe(delivery)
+        if self.on_delivery is not None:
+            try:
+                self.on_delivery(delivery)
+            except Exception as e:
+                log.msg(f"{self.notifier}: mail {entry.label}: could not hand the delivery on ({e})")
         accepted = list(delivery.accepted) if delivery.delivered else []
         temporary = {r: v for r, v in delivery.refused_temporarily.items() if r not in accepted}
         permanent = {r: v for r, v in delivery.refused_permanently.items() if r not in accepted}
