@@ -10,12 +10,14 @@ import time
 
 from twisted.internet import defer, reactor, task
 from twisted.internet.interfaces import IHostnameResolver, IHostResolution
+from twisted.internet.testing import StringTransport
+from twisted.mail import smtp
 from zope.interface import implementer
 from twisted.python import log
 from twisted.trial import unittest
 
 from buildbot_mailext.relay import SmtpSettings
-from buildbot_mailext.transport import Delivery, MailTransport, SendFailure, classify, describe, parse_queue_id
+from buildbot_mailext.transport import _Session, Delivery, MailTransport, SendFailure, classify, describe, parse_queue_id
 from smtp_servers import BlackHole, SmtpServer, TestCA, closed_port
 
 
@@ -490,6 +492,18 @@ class SessionTestCase(_RealServersTestCase):
         self.assertEqual(list(d.refused_temporarily), ["dev@example.org"])
 
     @defer.inlineCallbacks
+    def test_megabyte_message_with_dots_arrives_unchanged(self):
+        # Past 64 KiB the body is written as the socket drains; the bytes must not change.
+        srv = self.server()
+        t = self.transport(srv.port)
+        body = b"".join(b".line %d starting with a dot\n" % i if i % 7 == 0 else b"line %d\n" % i for i in range(80000))
+        msg = b".first line is a dot too\nSubject: big\n\n" + body
+        d = yield t.send("bb@example.org", ["dev@example.org"], msg, "big")
+        self.assertTrue(d.delivered, describe(d))
+        self.assertGreater(len(msg), 1_000_000)
+        self.assertEqual(srv.messages[0].data, msg.replace(b"\n", b"\r\n"))
+
+    @defer.inlineCallbacks
     def test_reconfig_quits_the_cached_connection_and_uses_the_new_relay(self):
         old, new = self.server(), self.server()
         t = self.transport(old.port, cache_time=30)
@@ -508,6 +522,72 @@ class SessionTestCase(_RealServersTestCase):
         yield t.stop()
         self.assertEqual(t._sessions, set())
         yield self.poll(lambda: "QUIT" in srv.verbs(), "QUIT at stop")
+
+
+class _Writes(StringTransport):
+    """StringTransport that keeps each write() apart: one write is one send() on a socket."""
+
+    def __init__(self):
+        super().__init__()
+        self.writes = []
+
+    def write(self, data):
+        self.writes.append(data)
+        super().write(data)
+
+    def clear(self):
+        super().clear()
+        self.writes = []
+
+
+class PipeliningWritesTestCase(unittest.TestCase):
+    """What leaves in one write cannot be seen through a real socket (the kernel may merge
+    or split segments), so these tests drive one session over Twisted's StringTransport."""
+
+    def session_with_one_job(self, ehlo_reply):
+        t = MailTransport(SmtpSettings(host="127.0.0.1", port=25, cache_time=0), reactor=reactor)
+        outcomes = []
+        d = t.send("bb@example.org", ["a@example.org", "b@example.org"], b"Subject: x\n\nbody\n", "pipe")
+        d.addCallback(outcomes.append)
+        t._pump_call.cancel()  # the session below takes the job instead of a real connection
+        t._pump_call = None
+        session = _Session(t, t.settings, t._generation, None)
+        wire = _Writes()
+        session.makeConnection(wire)
+        self.addCleanup(session.setTimeout, None)
+        session.dataReceived(b"220 relay ESMTP\r\n")
+        self.assertEqual(wire.value(), b"EHLO " + smtp.DNSNAME + b"\r\n")
+        wire.clear()
+        session.dataReceived(ehlo_reply)
+        return session, wire, outcomes
+
+    def test_mail_rcpt_and_data_leave_together_when_offered(self):
+        session, wire, outcomes = self.session_with_one_job(b"250-relay\r\n250-PIPELINING\r\n250 8BITMIME\r\n")
+        self.assertEqual(
+            wire.writes, [b"MAIL FROM:<bb@example.org>\r\nRCPT TO:<a@example.org>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n"]
+        )
+        wire.clear()
+        session.dataReceived(b"250 ok\r\n250 ok\r\n250 ok\r\n354 go ahead\r\n")
+        self.assertEqual(wire.writes, [b"Subject: x\r\n\r\nbody\r\n.\r\n"])  # body and dot: one write
+        wire.clear()
+        session.dataReceived(b"250 2.0.0 Ok: queued as E63B916209A\r\n")
+        (d,) = outcomes
+        self.assertEqual((d.accepted, d.queue_id), (["a@example.org", "b@example.org"], "E63B916209A"))
+        self.assertEqual(wire.value(), b"QUIT\r\n")  # cache_time=0; and no RSET before it
+
+    def test_one_command_at_a_time_without_pipelining(self):
+        session, wire, outcomes = self.session_with_one_job(b"250-relay\r\n250 8BITMIME\r\n")
+        self.assertEqual(wire.value(), b"MAIL FROM:<bb@example.org>\r\n")
+        for reply, expected in ((b"250 ok", b"RCPT TO:<a@example.org>"), (b"250 ok", b"RCPT TO:<b@example.org>"),
+                                (b"550 no", b"DATA")):
+            wire.clear()
+            session.dataReceived(reply + b"\r\n")
+            self.assertEqual(wire.value(), expected + b"\r\n")
+        wire.clear()
+        session.dataReceived(b"354 go\r\n")
+        session.dataReceived(b"250 queued\r\n")
+        (d,) = outcomes
+        self.assertEqual((d.accepted, d.refused_permanently), (["a@example.org"], {"b@example.org": "550 no"}))
 
 
 @implementer(IHostResolution)
