@@ -244,6 +244,7 @@ class Delivery:
     failure: Optional[SendFailure] = None  # session/message-level failure; None when DATA was accepted
     reply: Optional[str] = None  # final reply after DATA
     queue_id: Optional[str] = None  # parsed from reply, when the relay's wording is known
+    tls: Optional[str] = None  # e.g. "TLSv1.3 (TLS_AES_256_GCM_SHA384), certificate verified for relay"
 
     @property
     def delivered(self) -> bool:
@@ -586,6 +587,19 @@ class _Session(smtp.ESMTPClient):
     def _reply_QUIT(self, code: int, resp: bytes, _: Any) -> None:
         self.transport.loseConnection()
 
+    def _tls_facts(self) -> Optional[str]:
+        """What protected this session, for the CLI's send-test (None in clear text)."""
+        if not self._tlsMode:
+            return None
+        try:
+            conn = self.transport.getHandle()  # the OpenSSL connection under STARTTLS or SMTPS
+            facts = f"{conn.get_protocol_version_name()} ({conn.get_cipher_name()})"
+        except Exception:  # not an OpenSSL connection: say what we know
+            facts = "TLS"
+        if self.settings.tls_verify:
+            return f"{facts}, certificate verified for {self.settings.host}"
+        return f"{facts}, certificate NOT verified (tls_verify=False)"
+
     def _accepted(self) -> bool:
         return any(c in smtp.SUCCESS for _, c, _ in self._rcpt)
 
@@ -599,6 +613,7 @@ class _Session(smtp.ESMTPClient):
             outcome = _outcome(job, self.settings.route_label(), code, resp, accepted, self._rcpt)
         else:  # with PIPELINING, the RCPT replies only echo the refused MAIL
             outcome = _outcome(job, self.settings.route_label(), self._mail_reply[0], self._mail_reply[1], 0, [])
+        outcome.tls = self._tls_facts()
         if rset:
             self._pending.append(("RSET", None))
             self.sendLine(b"RSET")

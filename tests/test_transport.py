@@ -98,6 +98,7 @@ class TransportTestCase(_RealServersTestCase):
         self.assertEqual(d.reply, "250 OK queued as 1")
         self.assertEqual(d.queue_id, "1")
         self.assertEqual(d.endpoint, f"127.0.0.1:{srv.port} (plain SMTP)")
+        self.assertIsNone(d.tls)
         (m,) = srv.messages
         self.assertEqual(m.mail_from, "bb@example.org")
         self.assertEqual(m.rcpt_tos, ["dev@example.org", "qa@example.org"])
@@ -149,6 +150,7 @@ class TransportTestCase(_RealServersTestCase):
         self.assertTrue(d.delivered)
         self.assertEqual(len(srv.messages), 1)
         self.assertDescribed(d, "tls-ok", "STARTTLS", "delivered")
+        self.assertRegex(d.tls, r"^TLSv1\.[23] \(\S+\), certificate verified for 127\.0\.0\.1$")
 
     @defer.inlineCallbacks
     def test_starttls_without_ca_file_fails_verification(self):
@@ -184,6 +186,7 @@ class TransportTestCase(_RealServersTestCase):
         self.assertTrue(d.delivered)
         self.assertEqual(len(srv.messages), 1)
         self.assertIn("SMTPS", d.endpoint)
+        self.assertRegex(d.tls, r"^TLSv1\.[23] \(\S+\), certificate verified for 127\.0\.0\.1$")
 
     @defer.inlineCallbacks
     def test_tls_verify_false_escape_hatch(self):
@@ -193,6 +196,7 @@ class TransportTestCase(_RealServersTestCase):
         d = yield t.send("bb@example.org", ["dev@example.org"], MSG, "noverify")
         self.assertTrue(d.delivered)
         self.assertDescribed(d, "noverify", "UNVERIFIED")
+        self.assertIn("certificate NOT verified (tls_verify=False)", d.tls)
 
     @defer.inlineCallbacks
     def test_starttls_not_offered(self):
