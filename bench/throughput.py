@@ -325,11 +325,11 @@ async def report_path_phase(sink: SmtpServer, builds: int, reps: int, log) -> di
     return rows
 
 
-async def slow_relay_phase(n: int, reps: int, log) -> dict:
+async def slow_relay_phase(n: int, reps: int, log, pipelining: bool) -> dict:
     """A relay that answers every command 200 ms late: 50 mails at once."""
     from twisted.internet import reactor
 
-    sink = SmtpServer(pipelining=True, delays={"*": 0.2}).start()
+    sink = SmtpServer(pipelining=pipelining, delays={"*": 0.2}).start()
     rows: dict[str, list] = {}
     try:
         for rep in range(reps):
@@ -385,7 +385,8 @@ def render(args, send: dict, path: dict, slow: dict, total: float, load: tuple) 
            bench_run.machine(),
            f"load    : 1-min load average {load[0]:.1f} at start, {load[1]:.1f} at the end (other processes "
            "share the CPUs: CPU-bound figures shrink with it, stock's 40 ms waits do not)",
-           f"sink    : aiosmtpd on 127.0.0.1 in a thread of the same process, offering PIPELINING; "
+           f"sink    : aiosmtpd on 127.0.0.1 in a thread of the same process, "
+           f"{'NOT offering' if args.no_pipelining else 'offering'} PIPELINING; "
            f"medians of {args.reps} repeat(s)", ""]
 
     def lost_dup(rows):
@@ -454,6 +455,7 @@ def main() -> None:
     parser.add_argument("--builds", type=int, default=200)
     parser.add_argument("--slow", type=int, default=50)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--no-pipelining", action="store_true", help="the sinks do not offer PIPELINING")
     args = parser.parse_args()
     if args.quick:
         args.n, args.builds, args.reps = 100, 40, 1
@@ -476,7 +478,7 @@ def main() -> None:
     async def measure():
         t0 = time.perf_counter()
         load_start = os.getloadavg()[0]
-        sink = SmtpServer(pipelining=True).start()
+        sink = SmtpServer(pipelining=not args.no_pipelining).start()
         try:
             progress("phase 1: sendMail")
             send = await sendmail_phase(sink, args.n, args.reps, progress)
@@ -485,7 +487,7 @@ def main() -> None:
         finally:
             sink.stop()
         progress("phase 3: slow relay")
-        slow = await slow_relay_phase(args.slow, args.reps, progress)
+        slow = await slow_relay_phase(args.slow, args.reps, progress, not args.no_pipelining)
         load = (load_start, os.getloadavg()[0])
         print(render(args, send, path, slow, time.perf_counter() - t0, load))
         print(f"(log lines of the run: {log_file.name})")

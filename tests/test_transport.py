@@ -278,23 +278,17 @@ class TransportTestCase(_RealServersTestCase):
         self.assertEqual(len(srv.messages), 1)
 
     @defer.inlineCallbacks
-    def test_451_after_data(self):
-        srv = self.server(data_reply="451 4.3.0 Queue file write error")
-        t = self.transport(srv.port)
-        d = yield t.send("bb@example.org", ["dev@example.org"], MSG, "datafail")
-        self.assertFalse(d.delivered)
-        self.assertEqual(d.failure.kind, "transient")
-        self.assertEqual(d.refused_temporarily, {"dev@example.org": "451 4.3.0 Queue file write error"})
-        self.assertDescribed(d, "datafail", "transient", "451 4.3.0 Queue file write error")
-
-    @defer.inlineCallbacks
-    def test_554_after_data_is_permanent(self):
-        srv = self.server(data_reply="554 5.6.0 Message content rejected")
-        t = self.transport(srv.port)
-        d = yield t.send("bb@example.org", ["dev@example.org"], MSG, "datafail5")
-        self.assertFalse(d.delivered)
-        self.assertEqual(d.failure.kind, "permanent")
-        self.assertEqual(d.refused_permanently, {"dev@example.org": "554 5.6.0 Message content rejected"})
+    def test_reply_to_the_data_decides_transient_or_permanent(self):
+        for reply, kind, refused in (
+            ("451 4.3.0 Queue file write error", "transient", "refused_temporarily"),
+            ("554 5.6.0 Message content rejected", "permanent", "refused_permanently"),
+        ):
+            srv = self.server(data_reply=reply)
+            d = yield self.transport(srv.port).send("bb@example.org", ["dev@example.org"], MSG, f"data {kind}")
+            self.assertFalse(d.delivered)
+            self.assertEqual(d.failure.kind, kind)
+            self.assertEqual(getattr(d, refused), {"dev@example.org": reply})
+            self.assertDescribed(d, f"data {kind}", kind, reply)
 
     @defer.inlineCallbacks
     def test_sender_refused(self):
