@@ -7,9 +7,13 @@ This module owns :class:`MailTransport` (what finished messages are handed to),
 
 Why not stock ``ESMTPSenderFactory``: it retries a refused connection five times within the
 same second, errbacks into nobody's hands ("Unhandled error in Deferred") and sends one
-message per connection. Here a small ``ESMTPClient`` subclass walks a list of messages, so
-that messages due in the same reactor turn share one SMTP session; every attempt ends in one
-:class:`Delivery` (the Deferred handed back never errbacks).
+message per connection, with Nagle's algorithm holding every closing dot ~40 ms. Here
+messages wait in one queue shared by at most ``max_sessions`` SMTP sessions (an
+``ESMTPClient`` subclass, :class:`_Session`, that runs the mail transactions itself:
+PIPELINING, no RSET after success, TCP_NODELAY); a session without work waits
+``cache_time`` in a connection cache, as Postfix's. Every attempt ends in one
+:class:`Delivery` (the Deferred handed back never errbacks, and every wait is bounded by
+``smtp_timeout``).
 
 The transport does not retry and does not log per message: what happens after an attempt
 (retry later, dead letter) belongs to the caller, which logs one line per outcome with
