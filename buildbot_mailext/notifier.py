@@ -34,13 +34,13 @@ from twisted.python import log
 
 from buildbot_mailext import message as mime
 from buildbot_mailext import preflight as preflight_mod
+from buildbot_mailext.addresses import address_errors, split_recipients
 from buildbot_mailext.formatter import MailExtFormatter
 from buildbot_mailext.relay import SmtpSettings, check_smtp_settings
 from buildbot_mailext.routes import (
     MailExtWorkerMissingGenerator,
     MailRoute,
     RouteGenerator,
-    is_valid_address,
 )
 from buildbot_mailext.templates import TemplateSet
 from buildbot_mailext.transport import MailTransport
@@ -109,12 +109,8 @@ class MailExtNotifier(MailNotifier):
         fromaddr = arguments["fromaddr"]
         routes, generators = arguments["routes"], arguments["generators"]
         extraHeaders, preflight = arguments["extraHeaders"], arguments["preflight"]
-        errors: list[str] = []
-        if not is_valid_address(fromaddr):
-            errors.append(
-                f"MailExtNotifier: fromaddr {fromaddr!r} is not a valid email address; "
-                "write it as 'buildbot@example.org' or 'Buildbot <buildbot@example.org>'"
-            )
+        errors: list[str] = address_errors(fromaddr, "MailExtNotifier", "fromaddr")
+        errors.extend(self._extra_recipient_errors(arguments["extraRecipients"]))
         routes = self._route_list(routes, errors)
         templates_dir = self._resolve_templates_dir(arguments["templates_dir"])
         if generators is not None and not isinstance(generators, list):
@@ -146,6 +142,9 @@ class MailExtNotifier(MailNotifier):
         stock = _subset(arguments, STOCK_ARGUMENTS)
         if not isinstance(extraHeaders, dict):
             stock["extraHeaders"] = None  # reported above, in our words
+        # Checked above with the strict gate (stock's unanchored check would both miss
+        # "a@x.org, b@x.org" and refuse buildbot@localhost).
+        stock["extraRecipients"] = None
         super().checkConfig(fromaddr, generators=built, **stock)
         if errors:
             return
@@ -208,6 +207,21 @@ class MailExtNotifier(MailNotifier):
                     f"MailExtNotifier: routes must contain MailRoute(...) objects, got {route!r}"
                 )
         return good
+
+    @staticmethod
+    def _extra_recipient_errors(extra_recipients) -> list[str]:
+        if extra_recipients is None:
+            return []
+        if not isinstance(extra_recipients, (list, tuple)):
+            return [
+                f"MailExtNotifier: extraRecipients must be a list of addresses, got "
+                f"{extra_recipients!r}; write extraRecipients=['ops@example.org']"
+            ]
+        return [
+            error
+            for address in extra_recipients
+            for error in address_errors(address, "MailExtNotifier", "extraRecipients")
+        ]
 
     @staticmethod
     def _resolve_templates_dir(templates_dir):
@@ -377,6 +391,10 @@ class MailExtNotifier(MailNotifier):
             props = Properties.fromDict(builds[0]["properties"])
             props.master = self.master
             extra = yield props.render(extra)
+        # The address gate: build_email and envelope_recipients write only the values that
+        # are one valid address each; the others are left out alone (logged below) and the
+        # mail goes to everyone else.
+        rejected = split_recipients([*to, *cc])[1]
         msg = mime.build_email(
             subject=subject,
             from_addr=self.fromaddr,
@@ -390,6 +408,11 @@ class MailExtNotifier(MailNotifier):
         )
         recipients = mime.envelope_recipients([*to, *cc])
         label = self._label(what, builds, msg)
+        for value, reason in rejected:
+            log.msg(
+                f"{self.name}: {label}: recipient {mime.one_line(repr(value), 300)} left out: "
+                f"not a valid address ({reason}); the mail goes to the others"
+            )
         if not recipients:
             log.msg(f"{self.name}: {label}: no recipients (nobody to mail), nothing sent")
             return
@@ -442,8 +465,8 @@ class MailExtNotifier(MailNotifier):
     def sendMail(self, m, recipients, label: str | None = None):
         """Hand one message to the transport. Never errbacks: the transport logs and
         retries what it cannot deliver now."""
-        data = mime.message_bytes(m) if hasattr(m, "as_bytes") else m.as_string().encode()
         label = label or f"mail {m['Message-ID']}"
+        data = mime.message_bytes(m, label) if hasattr(m, "as_bytes") else m.as_string().encode()
         log.msg(f"{self.name}: sending {label} ({len(data)} bytes) to {', '.join(recipients)}")
         if self.dumpMailsToLog:
             log.msg(f"mail data:\n{data.decode('utf-8', 'replace')}")

@@ -227,7 +227,7 @@ class ConfigTestCase(unittest.TestCase):
             extraHeaders={"Subject": "x"},
         )
         text = "\n".join(errors)
-        self.assertIn("fromaddr 'not an address' is not a valid email address", text)
+        self.assertIn("'not an address' in 'fromaddr' is not a valid email address", text)
         self.assertIn("'bad-address' in 'to' is not a valid email address", text)
         self.assertIn("unknown mode 'sometimes'", text)
         self.assertIn("template 'no_such_template'", text)
