@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-from types import SimpleNamespace
 from typing import Any, Sequence
 
 from buildbot import config
@@ -34,7 +33,7 @@ from twisted.python import log
 
 from buildbot_mailext import message as mime
 from buildbot_mailext import preflight as preflight_mod
-from buildbot_mailext.addresses import address_errors, split_recipients
+from buildbot_mailext.addresses import address_errors, is_valid_address, split_recipients
 from buildbot_mailext.formatter import MailExtFormatter
 from buildbot_mailext.relay import SmtpSettings, check_smtp_settings
 from buildbot_mailext.routes import (
@@ -354,24 +353,57 @@ class MailExtNotifier(MailNotifier):
             # Worker-missing mail goes to the worker's notify addresses, as in stock.
             to, cc = list(users), []
         else:
-            interested = yield self.findInterrestedUsersEmails(list(users))
+            interested = []
+            if self.sendToInterestedUsers:
+                interested = yield self._interested_addresses(list(users))
             to, cc = self._stock_to_cc(interested)
         yield self._compose_and_send(reports, to=to, cc=cc, what="generator")
 
     def _stock_to_cc(self, interested) -> tuple[list[str], list[str]]:
         # Same rule as stock processRecipients(): extras go to Cc when mailing
-        # interested users, so they can tell they are copied.
-        to = sorted(set(interested))
+        # interested users, so they can tell they are copied. Only interested users that
+        # pass the address gate count: when none does, the extras are the To, as in stock
+        # with nobody interested. (The others stay in To so the compose step logs them.)
+        rejected = [a for a in interested if not is_valid_address(a)]
+        to = sorted({a for a in interested if is_valid_address(a)}, key=str)
         extras = list(self.extraRecipients or [])
         if self.sendToInterestedUsers and to:
-            return to, [e for e in extras if e not in to]
-        return sorted(set(to) | set(extras)), []
+            return to + rejected, [e for e in extras if e not in to]
+        return sorted(set(to) | set(extras)) + rejected, []
 
+    @defer.inlineCallbacks
     def _interested_addresses(self, users):
-        # Stock's lookup and address clean-up, applied whatever the notifier-wide
-        # sendToInterestedUsers says: the route asked for interested users.
-        stand_in = SimpleNamespace(sendToInterestedUsers=True, lookup=self.lookup)
-        return MailNotifier.findInterrestedUsersEmails(stand_in, list(users))
+        """Stock's lookup and "two @" repair (findInterrestedUsersEmails), minus its loose
+        address check: what comes out goes through the address gate when the mail is
+        composed. A lookup that fails or answers something that is not text leaves that
+        user out (one log line), never the mail."""
+        addresses = []
+        for user in users:
+            address = user
+            if self.lookup:
+                try:
+                    address = yield defer.maybeDeferred(self.lookup.getAddress, user)
+                except Exception as e:
+                    log.msg(
+                        f"{self.name}: lookup of {mime.one_line(repr(user), 200)} failed "
+                        f"({mime.one_line(e, 200)}); that user is left out"
+                    )
+                    continue
+            if isinstance(address, bytes):
+                address = address.decode("utf-8", "replace")
+            if address is None:
+                continue  # stock: getAddress did not like this user
+            if not isinstance(address, str):
+                log.msg(
+                    f"{self.name}: lookup of {mime.one_line(repr(user), 200)} gave "
+                    f"{type(address).__name__}, not an address; that user is left out"
+                )
+                continue
+            # Git can give 'User' <user@foo.com>@foo.com: stock chops the last @.
+            if address.count("@") > 1:
+                address = address[: address.rindex("@")]
+            addresses.append(address)
+        return addresses
 
     @defer.inlineCallbacks
     def _compose_and_send(self, reports, to: Sequence[str], cc: Sequence[str], what: str):

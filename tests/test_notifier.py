@@ -114,7 +114,11 @@ class NotifierTestCase(TestReactorMixin, unittest.TestCase, ReporterTestMixin):
         )
         yield self.finish_build(notifier, FAILURE)
         by_route = {s["label"].split("'")[1]: s for s in self.transport.sent}
-        self.assertEqual(by_route["with-users"]["to"], ["dev@example.org", "owner@example.org"])
+        # me@foo is the change's author: one address for the gate (dotless domains are
+        # fine, as for fromaddr), though stock's looser VALID_EMAIL would have skipped it.
+        self.assertEqual(
+            by_route["with-users"]["to"], ["dev@example.org", "owner@example.org", "me@foo"]
+        )
         self.assertEqual(by_route["list-only"]["to"], ["ops@example.org"])
         self.assertIn("owner@example.org", by_route["with-users"]["msg"]["To"])
 
@@ -159,8 +163,10 @@ class NotifierTestCase(TestReactorMixin, unittest.TestCase, ReporterTestMixin):
         notifier = yield self.make_notifier(extraRecipients=["ops@example.org"])
         yield self.finish_build(notifier, SUCCESS)
         (sent,) = self.transport.sent
-        self.assertEqual(sent["to"], ["ops@example.org"])
-        self.assertEqual(sent["msg"]["To"], "ops@example.org")
+        # The change's author me@foo is interested (To); the extras are copied (Cc).
+        self.assertEqual(sent["to"], ["me@foo", "ops@example.org"])
+        self.assertEqual(sent["msg"]["To"], "me@foo")
+        self.assertEqual(sent["msg"]["Cc"], "ops@example.org")
         self.assertIsNotNone(sent["msg"].get_body(("plain",)))
 
     @defer.inlineCallbacks
@@ -175,7 +181,7 @@ class NotifierTestCase(TestReactorMixin, unittest.TestCase, ReporterTestMixin):
         )
         yield self.finish_build(notifier, FAILURE)
         (sent,) = self.transport.sent
-        self.assertEqual(sent["to"], ["ops@example.org"])
+        self.assertEqual(sent["to"], ["me@foo", "ops@example.org"])  # author, then extras
         # A stock formatter gives one plain part, exactly what stock would send.
         self.assertEqual(sent["msg"].get_content_type(), "text/plain")
         self.assertIn("Builder0", sent["msg"].get_content())
