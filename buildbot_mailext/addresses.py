@@ -224,9 +224,13 @@ def address_errors(value: Any, where: str, setting: str) -> list[str]:
     if isinstance(value, str):
         pieces = _split_list(value)
         if len(pieces) > 1 and all(is_valid_address(p) for p in pieces):
+            if setting.startswith("--"):  # a command-line option: repeat it
+                fix = "repeat the option: " + " ".join(f"{setting} '{p}'" for p in pieces)
+            else:
+                fix = f"write a list: {setting}={pieces!r}"
             return [
                 f"{where}: {value!r} in '{setting}' is {len(pieces)} addresses in one string "
-                f"(a string is one address); write a list: {setting}={pieces!r}"
+                f"(a string is one address); {fix}"
             ]
     return [
         f"{where}: {value!r} in '{setting}' is not a valid email address ({reason}); write "

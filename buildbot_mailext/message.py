@@ -164,8 +164,9 @@ def _mailbox(address: MailAddress) -> str:
     return address.addr_spec
 
 
-def address_header(addresses: Sequence[MailAddress]) -> str:
-    """The raw value of To or Cc: every address, folded between addresses; past
+def address_header(name: str, addresses: Sequence[MailAddress]) -> str:
+    """The raw value of header ``name`` (From, To, Cc): every address, folded between
+    addresses within 78 columns; past
     ``MAX_ADDRESS_HEADER`` characters the rest is counted in an empty group ("N more
     recipients:;"): they are still on the envelope."""
     items: list[str] = []
@@ -180,7 +181,8 @@ def address_header(addresses: Sequence[MailAddress]) -> str:
     lines = [""]
     for i, item in enumerate(items):
         piece = item + ("," if i < len(items) - 1 else "")
-        if lines[-1] and len(lines[-1]) + 1 + len(piece) > _FOLD_AT:
+        used = len(lines[-1]) + (len(name) + 2 if len(lines) == 1 else 1)
+        if lines[-1] and used + 1 + len(piece) > _FOLD_AT:
             lines.append(piece)
         else:
             lines[-1] = f"{lines[-1]} {piece}" if lines[-1] else piece
@@ -294,14 +296,14 @@ def build_email(
         text = ""
     msg = EmailMessage(policy=BODY_POLICY)
     _set(msg, "Date", formatdate(localtime=True))
-    _set(msg, "From", address_header([sender]))
+    _set(msg, "From", address_header("From", [sender]))
     to_addresses = split_recipients(to)[0]
     if to_addresses:
-        _set(msg, "To", address_header(to_addresses))
+        _set(msg, "To", address_header("To", to_addresses))
     cc_keys = {a.key for a in to_addresses}
     cc_addresses = [a for a in split_recipients(cc)[0] if a.key not in cc_keys]
     if cc_addresses:
-        _set(msg, "Cc", address_header(cc_addresses))
+        _set(msg, "Cc", address_header("Cc", cc_addresses))
     _set(msg, "Subject", header_text(subject, MAX_SUBJECT))
     _set(msg, "Message-ID", make_msgid(domain=sender.addr_spec.rpartition("@")[2]))
     _set(msg, "Auto-Submitted", "auto-generated")
@@ -350,6 +352,11 @@ def _decoded_ok(name: str, raw: str) -> bool:
     return _CONTROL.search(value) is None and "\r" not in value and "\n" not in value
 
 
+def _ours(value: object) -> bool:
+    # A value we stored with set_raw (a str), not a MIME header object of the email package.
+    return isinstance(value, str) and not hasattr(value, "name")
+
+
 def _header_problems(msg: EmailMessage, data: bytes) -> list[int]:
     """Indexes of the headers we stored whose value did not come back as built."""
     built = list(msg.raw_items())
@@ -357,20 +364,33 @@ def _header_problems(msg: EmailMessage, data: bytes) -> list[int]:
     parsed = list(BytesHeaderParser(policy=policy.compat32).parsebytes(head).raw_items())
     problems = []
     for i, (name, value) in enumerate(built):
-        ours = isinstance(value, str) and not hasattr(value, "name")  # set_raw, not MIME's
         if i >= len(parsed) or parsed[i][0].lower() != name.lower():
             # An extra or missing header: the value before it spilled over.
             problems.append(max(i - 1, 0))
             break
-        if ours and (
-            _unfold(parsed[i][1]) != _unfold(value)
-            or not _raw_value_ok(name, value)
-            or not _decoded_ok(name, value)
+        if _ours(value) and (
+            _unfold(parsed[i][1]) != _unfold(value) or not _decoded_ok(name, value)
         ):
             problems.append(i)
     if not problems and len(parsed) != len(built):
         problems.append(len(built) - 1)
     return problems
+
+
+def _replace_values(msg: EmailMessage, indexes: Sequence[int]) -> list[str]:
+    if not indexes:
+        return []
+    items = list(msg.raw_items())
+    names = []
+    for index in indexes:
+        name = items[index][0]
+        names.append(name)
+        items[index] = (name, REPLACED_ADDRESSES if name.lower() in ("to", "cc") else REPLACED_VALUE)
+    for name in set(msg.keys()):
+        del msg[name]
+    for name, value in items:
+        msg.set_raw(name, value)
+    return names
 
 
 def _wire_ok(data: bytes) -> bool:
@@ -392,24 +412,17 @@ def message_bytes(msg: EmailMessage, label: str = "") -> bytes:
     """The message as sent: CRLF line ends, every line within SMTP's limit, printable ASCII,
     and the header set parsed back exactly the one built. A header value that does not come
     back as built is replaced (one log line, naming ``label``): the mail is never lost for it."""
-    replaced: list[str] = []
+    # Values that cannot be written as they are (not printable ASCII, a line too long, a
+    # CR or LF that is not folding) would make the flattening fail or write them raw.
+    replaced = _replace_values(
+        msg, [i for i, (n, v) in enumerate(msg.raw_items()) if _ours(v) and not _raw_value_ok(n, v)]
+    )
     for _ in range(len(msg.keys()) + 1):
         data = msg.as_bytes(policy=SMTP_POLICY)
         problems = _header_problems(msg, data)
         if not problems:
             break
-        items = list(msg.raw_items())
-        for index in problems:
-            name = items[index][0]
-            replaced.append(name)
-            items[index] = (
-                name,
-                REPLACED_ADDRESSES if name.lower() in ("to", "cc") else REPLACED_VALUE,
-            )
-        for name in set(msg.keys()):
-            del msg[name]
-        for name, value in items:
-            msg.set_raw(name, value)
+        replaced += _replace_values(msg, problems)
     if replaced:
         log.msg(
             f"buildbot-mailext: {label or 'mail ' + str(msg.get('Message-ID', ''))}: header "
