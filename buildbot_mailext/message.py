@@ -51,6 +51,8 @@ MAX_MAIL_BYTES = 1_000_000
 MAX_PART_BYTES = 240 * 1024  # UTF-8 bytes of one body part before transfer encoding
 MAX_ATTACHMENT_BYTES = 128 * 1024  # all attachments of one mail together
 MAX_ADDRESS_HEADER = 16 * 1024  # characters of To, of Cc (the envelope still has everyone)
+# A header name and its value must fit on one line (RFC 5322 2.1.1): names are capped.
+MAX_HEADER_NAME = 76
 # RFC 5322 3.6.8 field name: printable ASCII except colon.
 HEADER_NAME = re.compile(r"^[!-9;-~]+$")
 # Headers the message structure depends on: extraHeaders may not replace them.
@@ -122,9 +124,9 @@ def one_line(value: object, limit: int = MAX_HEADER_VALUE) -> str:
 # --------------------------------------------------------------------------- headers
 
 
-def _encoded_words(text: str) -> str:
-    """``text`` as RFC 2047 Q encoded words (UTF-8), folded between words. A reader decodes
-    them once, to ``text`` itself, even when ``text`` looks like an encoded word."""
+def _encoded_words(text: str) -> list[str]:
+    """``text`` as RFC 2047 Q encoded words (UTF-8), each at most 75 characters. A reader
+    decodes them once, to ``text`` itself, even when ``text`` looks like an encoded word."""
     words, current = [], ""
     for char in text:
         piece = "".join(
@@ -136,26 +138,49 @@ def _encoded_words(text: str) -> str:
             current = ""
         current += piece
     words.append(current)
-    return _FOLD.join(_EW_PREFIX + w + _EW_SUFFIX for w in words)
+    return [_EW_PREFIX + w + _EW_SUFFIX for w in words]
+
+
+def _plain(text: str) -> bool:
+    # Printable ASCII that no reader takes for (part of) an encoded word.
+    return _PLAIN_VALUE.match(text) is not None and "=?" not in text
 
 
 def header_text(value: object, limit: int = MAX_HEADER_VALUE) -> str:
-    """The raw header value for ``value`` (from a build or not): one line, then either
-    plain printable ASCII, or encoded words when it has other characters or anything a
-    reader could take for an encoded word (``=?``)."""
+    """The raw header value for ``value`` (from a build or not): one line; then plain
+    printable ASCII as it is, and every run of other words (non-ASCII, or anything a
+    reader could take for an encoded word: ``=?``) as our own encoded words, folded at
+    spaces. "hostile on =?utf-8?q?...?= failure" keeps its plain words readable."""
     text = one_line(value, limit)
-    if _PLAIN_VALUE.match(text) and "=?" not in text:
-        return text
-    return _encoded_words(text)
+    if _plain(text):
+        return text  # never folded: a long subject stays on its line (<= 998 with the name)
+    tokens: list[str] = []
+    run: list[str] = []
+    for word in text.split(" ") + [None]:
+        if word is not None and not _plain(word):
+            run.append(word)
+            continue
+        if run:  # the spaces between encoded words are encoded too, so they survive
+            tokens.extend(_encoded_words(" ".join(run)))
+            run = []
+        if word is not None:
+            tokens.append(word)
+    lines = [""]
+    for token in tokens:
+        if lines[-1] and len(lines[-1]) + 1 + len(token) > _FOLD_AT:
+            lines.append(token)  # unfolding keeps the space: "a CRLF SP b" reads "a b"
+        else:
+            lines[-1] = f"{lines[-1]} {token}" if lines[-1] else token
+    return _FOLD.join(lines)
 
 
 def _phrase(name: str) -> str:
     name = one_line(name)
     if _PLAIN_PHRASE.match(name) and "=?" not in name:
         return name
-    if _PLAIN_VALUE.match(name) and "=?" not in name:
+    if _plain(name):
         return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    return _encoded_words(name)
+    return _FOLD.join(_encoded_words(name))
 
 
 def _mailbox(address: MailAddress) -> str:
@@ -195,7 +220,7 @@ def buildbot_headers(builder: str, result: str, url: str) -> dict[str, str]:
 
 
 def valid_header_name(name: object) -> bool:
-    return isinstance(name, str) and HEADER_NAME.match(name) is not None
+    return isinstance(name, str) and len(name) <= MAX_HEADER_NAME and HEADER_NAME.match(name) is not None
 
 
 def _set(msg: EmailMessage, name: str, raw: str) -> None:
@@ -445,7 +470,12 @@ def extra_header_errors(extra_headers: object) -> list[str]:
         return ["extraHeaders must be a dictionary of header name -> value"]
     errors = []
     for name in extra_headers:
-        if not valid_header_name(name):
+        if isinstance(name, str) and len(name) > MAX_HEADER_NAME:
+            errors.append(
+                f"extraHeaders: {name[:40]!r}... is longer than {MAX_HEADER_NAME} characters; "
+                "use a shorter header name"
+            )
+        elif not valid_header_name(name):
             errors.append(
                 f"extraHeaders: {name!r} is not a valid header name (printable ASCII, no "
                 "spaces or colons), e.g. 'X-Project'"
