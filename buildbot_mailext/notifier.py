@@ -391,8 +391,8 @@ class MailExtNotifier(MailNotifier):
                     continue
             if isinstance(address, bytes):
                 address = address.decode("utf-8", "replace")
-            if address is None:
-                continue  # stock: getAddress did not like this user
+            if address is None or (isinstance(address, str) and not address.strip()):
+                continue  # stock: getAddress did not like this user; or no one (anonymous)
             if not isinstance(address, str):
                 log.msg(
                     f"{self.name}: lookup of {mime.one_line(repr(user), 200)} gave "
