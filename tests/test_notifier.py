@@ -239,6 +239,39 @@ class ConfigTestCase(unittest.TestCase):
         self.assertIn("template 'no_such_template'", text)
         self.assertIn("extraHeaders: 'Subject' is set by the notifier", text)
 
+    def test_every_configured_address_goes_through_the_gate(self):
+        errors = "\n".join(
+            self.config_errors(
+                fromaddr="Buildbot <buildbot@example.org>, x",
+                extraRecipients=["ops@example.org", "a@x.org;b@x.org", "üser@example.org"],
+                routes=[
+                    MailRoute("dev@example.org, qa@example.org", name="r"),
+                    MailRoute("a@x.org>", name="s"),
+                ],
+            )
+        )
+        self.assertIn(
+            "MailExtNotifier: 'Buildbot <buildbot@example.org>, x' in 'fromaddr' is not a valid",
+            errors,
+        )
+        self.assertIn("write a list: extraRecipients=['a@x.org', 'b@x.org']", errors)
+        self.assertIn(
+            "'üser@example.org' in 'extraRecipients' is not a valid email address (non-ASCII",
+            errors,
+        )
+        self.assertIn("MailRoute 'r': 'dev@example.org, qa@example.org' in 'to' is 2 addresses", errors)
+        self.assertIn("MailRoute 's': 'a@x.org>' in 'to' is not a valid email address", errors)
+        self.assertNotIn("ops@example.org", errors)
+        # stock's own, looser check is not run on top (it would refuse ops@localhost)
+        self.assertNotIn("extra recipient", errors)
+
+    def test_dotless_and_literal_addresses_are_fine_in_config(self):
+        MailExtNotifier(
+            "buildbot@localhost",
+            extraRecipients=["ops@localhost", "root@[127.0.0.1]"],
+            preflight="off",
+        )
+
     def test_misspelt_argument_is_a_config_error(self):
         errors = self.config_errors(relay_host="[relay.example.org]:587")
         self.assertEqual(

@@ -18,7 +18,7 @@ import urllib.request
 
 import pytest
 
-from harness import Master, SmtpSink, Worker
+from harness import SmtpSink, running_site
 
 pytest.importorskip("aiosmtpd")
 
@@ -70,21 +70,8 @@ c['buildbotNetUsageData'] = None
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("hostile")
-    sink = SmtpSink().start()
-    master = Master(tmp / "master", CFG, env={"MAILEXT_RELAYHOST": sink.relayhost})
-    worker = Worker(tmp / "worker", master.pb_port, *WORKER)
-    try:
-        master.create()
-        master.start()
-        worker.create()
-        worker.start()
-        master.wait_worker(WORKER[0])
+    with running_site(tmp_path_factory.mktemp("hostile"), CFG, WORKER) as (sink, master, _):
         yield sink, master
-    finally:
-        worker.stop()
-        master.stop()
-        sink.stop()
 
 
 def header_block(raw: bytes) -> str:
