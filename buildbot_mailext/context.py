@@ -220,29 +220,51 @@ def _safe_str(value: Any) -> str:
 _SURROGATE_RE = re.compile("[\ud800-\udfff]")
 
 
+# Cleaning only removes characters, so looking at a few times the cap is enough: a
+# megabyte value costs no more than a short one.
+_SCAN_FACTOR = 4
+
+
+def _head(value: Any, max_chars: int) -> tuple[str, bool]:
+    """The start of ``value`` worth cleaning for a result of ``max_chars``, as a safe str,
+    and whether anything was cut off."""
+    limit = max_chars * _SCAN_FACTOR + 64
+    if isinstance(value, bytes):
+        return _safe_str(value[: limit * 4])[:limit], len(value) > limit
+    text = value if isinstance(value, str) else _safe_str(value)
+    return _safe_str(text[:limit]), len(text) > limit
+
+
 def _clean_field(value: Any, max_chars: int = 200) -> str:
     """A one-line field (names, branches, authors): CR/LF/TAB become spaces, then as a log line."""
-    return _clean_line(re.sub(r"[\r\n\t]+", " ", _safe_str(value)), max_chars)
+    text, cut = _head(value, max_chars)
+    return _clean_line_text(re.sub(r"[\r\n\t]+", " ", text), max_chars, cut)
 
 
 def _clean_line(line: str, max_chars: int = MAX_LINE_CHARS) -> str:
-    text = _safe_str(line).rstrip("\r\n")
+    text, cut = _head(line, max_chars)
+    return _clean_line_text(text, max_chars, cut)
+
+
+def _clean_line_text(text: str, max_chars: int, cut: bool) -> str:
+    text = text.rstrip("\r\n")
     # a CR inside a line is a progress-bar redraw: only the last redraw is what a terminal shows
     if "\r" in text:
         text = text.rsplit("\r", 1)[-1] or text.replace("\r", "")
     text = _ANSI_RE.sub("", text)
     text = _LINE_CONTROL_RE.sub("", text)
-    if len(text) > max_chars:
+    if cut or len(text) > max_chars:
         text = text[:max_chars] + " [... line truncated]"
     return text
 
 
 def _clean_text(value: Any, max_chars: int) -> str:
     """Multi-line text (commit messages): keep newlines, drop other control chars, cap length."""
-    text = _safe_str(value).replace("\r\n", "\n").replace("\r", "\n")
+    text, cut = _head(value, max_chars)
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
     text = _ANSI_RE.sub("", text)
     text = re.sub("[\x00-\x08\x0b-\x1f\x7f-\x9f]", "", text)
-    if len(text) > max_chars:
+    if cut or len(text) > max_chars:
         text = text[:max_chars] + "\n[... truncated]"
     return text
 
@@ -268,7 +290,7 @@ def bounded_value(value: Any, depth: int = 0) -> Any:
         return [bounded_value(v, depth + 1) for v in list(value)[:MAX_ITEMS]]
     if isinstance(value, datetime.datetime):
         return value
-    return _clean_text(str(value)[: MAX_VALUE_CHARS * 2], MAX_VALUE_CHARS)
+    return _clean_text(str(value), MAX_VALUE_CHARS)
 
 
 def _fmt_time(value: Any) -> str | None:

@@ -24,6 +24,7 @@ import email
 import os
 import re
 import sys
+import time
 import warnings
 from email import policy
 
@@ -167,7 +168,9 @@ class Run:
             _sync(notifier.startService())
             _sync(notifier.transport.stop())
             notifier.transport = self.recorder = Recorder()
+            started = time.perf_counter()
             _sync(notifier._got_event(("builds", 20, "finished"), build))
+            self.event_seconds = time.perf_counter() - started  # reported, never asserted
             _sync(notifier.stopService())
         finally:
             twlog.removeObserver(observer)
@@ -478,3 +481,38 @@ def test_regression_6_megabyte_values_and_patches_are_bounded():
     note = attachment.get_content()
     assert "patch of 4,000,000 bytes not attached" in note, note
     assert len(sent["raw"]) < 200_000, len(sent["raw"])  # bounded values, not just a cut mail
+
+
+def test_worker_missing_mail_goes_to_the_valid_notify_addresses_only():
+    lines: list[str] = []
+    observer = lambda event: lines.append(twlog.textFromEventDict(event) or "")  # noqa: E731
+    twlog.addObserver(observer)
+    h = _Harness()
+    h.setup_test_reactor()
+    try:
+        master = _sync(fakemaster.make_master(h, wantData=True, wantDb=True, wantMq=True))
+        notifier = MailExtNotifier(fromaddr=FROM, preflight="off")  # stock defaults
+        _sync(notifier.setServiceParent(master))
+        _sync(notifier.startService())
+        _sync(notifier.transport.stop())
+        notifier.transport = recorder = Recorder()
+        worker = {
+            "name": f"wrk {ENCODED_WORD_BRANCH}", "workerid": 13, "last_connection": "yesterday",
+            "workerinfo": {"admin": f"<{PROBE_TAG}> \x00 {ENCODED_WORD_BRANCH}", "host": "h\r\nBcc: x"},
+            "notify": ["ops@example.org", "üser@example.org", "a@x.org>", "Admin <admin@example.org>"],
+        }
+        _sync(notifier._got_event(("workers", 13, "missing"), worker))
+        _sync(notifier.stopService())
+    finally:
+        twlog.removeObserver(observer)
+        h.doCleanups()
+    (sent,) = recorder.sent
+    assert sent["to"] == ["ops@example.org", "admin@example.org"]
+    raw = sent["raw"]
+    assert_wire_valid(raw)
+    msg = parsed(raw)
+    assert not re.search(rb"(?im)^bcc\s*:", raw.split(b"\r\n\r\n", 1)[0])
+    assert f"<{PROBE_TAG}" not in msg.get_body(("html",)).get_content()
+    assert ENCODED_WORD_BRANCH in str(msg["Subject"])
+    left_out = [line for line in lines if "left out" in line]
+    assert len(left_out) == 2 and "'üser@example.org'" in left_out[0] and "'a@x.org>'" in left_out[1]
