@@ -94,6 +94,8 @@ _EW_PREFIX, _EW_SUFFIX = "=?utf-8?q?", "?="
 _EW_TEXT_MAX = 75 - len(_EW_PREFIX) - len(_EW_SUFFIX)  # RFC 2047 2: a word is <= 75 chars
 _FOLD = "\r\n "
 _FOLD_AT = 76
+# Bytes quoted-printable writes as =XX (three bytes for one).
+_QP_ESCAPED = re.compile(rb"[^\t\n\x20-\x3c\x3e-\x7e]")
 # One wire line: printable ASCII and TAB only (CR LF is the separator).
 _WIRE_LINE_BAD = re.compile(rb"[^\t\x20-\x7e]")
 
@@ -109,6 +111,8 @@ def one_line(value: object, limit: int = MAX_HEADER_VALUE) -> str:
     space, control characters and line separators go, and the result is capped at ``limit``.
     Every header value we set, the rendered subject included, goes through here."""
     text = "" if value is None else str(value)
+    # Only the start can survive the cap: a megabyte value costs what a short one does.
+    text = text[: limit * 4 + 64]
     text = _SPACES.sub(" ", text)
     text = _CONTROL.sub("", text)
     # \s does not match U+2028/U+2029 everywhere; some mail clients break lines on them.
@@ -263,7 +267,7 @@ def body_cte(text: str) -> str:
     data = text.encode("utf-8")
     if data.isascii() and all(len(line) <= 990 for line in data.split(b"\n")):
         return "7bit"
-    escaped = sum(1 for b in data if b > 0x7E or b == 0x3D or (b < 0x20 and b not in (9, 10)))
+    escaped = len(_QP_ESCAPED.findall(data))
     qp = (len(data) + 2 * escaped) * 77 // 75
     b64 = (len(data) + 2) // 3 * 4 * 78 // 76
     return "quoted-printable" if qp <= b64 else "base64"
