@@ -24,7 +24,7 @@ from buildbot.reporters.generators.build import BuildStatusGenerator
 from buildbot.reporters.generators.worker import WorkerMissingGenerator
 from twisted.internet import defer
 
-from buildbot_mailext.addresses import address_errors, is_valid_address  # noqa: F401
+from buildbot_mailext.addresses import address_errors
 from buildbot_mailext.context import previous_build_same_branch, transition_for
 
 # mode name -> the transition text (from context.transition_for) that satisfies it
