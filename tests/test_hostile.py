@@ -23,7 +23,6 @@ import base64
 import email
 import os
 import re
-import sys
 import time
 import warnings
 from email import policy
@@ -399,12 +398,20 @@ def test_hostile_build_values_never_break_a_mail(values):
     STATS["largest"] = max(STATS["largest"], len(sent["raw"]))
 
 
-def teardown_module(module):
-    if STATS["examples"]:
-        # For the closing note of issue 6: how many mails the property test checked.
-        sys.__stdout__.write(
-            f"\ntest_hostile: {STATS['examples']} hostile builds mailed (profile {PROFILE!r}), "
-            f"largest mail {STATS['largest']:,} bytes (limit {mime.MAX_MAIL_BYTES:,})\n"
+@pytest.fixture(scope="module", autouse=True)
+def report_property_test_figures(request):
+    """For the closing note of issue 6: how many hostile builds were mailed, the largest
+    mail. Written through pytest's terminal reporter, with output capture paused."""
+    yield
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if not STATS["examples"] or reporter is None or capture is None:
+        return
+    with capture.global_and_fixture_disabled():
+        reporter.write_line("")
+        reporter.write_line(
+            f"test_hostile: {STATS['examples']} hostile builds mailed (profile {PROFILE!r}), "
+            f"largest mail {STATS['largest']:,} bytes (limit {mime.MAX_MAIL_BYTES:,})"
         )
 
 
