@@ -48,6 +48,7 @@ from zope.interface import implementer
 from buildbot_mailext import MailExtNotifier, MailRoute
 from buildbot_mailext import message as mime
 from buildbot_mailext.addresses import bare_address, is_valid_address
+from buildbot_mailext.transport import Delivery
 
 # buildbot.test made warnings errors; these two are known and harmless (see pytest.ini).
 warnings.filterwarnings("ignore", message="No path_separator found", category=DeprecationWarning)
@@ -101,7 +102,7 @@ class Recorder:
 
     def send(self, envelope_from, recipients, message, label):
         self.sent.append({"from": envelope_from, "to": list(recipients), "raw": message, "label": label})
-        return defer.succeed(True)
+        return defer.succeed(Delivery(label, "recorder", accepted=list(recipients), reply="250 recorded"))
 
     def stop(self):
         return defer.succeed(None)
