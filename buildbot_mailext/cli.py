@@ -27,9 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def subcommands() -> dict:
     """Subcommand name -> its module (imported lazily: ``--version`` stays instant)."""
-    from buildbot_mailext import cli_preflight, cli_preview
+    from buildbot_mailext import cli_preflight, cli_preview, cli_send_test
 
-    return {"preflight": cli_preflight, "preview": cli_preview}
+    return {"preflight": cli_preflight, "preview": cli_preview, "send-test": cli_send_test}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

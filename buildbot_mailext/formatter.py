@@ -32,6 +32,7 @@ from buildbot_mailext.context import worker_context
 from buildbot_mailext.templates import RenderedMail
 from buildbot_mailext.templates import TemplateSet
 from buildbot_mailext.templates import collapse_subject
+from buildbot_mailext.templates import error_location
 
 __all__ = ["MailExtFormatter"]
 
@@ -139,9 +140,10 @@ class MailExtFormatter(MessageFormatterBase):
             return mail, name, None
         except Exception as e:
             error = f"{type(e).__name__}: {e}"
-            where = getattr(e, "filename", None)
+            # file and line also for errors raised while rendering (an undefined variable)
+            where, line = error_location(e)
             if where:
-                error = f"{where}:{getattr(e, 'lineno', '?')}: {error}"
+                error = f"{where}:{line or '?'}: {error}"
         fallback = self._fallback_name(name, context, kind)
         log.msg(
             f"buildbot-mailext: template {name!r} (templates_dir={self.templates_dir!r}) failed "

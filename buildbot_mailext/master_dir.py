@@ -189,13 +189,14 @@ class MasterDir:
 
         url = self.database_url()
         self._check_sqlite_file(url)
+        shown = util.stripUrlPassword(url) if "@" in url else url
         sa.event.listen(sa.pool.Pool, "connect", _make_read_only)
         self._listening = True
         try:
             yield self.master.db.setup(check_version=True, verbose=False)
         except exceptions.DatabaseNotReadyError:
             raise MasterDirError(
-                f"the database {util.stripUrlPassword(url)} is not at the schema of this Buildbot "
+                f"the database {shown} is not at the schema of this Buildbot "
                 f"(Buildbot {version}): run the command with the Buildbot the "
                 f"master runs, or `buildbot upgrade-master {self.basedir}`"
             ) from None
@@ -203,7 +204,7 @@ class MasterDir:
             raise
         except Exception as e:
             raise MasterDirError(
-                f"cannot open the database {util.stripUrlPassword(url)}: {type(e).__name__}: "
+                f"cannot open the database {shown}: {type(e).__name__}: "
                 f"{' '.join(str(e).split())[:300]}"
             ) from None
         # The components start their own helpers (Buildbot >= 4.2 reads logs through a thread
@@ -232,7 +233,8 @@ class MasterDir:
                 yield component.stopService()
             pool = getattr(getattr(master, "db", None), "pool", None)
             if pool is not None:
-                yield pool.stop()
+                # stop() from Buildbot 4.1 on, shutdown() in 4.0
+                yield (pool.stop() if hasattr(pool, "stop") else pool.shutdown())
         finally:
             if self._listening:
                 import sqlalchemy as sa

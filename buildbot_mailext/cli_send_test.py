@@ -1,0 +1,210 @@
+"""``buildbot-mailext send-test MASTER_DIR --to ADDR [--notifier NAME]``: one real mail through a
+notifier's own transport, to prove the relay path end to end without breaking a build.
+
+The notifier is configured exactly as the master configures it (master.cfg loaded in-process,
+secrets rendered, ``reconfigService`` run: :mod:`buildbot_mailext.master_dir`), so the mail
+leaves through the same relayhost, TLS policy, CA file and AUTH. No database is opened.
+
+It prints the conversation summary: the server, the TLS version and the name the certificate
+was verified for, the accepted (and refused) recipients, the final reply and the queue id the
+relay gave. Exit status: 0 when the relay accepted the mail, 1 when it did not, 2 for usage
+errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, Optional
+
+from twisted.internet import defer
+from zope.interface import implementer
+
+from buildbot_mailext import message as mime
+from buildbot_mailext.master_dir import USAGE_EXIT, MasterDir, MasterDirError, run_command
+from buildbot_mailext.routes import is_valid_address
+
+SUBJECT = "buildbot-mailext test mail"
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "send-test",
+        help="send one real test mail through a notifier's configured relay",
+        description="Send ONE real test mail through the relay a notifier in MASTER_DIR/master.cfg "
+        "is configured with (relayhost, TLS, AUTH, secrets rendered as the master renders them), "
+        "and print the conversation summary: server, TLS version and verified name, accepted "
+        "recipients, queue id. Exit 0 if the relay accepted the mail, 1 if not.",
+    )
+    parser.add_argument("master_dir", metavar="MASTER_DIR", help="a Buildbot master directory")
+    parser.add_argument("--to", required=True, metavar="ADDR", help="the recipient of the test mail")
+    parser.add_argument("--notifier", metavar="NAME", help="which notifier (needed when there are several)")
+    parser.add_argument("--config", default="master.cfg", help="config file name in MASTER_DIR (default master.cfg)")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    if not is_valid_address(args.to):
+        print(f"send-test: --to {args.to!r} is not an email address (user@example.org)", file=sys.stderr)
+        return USAGE_EXIT
+    return run_command(lambda: SendTest(args).run())
+
+
+# --- TLS facts ---------------------------------------------------------------------------------
+
+
+def _install_tls_recorder(transport: Any) -> list[Any]:
+    """Record the OpenSSL connections the transport's TLS connection creators make, so the
+    summary can say which TLS version was negotiated and which certificate was verified.
+    The transport keeps its creators for STARTTLS (``_starttls_context``) and SMTPS
+    (``_tls_creator``); each is wrapped, not replaced."""
+    from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+
+    connections: list[Any] = []
+
+    @implementer(IOpenSSLClientConnectionCreator)
+    class Recording:
+        def __init__(self, inner: Any):
+            self.inner = inner
+
+        def clientConnectionForTLS(self, tls_protocol: Any) -> Any:
+            connection = self.inner.clientConnectionForTLS(tls_protocol)
+            connections.append(connection)
+            return connection
+
+    for attribute in ("_starttls_context", "_tls_creator"):
+        inner = getattr(transport, attribute, None)
+        if inner is not None:
+            setattr(transport, attribute, Recording(inner))
+    return connections
+
+
+def _certificate_names(connection: Any) -> tuple[Optional[str], list[str]]:
+    """(subject CN, DNS/IP names) of the peer certificate, when there was one."""
+    cert = connection.get_peer_certificate()
+    if cert is None:
+        return None, []
+    from cryptography import x509
+
+    c = cert.to_cryptography()
+    cn = [a.value for a in c.subject.get_attributes_for_oid(x509.oid.NameOID.COMMON_NAME)]
+    try:
+        san = c.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        names = [str(n) for n in san.get_values_for_type(x509.DNSName)]
+        names += [str(n) for n in san.get_values_for_type(x509.IPAddress)]
+    except x509.ExtensionNotFound:
+        names = []
+    return (str(cn[0]) if cn else None), names
+
+
+def describe_tls(settings: Any, connections: list[Any], delivery: Any) -> str:
+    """One line: "TLSv1.3, certificate verified for relay.example.org (...)", or why no TLS."""
+    reported = getattr(delivery, "tls", None)
+    if reported:
+        return str(reported)
+    if settings.tls == "none":
+        return "none (plain SMTP: useTls/useSmtps not set)"
+    if not connections:
+        return f"{settings.tls.upper()} configured, no TLS session was established"
+    connection = connections[-1]
+    version = connection.get_protocol_version_name()
+    cn, names = _certificate_names(connection)
+    shown = ", ".join(names) or (f"CN={cn}" if cn else "no names")
+    if not settings.tls_verify:
+        return f"{version}, certificate NOT verified (tls_verify=False; it names {shown})"
+    trust = f"CA file {settings.tls_ca_file}" if settings.tls_ca_file else "the system's trust store"
+    return f"{version}, certificate verified for {settings.host!r} against {trust} (it names {shown})"
+
+
+# --- the command -------------------------------------------------------------------------------
+
+
+class SendTest:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+
+    async def run(self) -> int:
+        from buildbot_mailext.notifier import MailExtNotifier
+
+        master_dir = MasterDir(self.args.master_dir, self.args.config)
+        try:
+            master_dir.load_config()
+            notifier = master_dir.notifier(self.args.notifier)
+            if not isinstance(notifier, MailExtNotifier):
+                raise MasterDirError(
+                    f"notifier {notifier.name!r} is a stock {type(notifier).__name__}: send-test sends through "
+                    "MailExtNotifier's transport; check a stock notifier with `buildbot-mailext preflight`"
+                )
+            await master_dir.open(database=False)
+            await master_dir.configure_notifier(notifier)
+            return await self._send(master_dir, notifier)
+        except MasterDirError as e:
+            print(f"send-test: {e}", file=sys.stderr)
+            return e.exit_code
+        finally:
+            await master_dir.close()
+
+    async def _send(self, master_dir: MasterDir, notifier: Any) -> int:
+        from twisted.python import log
+
+        transport = notifier.transport
+        settings = transport.settings
+        title = master_dir.config.title or "Buildbot"
+        msg = mime.build_email(
+            subject=f"{SUBJECT} from {title} (notifier {notifier.name})",
+            from_addr=notifier.fromaddr,
+            to=[self.args.to],
+            text=(
+                f"This is a test mail from `buildbot-mailext send-test {master_dir.basedir}`.\n\n"
+                f"It left through the relay of notifier {notifier.name!r}: {settings.route_label()}.\n"
+                "If you read it, build mail from this master can reach this address.\n"
+            ),
+            html=None,
+            headers={"X-Buildbot-Mailext-Test": "send-test"},
+        )
+        envelope_from = mime.bare_address(notifier.fromaddr)
+        recipients = mime.envelope_recipients([self.args.to])
+        connections = _install_tls_recorder(transport)
+        said: list[str] = []  # the transport's own outcome line(s)
+
+        def observe(event: dict) -> None:
+            text = log.textFromEventDict(event)
+            if text and "send-test" in text:
+                said.append(text)
+
+        print(f"send-test: notifier {notifier.name!r}: sending to {', '.join(recipients)} via {settings.route_label()}")
+        log.addObserver(observe)
+        try:
+            outcome = await notifier.transport.send(envelope_from, recipients, mime.message_bytes(msg), "send-test")
+        finally:
+            # Nothing stays behind: a retry the transport scheduled is dropped (and said so).
+            await defer.maybeDeferred(notifier.transport.stop)
+            log.removeObserver(observe)
+        return self._report(settings, connections, outcome, msg, said)
+
+    def _report(self, settings: Any, connections: list[Any], outcome: Any, msg: Any, said: list[str]) -> int:
+        delivered = outcome if isinstance(outcome, bool) else bool(getattr(outcome, "delivered", False))
+        rows = [
+            ("server", settings.route_label()),
+            ("TLS", describe_tls(settings, connections, outcome)),
+            ("AUTH", f"as {settings.user}" if settings.user else "none"),
+            ("from", mime.bare_address(str(msg["From"]))),
+            ("Message-ID", str(msg["Message-ID"])),
+        ]
+        if not isinstance(outcome, bool):
+            rows += [
+                ("accepted", ", ".join(outcome.accepted) or "none"),
+                ("refused", "; ".join(f"{r} ({why})" for r, why in
+                                      {**outcome.refused_permanently, **outcome.refused_temporarily}.items()) or "none"),
+                ("reply", outcome.reply or "none"),
+                ("queue id", outcome.queue_id or "(the reply names none)"),
+            ]
+            if outcome.failure is not None:
+                rows.append(("failure", f"{outcome.failure.kind}: {outcome.failure}"))
+        for line in said:
+            rows.append(("transport", line))
+        width = max(len(name) for name, _ in rows)
+        for name, value in rows:
+            print(f"  {name + ':':<{width + 1}} {value}")
+        print("send-test: " + ("the relay accepted the mail" if delivered else "NOT delivered (see above)"))
+        return 0 if delivered else 1
