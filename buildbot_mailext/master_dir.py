@@ -175,8 +175,12 @@ class MasterDir:
         master.config.mq = {"type": "simple"}
         yield master.mq.setup()
         master.config = self.config
-        if self.config.secretsProviders:
-            yield master.secrets_manager.reconfigServiceWithBuildbotConfig(self.config)
+        # The secret providers, configured as the master's secrets manager configures them
+        # (its own reconfig would also claim them in the database).
+        manager = master.secrets_manager
+        for provider in manager.get_service_config(self.config).values():
+            yield provider.setServiceParent(manager)
+            yield provider.configureService()
         if database:
             yield self._open_database()
         return master
