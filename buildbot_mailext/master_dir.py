@@ -224,7 +224,13 @@ class MasterDir:
         """Configure ``notifier`` as the master does at start (secrets rendered,
         ``reconfigService`` run), attached to our never-started master."""
         yield notifier.setServiceParent(self.master)
-        yield notifier.configureService()
+        try:
+            yield notifier.configureService()
+        except KeyError as e:  # how Buildbot's secrets manager says a secret is missing
+            raise MasterDirError(
+                f"notifier {notifier.name!r}: {e.args[0] if e.args else e}: check c['secretsProviders'] "
+                "and that this user can read the secrets"
+            ) from None
         return notifier
 
     @defer.inlineCallbacks

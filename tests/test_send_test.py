@@ -123,6 +123,26 @@ def test_auth_password_from_a_secret(tmp_path):
     assert "as buildbot" in done.stdout
 
 
+def test_missing_secret_is_one_line(tmp_path):
+    secrets = tmp_path / "secrets"
+    secrets.mkdir(mode=0o700)
+    cfg = master_dir(
+        tmp_path,
+        """reporters.MailExtNotifier(name="mail", fromaddr="buildbot@example.org", preflight="off",
+            relayhost="[127.0.0.1]:2525", useTls=True,
+            smtpUser="buildbot", smtpPassword=util.Secret("smtp_password")),
+        """,
+        preamble="from buildbot.plugins import secrets\n"
+        f"c['secretsProviders'] = [secrets.SecretInAFile({str(secrets)!r})]\n",
+    )
+    done = send_test(cfg, "--to", TO)
+    assert done.returncode == 2
+    assert done.stderr == (
+        "send-test: notifier 'mail': secret key smtp_password is not found in any provider: "
+        "check c['secretsProviders'] and that this user can read the secrets\n"
+    )
+
+
 def test_refused_relay_exits_1_with_the_cause(tmp_path):
     with closed_port() as port:
         cfg = master_dir(
