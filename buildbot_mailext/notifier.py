@@ -46,7 +46,7 @@ from buildbot_mailext.routes import (
     is_valid_address,
 )
 from buildbot_mailext.templates import TemplateSet
-from buildbot_mailext.transport import MailTransport
+from buildbot_mailext.transport import Delivery, MailTransport, describe
 
 # Template used when no routes are configured: it must read well for every result,
 # since the stock default modes mail passing builds too.
@@ -75,6 +75,8 @@ def notifier_arguments(
     tls_ca_file=None,
     tls_verify=True,
     allow_plaintext_auth=False,
+    smtp_cache_time=2.0,
+    smtp_max_sessions=4,
 ) -> dict[str, Any]:
     """Every argument ``MailExtNotifier`` takes, with its default: stock ``MailNotifier``'s
     in stock's positional order, then ours. ``checkConfig`` and ``reconfigService`` both
@@ -107,6 +109,7 @@ STOCK_ARGUMENTS = (
 SMTP_ARGUMENTS = (
     "relayhost", "smtpPort", "useTls", "useSmtps", "smtpUser", "smtpPassword",
     "tls_ca_file", "tls_verify", "allow_plaintext_auth", "smtp_timeout",
+    "smtp_cache_time", "smtp_max_sessions",
 )
 
 
@@ -194,7 +197,7 @@ class MailExtNotifier(MailNotifier):
         if getattr(self, "transport", None) is None:
             self.transport = MailTransport(settings)
         elif self.transport.settings != settings:
-            # Pending retries go to the new server: that is usually why the config changed.
+            # The next sessions go to the new server: that is usually why the config changed.
             self.transport.settings = settings
         for warning in settings.startup_warnings():
             log.msg(f"{self.name}: {warning}")
@@ -459,12 +462,21 @@ class MailExtNotifier(MailNotifier):
         return attachments
 
     def sendMail(self, m, recipients, label: str | None = None):
-        """Hand one message to the transport. Never errbacks: the transport logs and
-        retries what it cannot deliver now."""
+        """Hand one message to the transport; fires with its Delivery, never errbacks."""
         data = mime.message_bytes(m) if hasattr(m, "as_bytes") else m.as_string().encode()
         label = label or f"mail {m['Message-ID']}"
         log.msg(f"{self.name}: sending {label} ({len(data)} bytes) to {', '.join(recipients)}")
         if self.dumpMailsToLog:
             log.msg(f"mail data:\n{data.decode('utf-8', 'replace')}")
-        return self.transport.send(mime.bare_address(self.fromaddr), recipients, data, label)
+        d = self.transport.send(mime.bare_address(self.fromaddr), recipients, data, label)
+        return d.addCallback(self._log_delivery)
+
+    @staticmethod
+    def _log_delivery(delivery: Delivery) -> Delivery:
+        # Until the durable outbox (issue 7) takes over: one line per outcome, no retry.
+        line = describe(delivery)
+        if delivery.refused_temporarily or not delivery.delivered:
+            line += "; not retried: mail lost for the recipients not reached"
+        log.msg(line)
+        return delivery
 
