@@ -17,7 +17,6 @@ import argparse
 import sys
 from typing import Any, Optional
 
-from twisted.internet import defer
 from zope.interface import implementer
 
 from buildbot_mailext import message as mime
@@ -145,8 +144,6 @@ class SendTest:
             await master_dir.close()
 
     async def _send(self, master_dir: MasterDir, notifier: Any) -> int:
-        from twisted.python import log
-
         transport = notifier.transport
         settings = transport.settings
         title = master_dir.config.title or "Buildbot"
@@ -165,46 +162,31 @@ class SendTest:
         envelope_from = mime.bare_address(notifier.fromaddr)
         recipients = mime.envelope_recipients([self.args.to])
         connections = _install_tls_recorder(transport)
-        said: list[str] = []  # the transport's own outcome line(s)
-
-        def observe(event: dict) -> None:
-            text = log.textFromEventDict(event)
-            if text and "send-test" in text:
-                said.append(text)
-
         print(f"send-test: notifier {notifier.name!r}: sending to {', '.join(recipients)} via {settings.route_label()}")
-        log.addObserver(observe)
         try:
-            outcome = await notifier.transport.send(envelope_from, recipients, mime.message_bytes(msg), "send-test")
+            delivery = await transport.send(envelope_from, recipients, mime.message_bytes(msg), "send-test")
         finally:
-            # Nothing stays behind: a retry the transport scheduled is dropped (and said so).
-            await defer.maybeDeferred(notifier.transport.stop)
-            log.removeObserver(observe)
-        return self._report(settings, connections, outcome, msg, said)
+            await transport.stop()  # QUIT on the cached connection: nothing stays behind
+        return self._report(settings, connections, delivery, msg)
 
-    def _report(self, settings: Any, connections: list[Any], outcome: Any, msg: Any, said: list[str]) -> int:
-        delivered = outcome if isinstance(outcome, bool) else bool(getattr(outcome, "delivered", False))
+    def _report(self, settings: Any, connections: list[Any], delivery: Any, msg: Any) -> int:
+        """The summary, from the transport's Delivery (transport.py) of this one attempt."""
+        refused = {**delivery.refused_permanently, **delivery.refused_temporarily}
         rows = [
             ("server", settings.route_label()),
-            ("TLS", describe_tls(settings, connections, outcome)),
+            ("TLS", describe_tls(settings, connections, delivery)),
             ("AUTH", f"as {settings.user}" if settings.user else "none"),
             ("from", mime.bare_address(str(msg["From"]))),
             ("Message-ID", str(msg["Message-ID"])),
+            ("accepted", ", ".join(delivery.accepted) or "none"),
+            ("refused", "; ".join(f"{r} ({why})" for r, why in refused.items()) or "none"),
+            ("reply", delivery.reply or "none"),
+            ("queue id", delivery.queue_id or "(the reply names none)"),
         ]
-        if not isinstance(outcome, bool):
-            rows += [
-                ("accepted", ", ".join(outcome.accepted) or "none"),
-                ("refused", "; ".join(f"{r} ({why})" for r, why in
-                                      {**outcome.refused_permanently, **outcome.refused_temporarily}.items()) or "none"),
-                ("reply", outcome.reply or "none"),
-                ("queue id", outcome.queue_id or "(the reply names none)"),
-            ]
-            if outcome.failure is not None:
-                rows.append(("failure", f"{outcome.failure.kind}: {outcome.failure}"))
-        for line in said:
-            rows.append(("transport", line))
+        if delivery.failure is not None:
+            rows.append(("failure", f"{delivery.failure.kind}: {delivery.failure}"))
         width = max(len(name) for name, _ in rows)
         for name, value in rows:
             print(f"  {name + ':':<{width + 1}} {value}")
-        print("send-test: " + ("the relay accepted the mail" if delivered else "NOT delivered (see above)"))
-        return 0 if delivered else 1
+        print("send-test: " + ("the relay accepted the mail" if delivery.delivered else "NOT delivered (see above)"))
+        return 0 if delivery.delivered else 1

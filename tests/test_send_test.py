@@ -76,7 +76,10 @@ def test_plain_relay_gets_one_mail(tmp_path):
     assert msg["To"] == TO
     assert f"127.0.0.1:{srv.port} (plain SMTP)" in done.stdout
     assert "TLS:" in done.stdout and "none (plain SMTP" in done.stdout
-    assert "queued as 1" in done.stdout  # the relay's 250 reply, with its queue id
+    rows = dict(line.strip().split(": ", 1) for line in done.stdout.splitlines()[1:-1])
+    assert rows["accepted"].strip() == TO
+    assert rows["reply"].strip() == "250 OK queued as 1"  # the relay's 250 reply ...
+    assert rows["queue id"].strip() == "1"  # ... and the queue id it names
     assert done.stdout.rstrip().endswith("send-test: the relay accepted the mail")
 
 
