@@ -29,7 +29,9 @@ from email import policy
 from typing import Any, Optional
 
 from buildbot_mailext import message as mime
-from buildbot_mailext.master_dir import TEMPLATE_ERROR_EXIT, USAGE_EXIT, MasterDir, MasterDirError
+from buildbot_mailext.master_dir import (
+    TEMPLATE_ERROR_EXIT, USAGE_EXIT, MasterDir, MasterDirError, add_master_dir_arguments,
+)
 
 DEFAULT_OUT = "mailext-preview"
 
@@ -44,8 +46,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "built-in sample failing build. Writes NAME.eml, NAME.txt and NAME.html and prints their "
         "paths and the headers. Exit 1 when a template does not render, 2 for usage errors.",
     )
-    parser.add_argument("master_dir", nargs="?", metavar="MASTER_DIR", help="a Buildbot master directory")
-    parser.add_argument("--config", default="master.cfg", help="config file name in MASTER_DIR (default master.cfg)")
+    add_master_dir_arguments(parser, optional=True)
     parser.add_argument("--builder", metavar="NAME", help="only this builder (default: every builder)")
     parser.add_argument(
         "--build", type=int, metavar="NUMBER", help="this build number of --builder (default: its last finished build)"

@@ -20,7 +20,7 @@ from typing import Any, Optional
 from zope.interface import implementer
 
 from buildbot_mailext import message as mime
-from buildbot_mailext.master_dir import USAGE_EXIT, MasterDir, MasterDirError, run_command
+from buildbot_mailext.master_dir import USAGE_EXIT, MasterDir, MasterDirError, add_master_dir_arguments, run_command
 from buildbot_mailext.routes import is_valid_address
 
 SUBJECT = "buildbot-mailext test mail"
@@ -35,10 +35,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "and print the conversation summary: server, TLS version and verified name, accepted "
         "recipients, queue id. Exit 0 if the relay accepted the mail, 1 if not.",
     )
-    parser.add_argument("master_dir", metavar="MASTER_DIR", help="a Buildbot master directory")
+    add_master_dir_arguments(parser)
     parser.add_argument("--to", required=True, metavar="ADDR", help="the recipient of the test mail")
     parser.add_argument("--notifier", metavar="NAME", help="which notifier (needed when there are several)")
-    parser.add_argument("--config", default="master.cfg", help="config file name in MASTER_DIR (default master.cfg)")
     return parser
 
 

@@ -27,10 +27,20 @@ from twisted.python.failure import Failure
 
 from buildbot_mailext import preflight
 
-__all__ = ["MasterDir", "MasterDirError", "TEMPLATE_ERROR_EXIT", "USAGE_EXIT", "run_command"]
+__all__ = [
+    "MasterDir", "MasterDirError", "TEMPLATE_ERROR_EXIT", "USAGE_EXIT", "add_master_dir_arguments", "run_command",
+]
 
 USAGE_EXIT = 2  # unreadable master.cfg, no database, bad options
 TEMPLATE_ERROR_EXIT = 1  # a template that does not render (the thing an operator came to check)
+
+
+def add_master_dir_arguments(parser: Any, optional: bool = False) -> None:
+    """``MASTER_DIR`` and ``--config FILE``, worded alike in every command that reads a master."""
+    parser.add_argument(
+        "master_dir", nargs="?" if optional else None, metavar="MASTER_DIR", help="a Buildbot master directory"
+    )
+    parser.add_argument("--config", default="master.cfg", help="config file name in MASTER_DIR (default master.cfg)")
 
 
 class MasterDirError(Exception):

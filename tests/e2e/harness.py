@@ -19,6 +19,7 @@ by name.
 
 from __future__ import annotations
 
+import contextlib
 import email
 import email.policy
 import importlib.util
@@ -35,6 +36,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from pathlib import Path
+from typing import Iterator
 
 LOOPBACK = "127.0.0.1"
 
@@ -449,3 +451,27 @@ def repo_root() -> Path:
 
 def example_cfg_text() -> str:
     return (repo_root() / "master.cfg.example").read_text()
+
+
+@contextlib.contextmanager
+def running_site(
+    basedir: Path,
+    cfg_text: str,
+    env: dict[str, str] | None = None,
+    worker_name: str = "example-worker",
+    worker_password: str = "example-pass",
+) -> Iterator[tuple[Master, Worker]]:
+    """``basedir/master`` running ``cfg_text`` with its worker ``basedir/worker`` connected;
+    both stopped (by the PIDs started here) when the block ends, whatever happened."""
+    master = Master(Path(basedir) / "master", cfg_text, env=env)
+    worker = Worker(Path(basedir) / "worker", master.pb_port, worker_name, worker_password)
+    try:
+        master.create()
+        master.start()
+        worker.create()
+        worker.start()
+        master.wait_worker(worker_name)
+        yield master, worker
+    finally:
+        worker.stop()
+        master.stop()

@@ -18,7 +18,7 @@ from email import policy
 
 import pytest
 
-from harness import Master, SmtpSink, Worker, example_cfg_text
+from harness import Master, SmtpSink, example_cfg_text, running_site
 
 pytest.importorskip("aiosmtpd")
 
@@ -28,24 +28,13 @@ ROUTE = "runtests-to-dev"
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("preview")
-    sink = SmtpSink().start()
-    master = Master(tmp / "master", example_cfg_text(),
-                    env={"MAILEXT_RELAYHOST": sink.relayhost, "MAILEXT_PREFLIGHT": "warn"})
-    worker = Worker(tmp / "worker", master.pb_port, "example-worker", "example-pass")
-    try:
-        master.create()
-        master.start()
-        worker.create()
-        worker.start()
-        master.wait_worker("example-worker")
+    with SmtpSink() as sink, running_site(
+        tmp, example_cfg_text(), env={"MAILEXT_RELAYHOST": sink.relayhost, "MAILEXT_PREFLIGHT": "warn"}
+    ) as (master, _):
         master.force_and_wait("force", "runtests", timeout=90)
         master.force_and_wait("force", "docs", timeout=90)
         (mail,) = sink.wait_for(1, timeout=30)
         yield master, mail, tmp
-    finally:
-        worker.stop()
-        master.stop()
-        sink.stop()
 
 
 def preview(master: Master, *args: str) -> subprocess.CompletedProcess:
