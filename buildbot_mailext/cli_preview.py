@@ -340,7 +340,7 @@ class MasterPreview:
             context.update(formatter.context)
             mail, rendered, error = formatter.render(formatter.template, context)
             report = dict(
-                formatter._msgdict(mail, rendered, error),
+                formatter.message_dict(mail, rendered, error),
                 results=context["results"], builds=[context["build"]], buildset=context["build"]["buildset"],
                 users=[], patches=None, logs=None,
             )

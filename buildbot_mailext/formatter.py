@@ -170,7 +170,9 @@ class MailExtFormatter(MessageFormatterBase):
         )
         return RenderedMail(subject=subject, text=text, html=f"<pre>{html_mod.escape(text)}</pre>")
 
-    def _msgdict(self, mail: RenderedMail, name: str, error: str | None) -> dict:
+    def message_dict(self, mail: RenderedMail, name: str, error: str | None) -> dict:
+        """The formatter's answer to Buildbot for one rendered mail (also what ``preview
+        --sample`` hands the notifier)."""
         return {
             "body": mail.html,
             "type": self.template_type,
@@ -197,7 +199,7 @@ class MailExtFormatter(MessageFormatterBase):
         context["is_buildset"] = is_buildset
         context.update(self.context)
         mail, name, error = self.render(self.template, context)
-        return self._msgdict(mail, name, error)
+        return self.message_dict(mail, name, error)
 
     @async_to_deferred
     async def format_message_for_buildset(
@@ -229,7 +231,7 @@ class MailExtFormatter(MessageFormatterBase):
             context["result"] = result_name(buildset["results"])
         context.update(self.context)
         mail, name, error = self.render(self.template, context)
-        return self._msgdict(mail, name, error)
+        return self.message_dict(mail, name, error)
 
     @async_to_deferred
     async def formatMessageForMissingWorker(self, master, worker: dict) -> dict:
@@ -237,4 +239,4 @@ class MailExtFormatter(MessageFormatterBase):
         context = worker_context(master, worker)
         context.update(self.context)
         mail, rendered, error = self.render(name, context, kind="worker")
-        return self._msgdict(mail, rendered, error)
+        return self.message_dict(mail, rendered, error)
