@@ -162,10 +162,8 @@ class SendTest:
         recipients = mime.envelope_recipients([self.args.to])
         connections = _install_tls_recorder(transport)
         print(f"send-test: notifier {notifier.name!r}: sending to {', '.join(recipients)} via {settings.route_label()}")
-        try:
-            delivery = await transport.send(envelope_from, recipients, mime.message_bytes(msg), "send-test")
-        finally:
-            await transport.stop()  # QUIT on the cached connection: nothing stays behind
+        # MasterDir.close() stops the notifier afterwards: QUIT on the cached connection.
+        delivery = await transport.send(envelope_from, recipients, mime.message_bytes(msg), "send-test")
         return self._report(settings, connections, delivery, msg)
 
     def _report(self, settings: Any, connections: list[Any], delivery: Any, msg: Any) -> int:

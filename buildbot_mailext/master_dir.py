@@ -89,6 +89,7 @@ class MasterDir:
         self.master: Any = None
         self._listening = False
         self._started: list[Any] = []  # database components to stop again
+        self._configured: list[Any] = []  # notifiers to stop again (transport, trackers)
 
     # -- configuration ------------------------------------------------------------------------
 
@@ -234,6 +235,7 @@ class MasterDir:
         """Configure ``notifier`` as the master does at start (secrets rendered,
         ``reconfigService`` run), attached to our never-started master."""
         yield notifier.setServiceParent(self.master)
+        self._configured.append(notifier)
         try:
             yield notifier.configureService()
         except KeyError as e:  # how Buildbot's secrets manager says a secret is missing
@@ -248,6 +250,10 @@ class MasterDir:
         """Stop the database pool and drop the read-only hook."""
         master, self.master = self.master, None
         try:
+            # The notifiers' own stopService: QUIT on cached connections, trackers stopped.
+            configured, self._configured = self._configured, []
+            for notifier in configured:
+                yield notifier.stopService()
             started, self._started = self._started, []
             for component in reversed(started):
                 yield component.stopService()
