@@ -29,6 +29,7 @@ from email import policy
 from typing import Any, Optional
 
 from buildbot_mailext import message as mime
+from buildbot_mailext.addresses import address_errors
 from buildbot_mailext.master_dir import (
     TEMPLATE_ERROR_EXIT, USAGE_EXIT, MasterDir, MasterDirError, add_master_dir_arguments,
 )
@@ -124,6 +125,13 @@ def _preview_templates(args: argparse.Namespace) -> int:
     from buildbot_mailext.samples import sample_context
     from buildbot_mailext.templates import TemplateSet
 
+    # The same address gate as master.cfg's fromaddr and MailRoute(to=...).
+    bad = address_errors(args.fromaddr, "preview", "--from") + [
+        error for to in args.to or [] for error in address_errors(to, "preview", "--to")
+    ]
+    if bad:
+        print("\n".join(bad), file=sys.stderr)
+        return 2
     templates = TemplateSet(args.templates_dir)
     problems = templates.validate(args.template)
     if problems:

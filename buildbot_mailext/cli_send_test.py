@@ -21,7 +21,7 @@ from zope.interface import implementer
 
 from buildbot_mailext import message as mime
 from buildbot_mailext.master_dir import USAGE_EXIT, MasterDir, MasterDirError, add_master_dir_arguments, run_command
-from buildbot_mailext.routes import is_valid_address
+from buildbot_mailext.addresses import address_errors
 
 SUBJECT = "buildbot-mailext test mail"
 
@@ -42,8 +42,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    if not is_valid_address(args.to):
-        print(f"send-test: --to {args.to!r} is not an email address (user@example.org)", file=sys.stderr)
+    bad = address_errors(args.to, "send-test", "--to")  # the gate master.cfg's addresses pass
+    if bad:
+        print("\n".join(bad), file=sys.stderr)
         return USAGE_EXIT
     return run_command(lambda: SendTest(args).run())
 

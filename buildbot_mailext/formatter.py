@@ -25,7 +25,9 @@ from buildbot import config
 from buildbot.reporters.message import MessageFormatterBase
 from buildbot.util.twisted import async_to_deferred
 
+from buildbot_mailext.context import MAX_ITEMS
 from buildbot_mailext.context import build_context
+from buildbot_mailext.context import build_line
 from buildbot_mailext.context import result_name
 from buildbot_mailext.samples import sample_context
 from buildbot_mailext.context import worker_context
@@ -216,18 +218,8 @@ class MailExtFormatter(MessageFormatterBase):
         if not builds:
             return {"body": None, "type": self.template_type, "subject": None, "extra_info": None}
         context = await build_context(master, builds[0], mode, users or [], self.log_tail_lines)
-        summaries = []
-        for build in builds:
-            builder = build.get("builder") or {}
-            summaries.append({
-                "buildername": builder.get("name", ""),
-                "buildnumber": build.get("number"),
-                "results": build.get("results"),
-                "result": result_name(build.get("results")),
-                "state_string": build.get("state_string") or "",
-                "url": build.get("url"),
-            })
-        context["builds"] = summaries
+        # Names and state strings bounded like every other value from a build.
+        context["builds"] = [build_line(build) for build in builds[:MAX_ITEMS]]
         context["is_buildset"] = True
         if buildset.get("results") is not None:
             context["results"] = buildset["results"]

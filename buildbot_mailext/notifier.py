@@ -19,7 +19,6 @@ import hashlib
 import inspect
 import os
 import re
-from types import SimpleNamespace
 from typing import Any, Sequence
 
 from buildbot import config
@@ -38,6 +37,7 @@ from twisted.python import log
 from buildbot_mailext import message as mime
 from buildbot_mailext import postfix_queue
 from buildbot_mailext import preflight as preflight_mod
+from buildbot_mailext.addresses import address_errors, is_valid_address, split_recipients
 from buildbot_mailext.formatter import MailExtFormatter
 from buildbot_mailext.masterconfig import KnownNames, check_after_load, in_master_dir
 from buildbot_mailext.relay import SmtpSettings, check_smtp_settings
@@ -45,7 +45,6 @@ from buildbot_mailext.routes import (
     MailExtWorkerMissingGenerator,
     MailRoute,
     RouteGenerator,
-    is_valid_address,
 )
 from buildbot_mailext.templates import TemplateSet
 from buildbot_mailext.transport import Delivery, MailTransport, describe
@@ -136,12 +135,8 @@ class MailExtNotifier(MailNotifier):
         fromaddr = arguments["fromaddr"]
         routes, generators = arguments["routes"], arguments["generators"]
         extraHeaders, preflight = arguments["extraHeaders"], arguments["preflight"]
-        errors: list[str] = []
-        if not is_valid_address(fromaddr):
-            errors.append(
-                f"MailExtNotifier: fromaddr {fromaddr!r} is not a valid email address; "
-                "write it as 'buildbot@example.org' or 'Buildbot <buildbot@example.org>'"
-            )
+        errors: list[str] = address_errors(fromaddr, "MailExtNotifier", "fromaddr")
+        errors.extend(self._extra_recipient_errors(arguments["extraRecipients"]))
         routes = self._route_list(routes, errors)
         templates_dir = self._resolve_templates_dir(arguments["templates_dir"])
         if generators is not None and not isinstance(generators, list):
@@ -187,6 +182,9 @@ class MailExtNotifier(MailNotifier):
         stock = _subset(arguments, STOCK_ARGUMENTS)
         if not isinstance(extraHeaders, dict):
             stock["extraHeaders"] = None  # reported above, in our words
+        # Checked above with the strict gate (stock's unanchored check would both miss
+        # "a@x.org, b@x.org" and refuse buildbot@localhost).
+        stock["extraRecipients"] = None
         super().checkConfig(fromaddr, generators=built, **stock)
         if errors:
             return
@@ -306,6 +304,21 @@ class MailExtNotifier(MailNotifier):
                     f"MailExtNotifier: routes must contain MailRoute(...) objects, got {route!r}"
                 )
         return good
+
+    @staticmethod
+    def _extra_recipient_errors(extra_recipients) -> list[str]:
+        if extra_recipients is None:
+            return []
+        if not isinstance(extra_recipients, (list, tuple)):
+            return [
+                f"MailExtNotifier: extraRecipients must be a list of addresses, got "
+                f"{extra_recipients!r}; write extraRecipients=['ops@example.org']"
+            ]
+        return [
+            error
+            for address in extra_recipients
+            for error in address_errors(address, "MailExtNotifier", "extraRecipients")
+        ]
 
     @staticmethod
     def _check_route_names(routes: list[MailRoute], known: KnownNames) -> None:
@@ -460,24 +473,57 @@ class MailExtNotifier(MailNotifier):
             # Worker-missing mail goes to the worker's notify addresses, as in stock.
             to, cc = list(users), []
         else:
-            interested = yield self.findInterrestedUsersEmails(list(users))
+            interested = []
+            if self.sendToInterestedUsers:
+                interested = yield self._interested_addresses(list(users))
             to, cc = self._stock_to_cc(interested)
         yield self._compose_and_send(reports, to=to, cc=cc, what="generator")
 
     def _stock_to_cc(self, interested) -> tuple[list[str], list[str]]:
         # Same rule as stock processRecipients(): extras go to Cc when mailing
-        # interested users, so they can tell they are copied.
-        to = sorted(set(interested))
+        # interested users, so they can tell they are copied. Only interested users that
+        # pass the address gate count: when none does, the extras are the To, as in stock
+        # with nobody interested. (The others stay in To so the compose step logs them.)
+        rejected = [a for a in interested if not is_valid_address(a)]
+        to = sorted({a for a in interested if is_valid_address(a)}, key=str)
         extras = list(self.extraRecipients or [])
         if self.sendToInterestedUsers and to:
-            return to, [e for e in extras if e not in to]
-        return sorted(set(to) | set(extras)), []
+            return to + rejected, [e for e in extras if e not in to]
+        return sorted(set(to) | set(extras)) + rejected, []
 
+    @defer.inlineCallbacks
     def _interested_addresses(self, users):
-        # Stock's lookup and address clean-up, applied whatever the notifier-wide
-        # sendToInterestedUsers says: the route asked for interested users.
-        stand_in = SimpleNamespace(sendToInterestedUsers=True, lookup=self.lookup)
-        return MailNotifier.findInterrestedUsersEmails(stand_in, list(users))
+        """Stock's lookup and "two @" repair (findInterrestedUsersEmails), minus its loose
+        address check: what comes out goes through the address gate when the mail is
+        composed. A lookup that fails or answers something that is not text leaves that
+        user out (one log line), never the mail."""
+        addresses = []
+        for user in users:
+            address = user
+            if self.lookup:
+                try:
+                    address = yield defer.maybeDeferred(self.lookup.getAddress, user)
+                except Exception as e:
+                    log.msg(
+                        f"{self.name}: lookup of {mime.one_line(repr(user), 200)} failed "
+                        f"({mime.one_line(e, 200)}); that user is left out"
+                    )
+                    continue
+            if isinstance(address, bytes):
+                address = address.decode("utf-8", "replace")
+            if address is None or (isinstance(address, str) and not address.strip()):
+                continue  # stock: getAddress did not like this user; or no one (anonymous)
+            if not isinstance(address, str):
+                log.msg(
+                    f"{self.name}: lookup of {mime.one_line(repr(user), 200)} gave "
+                    f"{type(address).__name__}, not an address; that user is left out"
+                )
+                continue
+            # Git can give 'User' <user@foo.com>@foo.com: stock chops the last @.
+            if address.count("@") > 1:
+                address = address[: address.rindex("@")]
+            addresses.append(address)
+        return addresses
 
     @defer.inlineCallbacks
     def _compose_and_send(self, reports, to: Sequence[str], cc: Sequence[str], what: str):
@@ -497,6 +543,10 @@ class MailExtNotifier(MailNotifier):
             props = Properties.fromDict(builds[0]["properties"])
             props.master = self.master
             extra = yield props.render(extra)
+        # The address gate: build_email and envelope_recipients write only the values that
+        # are one valid address each; the others are left out alone (logged below) and the
+        # mail goes to everyone else.
+        rejected = split_recipients([*to, *cc])[1]
         msg = mime.build_email(
             subject=subject,
             from_addr=self.fromaddr,
@@ -510,6 +560,11 @@ class MailExtNotifier(MailNotifier):
         )
         recipients = mime.envelope_recipients([*to, *cc])
         label = self._label(what, builds, msg)
+        for value, reason in rejected:
+            log.msg(
+                f"{self.name}: {label}: recipient {mime.one_line(repr(value), 300)} left out: "
+                f"not a valid address ({reason}); the mail goes to the others"
+            )
         if not recipients:
             log.msg(f"{self.name}: {label}: no recipients (nobody to mail), nothing sent")
             return
@@ -561,8 +616,8 @@ class MailExtNotifier(MailNotifier):
 
     def sendMail(self, m, recipients, label: str | None = None):
         """Hand one message to the transport; fires with its Delivery, never errbacks."""
-        data = mime.message_bytes(m) if hasattr(m, "as_bytes") else m.as_string().encode()
         label = label or f"mail {m['Message-ID']}"
+        data = mime.message_bytes(m, label) if hasattr(m, "as_bytes") else m.as_string().encode()
         log.msg(f"{self.name}: sending {label} ({len(data)} bytes) to {', '.join(recipients)}")
         if self.dumpMailsToLog:
             log.msg(f"mail data:\n{data.decode('utf-8', 'replace')}")

@@ -185,7 +185,7 @@ def test_several_notifiers_need_a_name(tmp_path):
 def test_bad_address_and_missing_master_cfg(tmp_path):
     done = send_test(str(tmp_path), "--to", "not an address")
     assert done.returncode == 2
-    assert "--to 'not an address' is not an email address" in done.stderr
+    assert "send-test: 'not an address' in '--to' is not a valid email address" in done.stderr
     done = send_test(str(tmp_path / "nowhere"), "--to", TO)
     assert done.returncode == 2
     assert "master.cfg does not exist" in done.stderr

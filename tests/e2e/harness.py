@@ -455,23 +455,26 @@ def example_cfg_text() -> str:
 
 @contextlib.contextmanager
 def running_site(
-    basedir: Path,
+    tmp: Path,
     cfg_text: str,
-    env: dict[str, str] | None = None,
-    worker_name: str = "example-worker",
-    worker_password: str = "example-pass",
-) -> Iterator[tuple[Master, Worker]]:
-    """``basedir/master`` running ``cfg_text`` with its worker ``basedir/worker`` connected;
-    both stopped (by the PIDs started here) when the block ends, whatever happened."""
-    master = Master(Path(basedir) / "master", cfg_text, env=env)
-    worker = Worker(Path(basedir) / "worker", master.pb_port, worker_name, worker_password)
+    worker: tuple[str, str],
+    master_env: dict[str, str] | None = None,
+    worker_env: dict[str, str] | None = None,
+):
+    """A sink, a master running ``cfg_text`` (its ``MAILEXT_RELAYHOST`` is the sink) and a
+    connected worker ``(name, password)``; yields ``(sink, master, worker)`` and stops all
+    three afterwards, whatever happened."""
+    sink = SmtpSink().start()
+    master = Master(tmp / "master", cfg_text, env={"MAILEXT_RELAYHOST": sink.relayhost, **(master_env or {})})
+    site_worker = Worker(tmp / "worker", master.pb_port, *worker, env=worker_env)
     try:
         master.create()
         master.start()
-        worker.create()
-        worker.start()
-        master.wait_worker(worker_name)
-        yield master, worker
+        site_worker.create()
+        site_worker.start()
+        master.wait_worker(worker[0])
+        yield sink, master, site_worker
     finally:
-        worker.stop()
+        site_worker.stop()
         master.stop()
+        sink.stop()

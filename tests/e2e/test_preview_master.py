@@ -18,7 +18,7 @@ from email import policy
 
 import pytest
 
-from harness import Master, SmtpSink, example_cfg_text, running_site
+from harness import Master, example_cfg_text, running_site
 
 pytest.importorskip("aiosmtpd")
 
@@ -28,9 +28,8 @@ ROUTE = "runtests-to-dev"
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("preview")
-    with SmtpSink() as sink, running_site(
-        tmp, example_cfg_text(), env={"MAILEXT_RELAYHOST": sink.relayhost, "MAILEXT_PREFLIGHT": "warn"}
-    ) as (master, _):
+    with running_site(tmp, example_cfg_text(), ("example-worker", "example-pass"),
+                      master_env={"MAILEXT_PREFLIGHT": "warn"}) as (sink, master, _):
         master.force_and_wait("force", "runtests", timeout=90)
         master.force_and_wait("force", "docs", timeout=90)
         (mail,) = sink.wait_for(1, timeout=30)
