@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any, Optional
-
-from zope.interface import implementer
+from typing import Any
 
 from buildbot_mailext import message as mime
 from buildbot_mailext.master_dir import USAGE_EXIT, MasterDir, MasterDirError, add_master_dir_arguments, run_command
@@ -52,67 +50,17 @@ def run(args: argparse.Namespace) -> int:
 # --- TLS facts ---------------------------------------------------------------------------------
 
 
-def _install_tls_recorder(transport: Any) -> list[Any]:
-    """Record the OpenSSL connections the transport's TLS connection creators make, so the
-    summary can say which TLS version was negotiated and which certificate was verified.
-    The transport keeps its creators for STARTTLS (``_starttls_context``) and SMTPS
-    (``_tls_creator``); each is wrapped, not replaced."""
-    from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
-
-    connections: list[Any] = []
-
-    @implementer(IOpenSSLClientConnectionCreator)
-    class Recording:
-        def __init__(self, inner: Any):
-            self.inner = inner
-
-        def clientConnectionForTLS(self, tls_protocol: Any) -> Any:
-            connection = self.inner.clientConnectionForTLS(tls_protocol)
-            connections.append(connection)
-            return connection
-
-    for attribute in ("_starttls_context", "_tls_creator"):
-        inner = getattr(transport, attribute, None)
-        if inner is not None:
-            setattr(transport, attribute, Recording(inner))
-    return connections
-
-
-def _certificate_names(connection: Any) -> tuple[Optional[str], list[str]]:
-    """(subject CN, DNS/IP names) of the peer certificate, when there was one."""
-    cert = connection.get_peer_certificate()
-    if cert is None:
-        return None, []
-    from cryptography import x509
-
-    c = cert.to_cryptography()
-    cn = [a.value for a in c.subject.get_attributes_for_oid(x509.oid.NameOID.COMMON_NAME)]
-    try:
-        san = c.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        names = [str(n) for n in san.get_values_for_type(x509.DNSName)]
-        names += [str(n) for n in san.get_values_for_type(x509.IPAddress)]
-    except x509.ExtensionNotFound:
-        names = []
-    return (str(cn[0]) if cn else None), names
-
-
-def describe_tls(settings: Any, connections: list[Any], delivery: Any) -> str:
-    """One line: "TLSv1.3, certificate verified for relay.example.org (...)", or why no TLS."""
-    reported = getattr(delivery, "tls", None)
-    if reported:
-        return str(reported)
+def describe_tls(settings: Any, delivery: Any) -> str:
+    """One line: the transport's own account of the TLS session (``Delivery.tls``: version,
+    cipher, verified name), plus what the certificate was checked against."""
     if settings.tls == "none":
         return "none (plain SMTP: useTls/useSmtps not set)"
-    if not connections:
+    if not delivery.tls:
         return f"{settings.tls.upper()} configured, no TLS session was established"
-    connection = connections[-1]
-    version = connection.get_protocol_version_name()
-    cn, names = _certificate_names(connection)
-    shown = ", ".join(names) or (f"CN={cn}" if cn else "no names")
     if not settings.tls_verify:
-        return f"{version}, certificate NOT verified (tls_verify=False; it names {shown})"
+        return delivery.tls
     trust = f"CA file {settings.tls_ca_file}" if settings.tls_ca_file else "the system's trust store"
-    return f"{version}, certificate verified for {settings.host!r} against {trust} (it names {shown})"
+    return f"{delivery.tls}, against {trust}"
 
 
 # --- the command -------------------------------------------------------------------------------
@@ -161,18 +109,17 @@ class SendTest:
         )
         envelope_from = mime.bare_address(notifier.fromaddr)
         recipients = mime.envelope_recipients([self.args.to])
-        connections = _install_tls_recorder(transport)
         print(f"send-test: notifier {notifier.name!r}: sending to {', '.join(recipients)} via {settings.route_label()}")
         # MasterDir.close() stops the notifier afterwards: QUIT on the cached connection.
         delivery = await transport.send(envelope_from, recipients, mime.message_bytes(msg), "send-test")
-        return self._report(settings, connections, delivery, msg)
+        return self._report(settings, delivery, msg)
 
-    def _report(self, settings: Any, connections: list[Any], delivery: Any, msg: Any) -> int:
+    def _report(self, settings: Any, delivery: Any, msg: Any) -> int:
         """The summary, from the transport's Delivery (transport.py) of this one attempt."""
         refused = {**delivery.refused_permanently, **delivery.refused_temporarily}
         rows = [
             ("server", settings.route_label()),
-            ("TLS", describe_tls(settings, connections, delivery)),
+            ("TLS", describe_tls(settings, delivery)),
             ("AUTH", f"as {settings.user}" if settings.user else "none"),
             ("from", mime.bare_address(str(msg["From"]))),
             ("Message-ID", str(msg["Message-ID"])),
