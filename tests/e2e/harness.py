@@ -36,7 +36,6 @@ import urllib.request
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from pathlib import Path
-from typing import Iterator
 
 LOOPBACK = "127.0.0.1"
 
