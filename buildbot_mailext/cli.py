@@ -29,9 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def subcommands() -> dict:
     """Subcommand name -> its module (imported lazily: ``--version`` stays instant)."""
-    from buildbot_mailext import cli_outbox, cli_preflight, cli_preview
+    from buildbot_mailext import cli_outbox, cli_preflight, cli_preview, cli_send_test
 
-    return {"preflight": cli_preflight, "preview": cli_preview, "outbox": cli_outbox}
+    return {"preflight": cli_preflight, "preview": cli_preview, "send-test": cli_send_test, "outbox": cli_outbox}
 
 
 def load_master_config(master_dir: str, config_file: str, command: str) -> Optional[dict]:

@@ -16,8 +16,11 @@ interested users and ``extraRecipients``.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
+import inspect
 import os
+import re
 from typing import Any, Sequence
 
 from buildbot import config
@@ -94,6 +97,22 @@ def notifier_arguments(
     return dict(locals())
 
 
+def argument_error(kwargs: dict[str, Any], error: TypeError) -> str:
+    """What is wrong with the arguments of a call to ``notifier_arguments`` that raised
+    ``error``, worded alike on every Python (3.13 appends its own "Did you mean ...?" to the
+    TypeError, older ones do not): unknown keywords with the closest known name, else the
+    TypeError's own text without the function name."""
+    known = list(inspect.signature(notifier_arguments).parameters)
+    problems = []
+    for name in (k for k in kwargs if k not in known):
+        close = difflib.get_close_matches(name, known, n=1)
+        problems.append(f"unknown argument {name!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
+    if problems:
+        return "; ".join(problems)
+    text = str(error).partition(") ")[2] or str(error)
+    return re.sub(r"\.? Did you mean .*$", "", text)
+
+
 # The arguments stock MailNotifier.checkConfig/reconfigService take besides fromaddr
 # and generators, and the ones that describe the SMTP connection.
 STOCK_ARGUMENTS = (
@@ -124,7 +143,7 @@ class MailExtNotifier(MailNotifier):
             arguments = notifier_arguments(*args, **kwargs)
         except TypeError as e:  # a misspelt or missing argument in master.cfg
             self.name = self.name or "MailExtNotifier"
-            config.error(f"MailExtNotifier: {str(e).partition(') ')[2] or e}")
+            config.error(f"MailExtNotifier: {argument_error(kwargs, e)}")
             return
         fromaddr = arguments["fromaddr"]
         routes, generators = arguments["routes"], arguments["generators"]

@@ -70,8 +70,12 @@ class NotifierTestCase(TestReactorMixin, unittest.TestCase, ReporterTestMixin):
         return notifier
 
     @defer.inlineCallbacks
-    def finish_build(self, notifier, results):
+    def finish_build(self, notifier, results, extra_rows=()):
         build = yield self.insert_build_finished(results)
+        if extra_rows:
+            # After the build's own rows: Buildbot < 4.2's fake DB refuses a property of a
+            # build it does not know yet.
+            yield self.master.db.insert_test_data(list(extra_rows))
         yield notifier._got_event(("builds", 20, "finished"), build)
         return build
 
@@ -112,10 +116,8 @@ class NotifierTestCase(TestReactorMixin, unittest.TestCase, ReporterTestMixin):
             ],
             sendToInterestedUsers=False,  # notifier-wide flag: routes decide for themselves
         )
-        yield self.master.db.insert_test_data(
-            [fakedb.BuildProperty(buildid=20, name="owner", value="Owner <owner@example.org>")]
-        )
-        yield self.finish_build(notifier, FAILURE)
+        owner = fakedb.BuildProperty(buildid=20, name="owner", value="Owner <owner@example.org>")
+        yield self.finish_build(notifier, FAILURE, extra_rows=[owner])
         by_route = {s["label"].split("'")[1]: s for s in self.transport.sent}
         # me@foo is the change's author: one address for the gate (dotless domains are
         # fine, as for fromaddr), though stock's looser VALID_EMAIL would have skipped it.
@@ -382,13 +384,15 @@ class ConfigTestCase(unittest.TestCase):
         )
 
     def test_misspelt_argument_is_a_config_error(self):
+        # The same words on every Python (3.13's TypeError adds its own "Did you mean").
         errors = self.config_errors(relay_host="[relay.example.org]:587")
-        # Python 3.13 adds its own hint: ". Did you mean 'relayhost'?"
-        (error,) = errors
-        self.assertTrue(
-            error.startswith("MailExtNotifier: got an unexpected keyword argument 'relay_host'"),
-            error,
+        self.assertEqual(
+            errors, ["MailExtNotifier: unknown argument 'relay_host'; did you mean 'relayhost'?"]
         )
+
+    def test_unknown_argument_without_a_close_name(self):
+        errors = self.config_errors(colour="blue")
+        self.assertEqual(errors, ["MailExtNotifier: unknown argument 'colour'"])
 
     def test_routes_must_be_mail_routes(self):
         errors = self.config_errors(routes=[{"to": "a@example.org"}])
