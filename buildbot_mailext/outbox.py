@@ -686,6 +686,7 @@ class Outbox:
         self._pass_again = False
         self._in_flight: dict[int, defer.Deferred] = {}
         self._running = False
+        self._holds_lease = False  # True between a successful start() and stop()
         self._last_prune = 0.0
         self._tables_ready = False
         self._write = _GroupCommit(self._write_batch)
@@ -732,6 +733,7 @@ class Outbox:
         """Create the tables if needed and resume pending mail at once."""
         yield self.ensure_tables()
         yield self._db(thd_renew_lease, self.notifier, self.owner, self._now(), self.lease)
+        self._holds_lease = True
         self._running = True
         try:
             resumed = yield self._db(thd_resume, self.notifier, self.owner, self._now())
@@ -750,6 +752,11 @@ class Outbox:
         self._cancel_timer()
         if self._in_flight:
             yield defer.DeferredList(list(self._in_flight.values()), consumeErrors=True)
+        if not self._holds_lease:
+            # never started (e.g. `buildbot-mailext preview`, which reads the database
+            # only): there is no lease to release, and nothing may be written
+            return
+        self._holds_lease = False
         try:
             left = yield self._db(thd_release_lease, self.notifier, self.owner, self._now())
         except Exception as e:  # the DB may already be gone at shutdown

@@ -167,7 +167,7 @@ class Run:
             _sync(notifier.setServiceParent(master))
             _sync(notifier.startService())
             _sync(notifier.transport.stop())
-            notifier.transport = self.recorder = Recorder()
+            notifier.transport = notifier.outbox.transport = self.recorder = Recorder()
             started = time.perf_counter()
             _sync(notifier._got_event(("builds", 20, "finished"), build))
             self.event_seconds = time.perf_counter() - started  # reported, never asserted
@@ -503,7 +503,7 @@ def test_worker_missing_mail_goes_to_the_valid_notify_addresses_only():
         _sync(notifier.setServiceParent(master))
         _sync(notifier.startService())
         _sync(notifier.transport.stop())
-        notifier.transport = recorder = Recorder()
+        notifier.transport = notifier.outbox.transport = recorder = Recorder()
         worker = {
             "name": f"wrk {ENCODED_WORD_BRANCH}", "workerid": 13, "last_connection": "yesterday",
             "workerinfo": {"admin": f"<{PROBE_TAG}> \x00 {ENCODED_WORD_BRANCH}", "host": "h\r\nBcc: x"},
