@@ -1,9 +1,24 @@
-"""Routing rules (buildbot_mailext.routes): MailRoute validation and mode matching."""
+"""Routing rules (buildbot_mailext.routes): MailRoute validation, mode matching, and the
+route's filters applied by its generator to a build on Buildbot's fake master."""
 
+import mock
 import pytest
 from buildbot.process.results import EXCEPTION, FAILURE, SUCCESS, WARNINGS
+from buildbot.test import fakedb
+from buildbot.test.fake import fakemaster
+from buildbot.test.reactor import TestReactorMixin
+from buildbot.test.util.reporter import ReporterTestMixin
+from twisted.internet import defer
+from twisted.trial import unittest
 
-from buildbot_mailext.routes import MailRoute, expand_modes, is_valid_address, wanted_by_results
+from buildbot_mailext.formatter import MailExtFormatter
+from buildbot_mailext.routes import (
+    MailRoute,
+    RouteGenerator,
+    expand_modes,
+    is_valid_address,
+    wanted_by_results,
+)
 
 
 def test_lone_string_is_one_recipient_not_characters():
@@ -105,3 +120,63 @@ def test_mode_shortcuts_match_buildbot():
 )
 def test_wanted_by_results(mode, results, previous, wanted):
     assert wanted_by_results(mode, results, previous) is wanted
+
+
+# --- the route's filters, applied by its generator to a finished build -------------------
+#
+# Buildbot's fake master and its ReporterTestMixin build: builder "Builder0", build property
+# branch "refs/pull/34/merge", scheduler "checkin". The route's generator must hand each
+# filter to Buildbot's own check: a filter that is dropped on the way lets every build through.
+
+
+class RouteFilterTests(TestReactorMixin, ReporterTestMixin, unittest.TestCase):
+    BRANCH = "refs/pull/34/merge"
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.setup_test_reactor()
+        self.setup_reporter_test()
+        self.master = yield fakemaster.make_master(self, wantData=True, wantDb=True, wantMq=True)
+        yield self.master.db.insert_test_data(
+            [fakedb.Tag(id=1, name="linux"), fakedb.BuildersTags(id=1, builderid=79, tagid=1)]
+        )
+        self.build_dict = yield self.insert_build_finished(FAILURE)
+
+    @defer.inlineCallbacks
+    def reported(self, **filters):
+        """Does a failing-mode route with these filters report the failed build?"""
+        route = MailRoute("dev@example.org", **filters)
+        assert route.config_errors() == []
+        generator = RouteGenerator(route, MailExtFormatter())
+        reporter = mock.Mock()
+        reporter.getResponsibleUsersForBuild.return_value = defer.succeed([])
+        build = yield self.master.data.get(("builds", 20))
+        report = yield generator.generate(
+            self.master, reporter, ("builds", 20, "finished"), build
+        )
+        if report is not None:
+            self.assertIs(report["mailext_route"], route)
+        return report is not None
+
+    @defer.inlineCallbacks
+    def test_branches_filter(self):
+        self.assertTrue((yield self.reported(branches=[self.BRANCH])))
+        self.assertTrue((yield self.reported(branches=["main", self.BRANCH])))
+        self.assertFalse((yield self.reported(branches=["main", "release"])))
+        self.assertTrue((yield self.reported(branches=None)))
+
+    @defer.inlineCallbacks
+    def test_tags_filter(self):
+        self.assertTrue((yield self.reported(tags=["linux"])))
+        self.assertTrue((yield self.reported(tags=["windows", "linux"])))
+        self.assertFalse((yield self.reported(tags=["windows"])))
+
+    @defer.inlineCallbacks
+    def test_builders_filter(self):
+        self.assertTrue((yield self.reported(builders=["Builder0"])))
+        self.assertFalse((yield self.reported(builders=["Builder1"])))
+
+    @defer.inlineCallbacks
+    def test_schedulers_filter(self):
+        self.assertTrue((yield self.reported(schedulers=["checkin"])))
+        self.assertFalse((yield self.reported(schedulers=["nightly"])))
