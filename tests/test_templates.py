@@ -26,14 +26,50 @@ def write(directory, name, text):
     return path
 
 
+# Hostile text, one marker per field, so a failing assertion names the field that leaked.
+def hostile(field):
+    return f"<script>alert('{field}')</script>"
+
+
+def escaped(field):
+    return f"&lt;script&gt;alert(&#39;{field}&#39;)&lt;/script&gt;"
+
+
+# The fields of the hostile build context below that the packaged HTML templates show.
+HOSTILE_BUILD_FIELDS = ("log", "commit", "builder", "step", "step-state", "worker", "reason",
+                        "author", "file", "property-name", "property-value")
+HOSTILE_WORKER_FIELDS = ("worker", "admin", "host", "last-connection")
+
+
 def hostile_context():
+    """The sample build with hostile text in every field a build can control: log lines,
+    commit message and author, file names, builder, step and worker names, the reason,
+    property names and values, and a CR/LF branch. Shared by every escaping test."""
     ctx = sample_context()
-    ctx["failed_steps"][0]["log_tail"][0]["lines"].append("<script>alert('log')</script>")
-    ctx["failed_steps"][0]["log_tail"][0]["entries"].append(
-        {"stream": "e", "text": "<script>alert('log')</script>"}
-    )
-    ctx["changes"][0]["comments"] = "fix <script>alert('commit')</script> & more"
+    ctx["failed_steps"][0]["log_tail"][0]["lines"].append(hostile("log"))
+    ctx["failed_steps"][0]["log_tail"][0]["entries"].append({"stream": "e", "text": hostile("log")})
+    ctx["changes"][0]["comments"] = f"fix {hostile('commit')} & more"
+    ctx["changes"][0]["author"] = hostile("author")
+    ctx["changes"][0]["files"] = [hostile("file")]
     ctx["branch"] = "evil\r\nBcc: victim@example.org\r\n\r\n<b>x</b>"
+    ctx["buildername"] = hostile("builder")
+    ctx["builds"][0]["buildername"] = hostile("builder")
+    for step in ctx["steps"] + ctx["failed_steps"]:
+        step["name"] = hostile("step")
+        step["state_string"] = hostile("step-state")
+    ctx["worker"] = hostile("worker")
+    ctx["reason"] = hostile("reason")
+    ctx["properties"][hostile("property-name")] = "harmless"
+    ctx["properties"]["owner"] = hostile("property-value")
+    return ctx
+
+
+def hostile_worker_context():
+    ctx = sample_context(kind="worker")
+    ctx["worker"] = hostile("worker")
+    ctx["worker_admin"] = hostile("admin")
+    ctx["worker_host"] = hostile("host")
+    ctx["last_connection"] = hostile("last-connection")
     return ctx
 
 
@@ -194,11 +230,31 @@ def test_validate_worker_template_against_worker_context(tmp_path):
     assert "'buildername' is undefined" in errors[0]
 
 
+@pytest.mark.parametrize("name", PACKAGED)
+def test_every_packaged_html_template_escapes_every_hostile_field(name):
+    worker = _kind(name) == "worker"
+    mail = TemplateSet().render(name, hostile_worker_context() if worker else hostile_context())
+    assert "<script" not in mail.html and "<b>" not in mail.html
+    shown = [f for f in (HOSTILE_WORKER_FIELDS if worker else HOSTILE_BUILD_FIELDS)
+             if hostile(f) in mail.text]
+    # Every field the text part shows, the HTML part shows too, escaped.
+    for field in shown:
+        assert escaped(field) in mail.html, field
+    # Not vacuous: the fields each template is known to show are among them.
+    expected = {
+        "build_failure": {"log", "commit", "builder", "step", "worker", "reason"},
+        "build_summary": {"log", "commit", "builder", "step", "worker", "property-name",
+                          "property-value"},
+        "worker_missing": set(HOSTILE_WORKER_FIELDS),
+    }[name]
+    assert expected <= set(shown), sorted(expected - set(shown))
+
+
 def test_html_escapes_hostile_log_and_commit():
     mail = TemplateSet().render("build_failure", hostile_context())
     assert "<script>" not in mail.html
-    assert "&lt;script&gt;alert(&#39;log&#39;)&lt;/script&gt;" in mail.html
-    assert "fix &lt;script&gt;alert(&#39;commit&#39;)&lt;/script&gt; &amp; more" in mail.html
+    assert escaped("log") in mail.html
+    assert f"fix {escaped('commit')} &amp; more" in mail.html
     assert "<b>x</b>" not in mail.html
     # the plain-text part is not HTML: it keeps the characters as they are
     assert "<script>alert('log')</script>" in mail.text
