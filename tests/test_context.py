@@ -253,6 +253,59 @@ class LogTailTests(FakeBuildMixin, unittest.TestCase):
         self.flushLoggedErrors()
 
 
+class MailSizeBoundTests(FakeBuildMixin, unittest.TestCase):
+    """The bounds that keep a mail small however many steps fail with however big logs."""
+
+    @defer.inlineCallbacks
+    def context_of(self, failed_steps, lines_per_log, line_chars, log_tail_lines):
+        line = "o" + "x" * (line_chars - 1)
+        steps = [(f"step{i}", FAILURE, [line] * lines_per_log) for i in range(failed_steps)]
+        yield self.insert_build(0, "main", FAILURE, steps=steps)
+        build = yield self.get_build(0)
+        ctx = yield build_context(self.master, build, ("failing",), [], log_tail_lines)
+        return ctx
+
+    @staticmethod
+    def tail_chars(step):
+        return sum(len(line) + 1 for tail in step["log_tail"] for line in tail["lines"])
+
+    @defer.inlineCallbacks
+    def test_log_excerpts_of_one_mail_stay_within_the_mail_budget(self):
+        # Five failed steps, each with a log whose tail alone fills the per-log cap:
+        # without the per-mail budget they would add up to 5 x 64 KiB.
+        per_log_cap_lines = ctxmod.MAX_TAIL_CHARS_PER_LOG // 480 + 10
+        ctx = yield self.context_of(
+            ctxmod.MAX_FAILED_STEPS_WITH_TAIL, per_log_cap_lines, 480, log_tail_lines=10000
+        )
+        per_step = [self.tail_chars(step) for step in ctx["failed_steps"]]
+        self.assertEqual(len(per_step), 5)
+        self.assertGreater(
+            ctxmod.MAX_FAILED_STEPS_WITH_TAIL * ctxmod.MAX_TAIL_CHARS_PER_LOG,
+            ctxmod.MAX_TAIL_CHARS_PER_MAIL,
+        )  # else this test would prove nothing
+        self.assertLessEqual(sum(per_step), ctxmod.MAX_TAIL_CHARS_PER_MAIL)
+        # The first steps get their whole per-log share; the last one what is left.
+        for chars in per_step[:4]:
+            self.assertGreater(chars, ctxmod.MAX_TAIL_CHARS_PER_LOG - 481)
+        self.assertLess(per_step[4], ctxmod.MAX_TAIL_CHARS_PER_MAIL - 4 * per_step[0] + 1)
+        self.assertTrue(ctx["failed_steps"][4]["log_tail"] == []
+                        or ctx["failed_steps"][4]["log_tail"][0]["truncated"])
+
+    @defer.inlineCallbacks
+    def test_at_most_five_failed_steps_carry_log_excerpts(self):
+        ctx = yield self.context_of(7, 3, 10, log_tail_lines=40)
+        failed = ctx["failed_steps"]
+        # Every failed step is listed ...
+        self.assertEqual([s["name"] for s in failed], [f"step{i}" for i in range(7)])
+        # ... the first five with their log tail, the others without.
+        limit = ctxmod.MAX_FAILED_STEPS_WITH_TAIL
+        self.assertEqual(limit, 5)
+        for step in failed[:limit]:
+            self.assertEqual(step["log_tail"][0]["lines"], ["x" * 9] * 3, step["name"])
+        for step in failed[limit:]:
+            self.assertEqual(step["log_tail"], [], step["name"])
+
+
 class BuildContextTests(FakeBuildMixin, unittest.TestCase):
     @defer.inlineCallbacks
     def setUp(self):
