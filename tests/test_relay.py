@@ -119,3 +119,51 @@ def test_ca_file_checks(tmp_path):
 def test_port_conflict_and_bad_port():
     assert "one place only" in check_smtp_settings(relayhost="relay:587", smtpPort=2525)[0]
     assert "1..65535" in check_smtp_settings(smtpPort=0)[0]
+
+
+# --- exact boundaries and texts (found by `make mutate`) ----------------------------------
+
+
+@pytest.mark.parametrize("port, ok", [(0, False), (1, True), (2, True), (65535, True), (65536, False)])
+def test_port_range_is_1_to_65535_inclusive(port, ok):
+    if ok:
+        assert parse_relayhost(f"relay:{port}") == ("relay", port)
+    else:
+        with pytest.raises(ValueError, match=rf"relayhost 'relay:{port}': port {port} is outside 1\.\.65535$"):
+            parse_relayhost(f"relay:{port}")
+
+
+def test_ca_file_that_is_not_a_path_string():
+    (error,) = check_smtp_settings(useTls=True, tls_ca_file=123)
+    assert error == "tls_ca_file=123: must be the path of a PEM file holding your CA certificate"
+
+
+def test_credentials_are_plain_only_when_both_are_strings():
+    from buildbot.plugins import util
+
+    assert SmtpSettings(user="u", password="p").credentials_are_plain()
+    assert not SmtpSettings(user="u", password=util.Secret("p")).credentials_are_plain()
+    assert not SmtpSettings(user=util.Secret("u"), password="p").credentials_are_plain()
+
+
+def test_startup_warnings_exact_texts():
+    unverified = SmtpSettings(host="relay", port=587, tls="starttls", tls_verify=False)
+    assert unverified.startup_warnings() == [
+        "WARNING: tls_verify=False: the certificate of relay:587 is NOT verified; anyone on the "
+        "network path can read the mails. Prefer tls_ca_file='/path/to/ca.pem' for a private CA."
+    ]
+    with_auth = SmtpSettings(host="relay", port=587, tls="starttls", tls_verify=False, user="u", password="p")
+    assert with_auth.startup_warnings() == [
+        "WARNING: tls_verify=False: the certificate of relay:587 is NOT verified; anyone on the "
+        "network path can read the mails and the SMTP password. Prefer "
+        "tls_ca_file='/path/to/ca.pem' for a private CA."
+    ]
+    plain_auth = SmtpSettings(host="relay", port=25, user="u", password="p", allow_plaintext_auth=True)
+    assert plain_auth.startup_warnings() == [
+        "WARNING: allow_plaintext_auth=True: the SMTP password goes to relay:25 unencrypted"
+    ]
+    # allowed but unused: no AUTH, or AUTH over TLS
+    assert SmtpSettings(host="relay", allow_plaintext_auth=True).startup_warnings() == []
+    assert SmtpSettings(host="relay", tls="smtps", user="u", password="p",
+                        allow_plaintext_auth=True).startup_warnings() == []
+    assert SmtpSettings(host="relay", tls="none", tls_verify=False).startup_warnings() == []

@@ -35,6 +35,13 @@ def test_default_name_is_stable_and_descriptive():
     assert a != MailRoute("dev@example.org", builders=["docs"])
 
 
+def test_default_name_lists_every_builder_and_recipient():
+    route = MailRoute(["a@example.org", "b@example.org"], builders=["b1", "b2"])
+    assert route.name == "b1+b2->a@example.org,b@example.org"
+    assert MailRoute("a@example.org", tags=["t1", "t2"]).name == "t1+t2->a@example.org"
+    assert MailRoute([], send_to_interested_users=True).name == "all->interested-users"
+
+
 def test_valid_route_has_no_errors():
     route = MailRoute(
         ["Dev List <dev@example.org>"], builders=["runtests"], mode=("failing", "fixed")
@@ -61,6 +68,35 @@ def test_config_errors_name_the_setting(kwargs, expected):
     errors = MailRoute(**kwargs).config_errors()
     assert any(expected in e for e in errors), errors
     assert all(e.startswith("MailRoute ") for e in errors)
+
+
+W = "MailRoute 'r'"
+
+
+@pytest.mark.parametrize(
+    "kwargs, expected",
+    [
+        (dict(to=[]), f"{W}: 'to' is empty and send_to_interested_users is False, so this route would "
+         "never mail anyone; give to='list@example.org' or set send_to_interested_users=True"),
+        (dict(to="x"), f"{W}: 'x' in 'to' is not a valid email address; write it as "
+         "'user@example.org' or 'Name <user@example.org>'"),
+        (dict(mode="often"), f"{W}: unknown mode 'often'; use one of change, failing, passing, problem, "
+         "warnings, exception, cancelled, new_failure, still_failing, fixed (or the string 'all')"),
+        (dict(builders=["a"], tags=["t"]), f"{W}: give either 'builders' or 'tags', not both "
+         "(Buildbot's rule); split it into two routes"),
+        (dict(template=""), f"{W}: 'template' must be a template name such as 'build_failure'"),
+        (dict(template=7), f"{W}: 'template' must be a template name such as 'build_failure'"),
+        (dict(subject=5), f"{W}: 'subject' must be a Jinja2 template string or None"),
+        (dict(log_tail_lines=-1), f"{W}: 'log_tail_lines' must be a whole number >= 0"),
+    ],
+)
+def test_config_error_texts(kwargs, expected):
+    kwargs.setdefault("to", "d@example.org")
+    assert MailRoute(name="r", **kwargs).config_errors() == [expected]
+
+
+def test_zero_log_tail_lines_is_valid():
+    assert MailRoute("d@example.org", log_tail_lines=0).config_errors() == []
 
 
 @pytest.mark.parametrize(
@@ -116,6 +152,9 @@ def test_mode_shortcuts_match_buildbot():
         (("fixed",), SUCCESS, SUCCESS, False),
         (("fixed",), FAILURE, FAILURE, False),
         (("new_failure", "fixed"), SUCCESS, FAILURE, True),
+        # no previous build on the branch: nothing "changed", no "problem" began
+        (("change",), SUCCESS, None, False),
+        (("problem",), FAILURE, None, False),
     ],
 )
 def test_wanted_by_results(mode, results, previous, wanted):

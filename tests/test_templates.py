@@ -299,6 +299,47 @@ def test_filters():
     assert t.render(none=None) == "failure|not finished|#2e7d32|a b|first|> a\n\n> b"
 
 
+def test_filter_edges():
+    ts = TemplateSet()
+
+    def render(source, **ctx):
+        return ts.text_env.from_string(source).render(**ctx)
+
+    assert render("[{{ none|firstline }}][{{ '  \n '|firstline }}]", none=None) == "[][]"
+    # oneline collapses but does not cut: truncating is the template's choice
+    assert render("{{ text|oneline }}", text="x" * 500) == "x" * 500
+    assert render("{{ text|oneline(10) }}", text="x" * 500) == "x" * 9 + "\u2026"
+
+
+def test_error_location_prefers_the_exception_own_file_and_line():
+    import jinja2
+
+    from buildbot_mailext.templates import _error_location
+
+    error = jinja2.TemplateSyntaxError("bad", 3, filename="mine.html.j2")
+    assert _error_location(error) == ("mine.html.j2", 3)
+    # no template frame and no location of its own: nothing to point at
+    assert _error_location(OSError(2, "No such file", "data.txt")) == (None, None)
+
+
+def test_unknown_name_lists_only_the_missing_files(tmp_path):
+    write(tmp_path, "half.subject.j2", "x")
+    (error,) = TemplateSet(str(tmp_path)).validate("half")
+    assert "unknown template 'half' (missing half.txt.j2, half.html.j2);" in error
+
+
+def test_validate_string_texts():
+    ts = TemplateSet()
+    ctx = sample_context()
+    (undefined,) = ts.validate_string("{{ nope }}", "subject", ctx)
+    assert undefined == (
+        "subject '{{ nope }}': undefined variable: 'nope' is undefined; the template context "
+        f"offers: {', '.join(sorted(ctx))}"
+    )
+    (failed,) = ts.validate_string("{{ 1 // 0 }}", "subject", ctx)
+    assert failed == "subject '{{ 1 // 0 }}': rendering failed: ZeroDivisionError: integer division or modulo by zero"
+
+
 # --- the README's template sections must stay true --------------------------------
 
 DOC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.rst")
