@@ -107,3 +107,69 @@ def test_extra_headers_validation():
 def test_bare_address_and_domain():
     assert mime.bare_address("Dev List <dev@example.org>") == "dev@example.org"
     assert mime.address_domain("Buildbot <bb@ci.example.org>") == "ci.example.org"
+
+
+# --- exact headers and parts (gaps found by `make mutate`) --------------------------------
+
+
+def test_address_headers_exact():
+    received = parse(sample(
+        from_addr="Buildbot CI <buildbot@example.org>",
+        to=["Dev List <dev@example.org>", "", "qa@example.org"],
+        cc=["Ops <ops@example.org>"],
+    ))
+    assert received["From"] == "Buildbot CI <buildbot@example.org>"
+    # an empty entry is dropped, the rest kept in order, names kept
+    assert received["To"] == "Dev List <dev@example.org>, qa@example.org"
+    assert received["Cc"] == "Ops <ops@example.org>"
+    assert "Cc" not in parse(sample())
+
+
+def test_date_header_is_local_time_rfc5322():
+    from email.utils import localtime, parsedate_to_datetime
+
+    date = parsedate_to_datetime(parse(sample())["Date"])
+    assert date.utcoffset() == localtime().utcoffset()
+
+
+def test_extra_headers_replace_ours_but_skip_invalid_names_one_by_one():
+    received = parse(sample(
+        headers={"X-Buildbot-Result": "failure"},
+        extra_headers={"Bad Name": "x", "X-Buildbot-Result": "custom", "X-Project": "demo",
+                       "Subject": "not allowed"},
+    ))
+    assert received.get_all("X-Buildbot-Result") == ["custom"]  # replaced, not doubled
+    assert received["X-Project"] == "demo"  # after a skipped name: skipping is per header
+    assert received["Subject"] == "Build failed"
+
+
+def test_html_only_and_empty_mails():
+    html_only = parse(sample(text=None))
+    assert html_only.get_content_type() == "text/html"
+    assert html_only.get_content().strip() == "<p>html body</p>"
+    empty = parse(sample(text=None, html=None))
+    assert empty.get_content_type() == "text/plain"
+    assert empty.get_content().strip() == ""
+
+
+@pytest.mark.parametrize("length, cte", [(990, "7bit"), (991, "quoted-printable")])
+def test_seven_bit_up_to_990_characters_a_line(length, cte):
+    received = parse(sample(text="x" * length, html="y" * length))
+    assert [p["Content-Transfer-Encoding"] for p in received.iter_parts()] == [cte, cte]
+    html_only = parse(sample(text=None, html="y" * length))
+    assert html_only["Content-Transfer-Encoding"] == cte
+
+
+def test_attachment_file_name_is_one_line_and_capped():
+    received = parse(sample(attachments=[("a\r\nb" + "n" * 300, b"log")]))
+    (attachment,) = list(received.iter_attachments())
+    name = attachment.get_filename()
+    assert name.startswith("a b") and "\n" not in name and len(name) == 200
+    assert attachment.get_content_type() == "text/plain"
+
+
+def test_address_domain_and_envelope_recipients():
+    assert mime.address_domain('"a@b" <bb@example.org>') == "example.org"
+    assert mime.address_domain('"a@b"@example.org') == "example.org"
+    assert mime.address_domain("") == "buildbot.localdomain"
+    assert mime.envelope_recipients(["", "a@example.org", "A <a@example.org>"]) == ["a@example.org"]
