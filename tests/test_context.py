@@ -555,3 +555,32 @@ class ReadLogTailEdgeTests(unittest.TestCase):
             "truncated": True, "total_lines": 1,
         })
         self.assertIn("buildbot-mailext: cannot read tail of log 9: bad chunk", lines)
+
+
+class ReadLogTailNoReadTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_empty_log_is_not_read(self):
+        class NoReads:
+            def getLogLines(self, *args):
+                raise AssertionError("an empty log must not be read")
+
+        class FakeMaster:
+            class db:
+                logs = NoReads()
+
+        log_dict = {"logid": 9, "name": "stdio", "num_lines": 0, "type": "s", "url": "U"}
+        tail = yield defer.ensureDeferred(read_log_tail(FakeMaster, log_dict, 5))
+        self.assertEqual((tail["lines"], tail["truncated"]), ([], False))
+        log_dict["num_lines"] = 1
+        one = yield defer.ensureDeferred(read_log_tail(FakeMaster, log_dict, 0))
+        self.assertTrue(one["truncated"])  # one line, none shown
+
+
+def test_worker_host_cap():
+    class M:
+        class config:
+            title = "T"
+            buildbotURL = "u"
+
+    ctx = worker_context(M, {"workerinfo": {"host": "h" * 1000}})
+    assert ctx["worker_host"] == "h" * 300 + " [... line truncated]"

@@ -173,3 +173,29 @@ def test_address_domain_and_envelope_recipients():
     assert mime.address_domain('"a@b"@example.org') == "example.org"
     assert mime.address_domain("") == "buildbot.localdomain"
     assert mime.envelope_recipients(["", "a@example.org", "A <a@example.org>"]) == ["a@example.org"]
+
+
+def test_one_line_edges():
+    assert mime.one_line("a\u2028b\u2029c") == "a b c"
+    assert mime.one_line("x" * 10, 10) == "x" * 10
+    assert mime.one_line("x" * 11, 10) == "x" * 9 + "\u2026"
+    assert mime.one_line("abc      defghij", 10) == "abc defgh\u2026"
+    assert mime.one_line("ab cdef", 4) == "ab\u2026"  # no space left before the ellipsis
+    assert mime.one_line("a\udcff") == "a?"
+
+
+def test_extra_header_error_texts():
+    assert mime.extra_header_errors(["X-A"]) == ["extraHeaders must be a dictionary of header name -> value"]
+    assert mime.extra_header_errors({"Bad Name": "x", "From": "y"}) == [
+        "extraHeaders: 'Bad Name' is not a valid header name (printable ASCII, no spaces or colons), "
+        "e.g. 'X-Project'",
+        "extraHeaders: 'From' is set by the notifier itself and cannot be replaced; use another "
+        "header name (e.g. 'Reply-To' or 'X-...')",
+    ]
+
+
+def test_html_only_part_is_utf8_html():
+    received = parse(sample(text=None, html="<p>\u00e9</p>"))
+    assert received.get_content_type() == "text/html"
+    assert received.get_content_charset() == "utf-8"
+    assert parse(sample(text=None, html="")).get_content().strip() == ""

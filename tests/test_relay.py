@@ -236,3 +236,16 @@ def test_parse_relayhost_error_texts(value, default_port, expected):
 def test_parse_relayhost_default_port_ends():
     assert parse_relayhost("relay", 1) == ("relay", 1)
     assert parse_relayhost("relay", 65535) == ("relay", 65535)
+
+
+def test_from_notifier_args_carries_every_setting():
+    assert SmtpSettings.from_notifier_args() == SmtpSettings()
+    assert SmtpSettings.from_notifier_args(
+        relayhost="relay", smtpPort=2525, useTls=True, smtpUser="u", smtpPassword="p",
+        tls_ca_file="/ca.pem", tls_verify=False, allow_plaintext_auth=1, smtp_timeout=7,
+    ) == SmtpSettings(host="relay", port=2525, tls="starttls", tls_verify=False, tls_ca_file="/ca.pem",
+                      user="u", password="p", timeout=7.0, allow_plaintext_auth=True)
+    assert SmtpSettings.from_notifier_args(useSmtps=True).tls == "smtps"
+    with pytest.raises(ValueError) as caught:
+        SmtpSettings.from_notifier_args(useTls=True, useSmtps=True)
+    assert str(caught.value) == "useTls=True (STARTTLS) and useSmtps=True (implicit TLS) exclude each other; pick one"

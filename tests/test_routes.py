@@ -195,6 +195,8 @@ class RouteFilterTests(TestReactorMixin, ReporterTestMixin, unittest.TestCase):
         )
         if report is not None:
             self.assertIs(report["mailext_route"], route)
+            # rendered by the route's own formatter (both parts), not a stock default
+            self.assertIn("Builder0", report["extra_info"]["mailext"]["text"])
         return report is not None
 
     @defer.inlineCallbacks

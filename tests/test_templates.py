@@ -399,3 +399,43 @@ def test_unfinished_build_renders(name):
     mail = TemplateSet().render(name, ctx)
     assert "None" not in mail.subject and "NONE" not in mail.text
     assert "running" in mail.text.lower()
+
+
+def test_text_layout_exact():
+    # Block tags leave no blank lines or indentation behind (trim_blocks, lstrip_blocks) and
+    # the part ends with one newline (keep_trailing_newline).
+    mail = TemplateSet().render("worker_missing", sample_context(kind="worker"))
+    assert mail.text == (
+        "Example CI: worker linux-worker-03 is missing\n\n"
+        'The Buildbot worker "linux-worker-03" disconnected and did not come back.\n\n'
+        "Last connection: Tue, 25 Nov 2025 17:02:11 UTC\n"
+        "Admin on record: Build Team <build-team@example.org>\n"
+        "Host:            ci-linux-03.example.org\n"
+        "Workers page:    https://buildbot.example.org/#/workers\n\n"
+        "--\nSent by Buildbot Example CI (https://buildbot.example.org/)\n"
+    )
+    build = TemplateSet().render("build_failure", sample_context())
+    assert build.text.startswith(
+        "Example CI: linux-x86_64 #1234 FAILURE (new failure)\n\n"
+        "Build failed: failed compile\n\n"
+        "Build:     https://buildbot.example.org/#/builders/7/builds/1234\n"
+    )
+    assert "\n\nFailed steps\n============\n\n* compile (step 3): failure - failed compile\n" in build.text
+
+
+def test_text_environment_does_not_escape():
+    assert TemplateSet().text_env.from_string("{{ x }}").render(x="<&>") == "<&>"
+    assert TemplateSet().html_env.from_string("{{ x }}").render(x="<&>") == "&lt;&amp;&gt;"
+
+
+def test_result_filters_edges():
+    from buildbot.process.results import Results
+
+    ts = TemplateSet()
+    render = lambda source, **ctx: ts.text_env.from_string(source).render(**ctx)  # noqa: E731
+    n = len(Results)
+    assert render("{{ v|result_name }}", v=n - 1) == Results[n - 1]
+    assert render("{{ v|result_name }}", v=n) == str(n)
+    assert render("{{ v|result_name }}", v="weird") == "weird"
+    assert render("{{ v|result_color }}", v=n) == "#555555"
+    assert render("[{{ v|indent_lines }}]", v=None) == "[]"
