@@ -95,6 +95,14 @@ def test_config_error_texts(kwargs, expected):
     assert MailRoute(name="r", **kwargs).config_errors() == [expected]
 
 
+def test_default_template_is_the_packaged_failure_template():
+    from buildbot_mailext.templates import TemplateSet
+
+    route = MailRoute("d@example.org")
+    assert route.template == "build_failure"
+    assert TemplateSet().validate(route.template) == []
+
+
 def test_zero_log_tail_lines_is_valid():
     assert MailRoute("d@example.org", log_tail_lines=0).config_errors() == []
 
