@@ -25,10 +25,13 @@ from buildbot import config
 from buildbot.reporters.message import MessageFormatterBase
 from buildbot.util.twisted import async_to_deferred
 
+from buildbot_mailext.context import MAX_ITEMS
 from buildbot_mailext.context import build_context
+from buildbot_mailext.context import build_line
 from buildbot_mailext.context import result_name
 from buildbot_mailext.samples import sample_context
 from buildbot_mailext.context import worker_context
+from buildbot_mailext.masterconfig import in_master_dir
 from buildbot_mailext.templates import RenderedMail
 from buildbot_mailext.templates import TemplateSet
 from buildbot_mailext.templates import collapse_subject
@@ -86,7 +89,8 @@ class MailExtFormatter(MessageFormatterBase):
             want_logs_content=want_logs_content,
         )
         self.template = template
-        self.templates_dir = templates_dir
+        # Relative to the master directory, like the notifier's templates_dir.
+        self.templates_dir = templates_dir = in_master_dir(templates_dir)
         self.log_tail_lines = log_tail_lines
         # An inline Jinja2 subject (MailRoute(subject=...)) replaces NAME.subject.j2.
         self.subject = subject
@@ -116,7 +120,8 @@ class MailExtFormatter(MessageFormatterBase):
             sample = sample_context()
             sample.update(self.context)
             errors.extend(self.templates.validate_string(self.subject, "subject", sample))
-        return errors
+        # Both templates report a missing templates_dir: say it once.
+        return list(dict.fromkeys(errors))
 
     # --- rendering with fallback ---------------------------------------------------------------
 
@@ -209,18 +214,8 @@ class MailExtFormatter(MessageFormatterBase):
         if not builds:
             return {"body": None, "type": self.template_type, "subject": None, "extra_info": None}
         context = await build_context(master, builds[0], mode, users or [], self.log_tail_lines)
-        summaries = []
-        for build in builds:
-            builder = build.get("builder") or {}
-            summaries.append({
-                "buildername": builder.get("name", ""),
-                "buildnumber": build.get("number"),
-                "results": build.get("results"),
-                "result": result_name(build.get("results")),
-                "state_string": build.get("state_string") or "",
-                "url": build.get("url"),
-            })
-        context["builds"] = summaries
+        # Names and state strings bounded like every other value from a build.
+        context["builds"] = [build_line(build) for build in builds[:MAX_ITEMS]]
         context["is_buildset"] = True
         if buildset.get("results") is not None:
             context["results"] = buildset["results"]

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-from types import SimpleNamespace
 from typing import Any, Sequence
 
 from buildbot import config
@@ -33,17 +32,19 @@ from twisted.internet import defer
 from twisted.python import log
 
 from buildbot_mailext import message as mime
+from buildbot_mailext import postfix_queue
 from buildbot_mailext import preflight as preflight_mod
+from buildbot_mailext.addresses import address_errors, is_valid_address, split_recipients
 from buildbot_mailext.formatter import MailExtFormatter
+from buildbot_mailext.masterconfig import KnownNames, check_after_load, in_master_dir
 from buildbot_mailext.relay import SmtpSettings, check_smtp_settings
 from buildbot_mailext.routes import (
     MailExtWorkerMissingGenerator,
     MailRoute,
     RouteGenerator,
-    is_valid_address,
 )
 from buildbot_mailext.templates import TemplateSet
-from buildbot_mailext.transport import MailTransport
+from buildbot_mailext.transport import Delivery, MailTransport, describe
 
 # Template used when no routes are configured: it must read well for every result,
 # since the stock default modes mail passing builds too.
@@ -72,6 +73,11 @@ def notifier_arguments(
     tls_ca_file=None,
     tls_verify=True,
     allow_plaintext_auth=False,
+    worker_missing=True,
+    smtp_cache_time=2.0,
+    smtp_max_sessions=4,
+    track_local_mta=None,
+    postfix_stuck_after=postfix_queue.DEFAULT_STUCK_AFTER,
 ) -> dict[str, Any]:
     """Every argument ``MailExtNotifier`` takes, with its default: stock ``MailNotifier``'s
     in stock's positional order, then ours. ``checkConfig`` and ``reconfigService`` both
@@ -88,6 +94,7 @@ STOCK_ARGUMENTS = (
 SMTP_ARGUMENTS = (
     "relayhost", "smtpPort", "useTls", "useSmtps", "smtpUser", "smtpPassword",
     "tls_ca_file", "tls_verify", "allow_plaintext_auth", "smtp_timeout",
+    "smtp_cache_time", "smtp_max_sessions",
 )
 
 
@@ -109,12 +116,8 @@ class MailExtNotifier(MailNotifier):
         fromaddr = arguments["fromaddr"]
         routes, generators = arguments["routes"], arguments["generators"]
         extraHeaders, preflight = arguments["extraHeaders"], arguments["preflight"]
-        errors: list[str] = []
-        if not is_valid_address(fromaddr):
-            errors.append(
-                f"MailExtNotifier: fromaddr {fromaddr!r} is not a valid email address; "
-                "write it as 'buildbot@example.org' or 'Buildbot <buildbot@example.org>'"
-            )
+        errors: list[str] = address_errors(fromaddr, "MailExtNotifier", "fromaddr")
+        errors.extend(self._extra_recipient_errors(arguments["extraRecipients"]))
         routes = self._route_list(routes, errors)
         templates_dir = self._resolve_templates_dir(arguments["templates_dir"])
         if generators is not None and not isinstance(generators, list):
@@ -129,11 +132,22 @@ class MailExtNotifier(MailNotifier):
             templates_dir = None
         for route in routes:
             errors.extend(route.config_errors())
-        errors.extend(self._template_errors(routes, generators, templates_dir))
+        if routes and not errors:
+            # The builders are known only once master.cfg has run to its end.
+            check_after_load(lambda known: self._check_route_names(routes, known))
+        if not isinstance(arguments["worker_missing"], bool):
+            errors.append(
+                f"MailExtNotifier: worker_missing must be True (mail a worker's notify "
+                f"addresses when it goes missing, as stock) or False, not "
+                f"{arguments['worker_missing']!r}"
+            )
+        worker_missing = self._worker_missing_wanted(arguments, generators)
+        errors.extend(self._template_errors(routes, generators, worker_missing, templates_dir))
         errors.extend(mime.extra_header_errors(extraHeaders))
         smtp = _subset(arguments, SMTP_ARGUMENTS)
         errors.extend(check_smtp_settings(**smtp))
         errors.extend(preflight_mod.check_preflight_mode(preflight))
+        errors.extend(self._tracking_errors(arguments["track_local_mta"], arguments["postfix_stuck_after"]))
 
         if self.name is None:
             self.name = self._stable_name(fromaddr, smtp, routes, generators, templates_dir)
@@ -142,10 +156,16 @@ class MailExtNotifier(MailNotifier):
 
         # Formatters validate their templates when built: only build them from a config
         # that passed, or every template error would be reported twice.
-        built = [] if errors else self._build_generators(routes, generators, templates_dir)
+        built = (
+            [] if errors
+            else self._build_generators(routes, generators, worker_missing, templates_dir)
+        )
         stock = _subset(arguments, STOCK_ARGUMENTS)
         if not isinstance(extraHeaders, dict):
             stock["extraHeaders"] = None  # reported above, in our words
+        # Checked above with the strict gate (stock's unanchored check would both miss
+        # "a@x.org, b@x.org" and refuse buildbot@localhost).
+        stock["extraRecipients"] = None
         super().checkConfig(fromaddr, generators=built, **stock)
         if errors:
             return
@@ -165,17 +185,23 @@ class MailExtNotifier(MailNotifier):
         templates_dir = self._resolve_templates_dir(arguments["templates_dir"])
         yield super().reconfigService(
             fromaddr,
-            generators=self._build_generators(routes, arguments["generators"], templates_dir),
+            generators=self._build_generators(
+                routes,
+                arguments["generators"],
+                self._worker_missing_wanted(arguments, arguments["generators"]),
+                templates_dir,
+            ),
             **_subset(arguments, STOCK_ARGUMENTS),
         )
         self.routes = routes
+        self._warn_unknown_route_names(routes)
         self.templates_dir = templates_dir
         self.preflight = preflight
         settings = SmtpSettings.from_notifier_args(**_subset(arguments, SMTP_ARGUMENTS))
         if getattr(self, "transport", None) is None:
             self.transport = MailTransport(settings)
         elif self.transport.settings != settings:
-            # Pending retries go to the new server: that is usually why the config changed.
+            # The next sessions go to the new server: that is usually why the config changed.
             self.transport.settings = settings
         for warning in settings.startup_warnings():
             log.msg(f"{self.name}: {warning}")
@@ -183,12 +209,63 @@ class MailExtNotifier(MailNotifier):
         # when the config-load preflight had to skip AUTH for secrets.)
         recipients = self._probe_recipients(routes, arguments["extraRecipients"])
         preflight_mod.run_at_start(settings, fromaddr, recipients, preflight, self.name)
+        yield self._configure_postfix_tracking(
+            settings, arguments["track_local_mta"], arguments["postfix_stuck_after"]
+        )
 
     @defer.inlineCallbacks
     def stopService(self):
         yield super().stopService()
+        if getattr(self, "postfix_tracker", None) is not None:
+            yield self.postfix_tracker.stop()
         if getattr(self, "transport", None) is not None:
             yield self.transport.stop()
+
+    # ------------------------------------------------------------------ Postfix tracking
+
+    @staticmethod
+    def _tracking_errors(track_local_mta, postfix_stuck_after) -> list[str]:
+        errors = []
+        if track_local_mta not in (None, True, False):
+            errors.append(
+                f"MailExtNotifier: track_local_mta={track_local_mta!r}: must be True, False or None "
+                "(None: follow mail in the local Postfix's queue when relayhost is this machine)"
+            )
+        number = isinstance(postfix_stuck_after, (int, float)) and not isinstance(postfix_stuck_after, bool)
+        if not number or not 0 < postfix_stuck_after < float("inf"):
+            errors.append(
+                f"MailExtNotifier: postfix_stuck_after={postfix_stuck_after!r}: must be a positive number of "
+                "seconds (default 300: a mail still in Postfix's queue after 5 minutes is reported)"
+            )
+        return errors
+
+    def _configure_postfix_tracking(self, settings, track_local_mta, stuck_after) -> defer.Deferred:
+        """Follow mail past the local Postfix (``track_local_mta``; None: when the relay is on
+        this machine and has a postqueue). Poll every 60 s, or sooner when ``stuck_after`` is
+        shorter, so that a stuck mail is reported when it becomes stuck."""
+        wanted = postfix_queue.relay_is_local(settings) if track_local_mta is None else track_local_mta
+        tracker = getattr(self, "postfix_tracker", None)
+        if not wanted:
+            self.postfix_tracker = None
+            return tracker.stop() if tracker is not None else defer.succeed(None)
+        interval = min(postfix_queue.DEFAULT_POLL_INTERVAL, float(stuck_after))
+        if tracker is None:
+            self.postfix_tracker = postfix_queue.PostfixQueueTracker(
+                self.name, stuck_after, interval, reactor=self.master.reactor, relay_port=settings.port,
+                explicit=bool(track_local_mta),
+            )
+        else:
+            tracker.stuck_after, tracker.poll_interval = float(stuck_after), interval
+            # A reconfig may point at another relay, or fix what made the queue unreadable.
+            tracker.relay_port, tracker.explicit, tracker.not_postfix = settings.port, bool(track_local_mta), False
+        return defer.succeed(None)
+
+    def _follow_in_postfix(self, delivery: Delivery) -> Delivery:
+        # Postfix said 250 "queued as ID": the mail is Postfix's now; watch it leave.
+        tracker = getattr(self, "postfix_tracker", None)
+        if tracker is not None and delivery.delivered and delivery.queue_id:
+            tracker.track(delivery.queue_id, delivery.label)
+        return delivery
 
     # ------------------------------------------------------------------ config helpers
 
@@ -210,21 +287,59 @@ class MailExtNotifier(MailNotifier):
         return good
 
     @staticmethod
-    def _resolve_templates_dir(templates_dir):
-        # A relative templates_dir means the master directory's folder, as for every other
-        # path in master.cfg; `buildbot checkconfig DIR` runs from elsewhere, a running
-        # master from DIR itself.
-        if templates_dir is None or os.path.isabs(str(templates_dir)):
-            return templates_dir
-        basedir = preflight_mod.config_load_basedir()
-        return os.path.join(basedir, str(templates_dir)) if basedir else templates_dir
+    def _extra_recipient_errors(extra_recipients) -> list[str]:
+        if extra_recipients is None:
+            return []
+        if not isinstance(extra_recipients, (list, tuple)):
+            return [
+                f"MailExtNotifier: extraRecipients must be a list of addresses, got "
+                f"{extra_recipients!r}; write extraRecipients=['ops@example.org']"
+            ]
+        return [
+            error
+            for address in extra_recipients
+            for error in address_errors(address, "MailExtNotifier", "extraRecipients")
+        ]
 
     @staticmethod
-    def _template_errors(routes, generators, templates_dir) -> list[str]:
+    def _check_route_names(routes: list[MailRoute], known: KnownNames) -> None:
+        if known.multi_master:
+            return  # another master may run that builder: _warn_unknown_route_names says it
+        for error in (e for route in routes for e in route.unknown_name_errors(known)):
+            config.error(error)
+
+    def _warn_unknown_route_names(self, routes: list[MailRoute]) -> None:
+        # At start and reconfig, against the configuration the master runs: says it when
+        # the config-load check could not run (BuildmasterConfig defined after the
+        # notifier) or must not refuse (multiMaster).
+        known = KnownNames.from_master_config(getattr(self.master, "config", None))
+        if not known.builders:
+            return  # no master configuration to compare with (e.g. Buildbot's fake master)
+        where = " on this master (multiMaster=True)" if known.multi_master else ""
+        for error in (e for route in routes for e in route.unknown_name_errors(known)):
+            log.msg(f"{self.name}: warning: {error}{where}")
+
+    @staticmethod
+    def _resolve_templates_dir(templates_dir):
+        # A relative templates_dir means the master directory's folder, as for every other
+        # path in master.cfg (the formatter resolves it the same way).
+        return in_master_dir(templates_dir)
+
+    @staticmethod
+    def _worker_missing_wanted(arguments: dict[str, Any], generators) -> bool:
+        # Stock mails a worker's notify addresses when it goes missing; routes only add
+        # build mails, so they keep it unless worker_missing=False. Explicit generators
+        # replace every default, as in stock.
+        return generators is None and arguments["worker_missing"] is not False
+
+    @staticmethod
+    def _template_errors(routes, generators, worker_missing: bool, templates_dir) -> list[str]:
         template_set = TemplateSet(templates_dir)
         names = {r.template for r in routes if isinstance(r.template, str) and r.template}
         if not routes and generators is None:
-            names |= {DEFAULT_BUILD_TEMPLATE, WORKER_MISSING_TEMPLATE}
+            names.add(DEFAULT_BUILD_TEMPLATE)
+        if worker_missing:
+            names.add(WORKER_MISSING_TEMPLATE)
         errors = []
         for name in sorted(names):
             for problem in template_set.validate(name):
@@ -257,7 +372,7 @@ class MailExtNotifier(MailNotifier):
         digest = hashlib.sha1("\n".join(parts).encode("utf-8", "replace")).hexdigest()[:10]
         return f"MailExtNotifier_{digest}"
 
-    def _build_generators(self, routes, generators, templates_dir) -> list:
+    def _build_generators(self, routes, generators, worker_missing: bool, templates_dir) -> list:
         built = [
             RouteGenerator(
                 route,
@@ -273,26 +388,25 @@ class MailExtNotifier(MailNotifier):
         if generators is not None:
             built.extend(generators)
         elif not routes:
-            built.extend(self._default_generators(templates_dir))
+            # Exactly stock's default build mails (who gets mail does not change).
+            built.append(
+                BuildStatusGenerator(
+                    add_patch=True,
+                    message_formatter=MailExtFormatter(
+                        template=DEFAULT_BUILD_TEMPLATE, templates_dir=templates_dir
+                    ),
+                )
+            )
+        if worker_missing:
+            built.append(
+                MailExtWorkerMissingGenerator(
+                    workers="all",
+                    message_formatter=MailExtFormatter(
+                        template=WORKER_MISSING_TEMPLATE, templates_dir=templates_dir
+                    ),
+                )
+            )
         return built
-
-    @staticmethod
-    def _default_generators(templates_dir) -> list:
-        # Exactly stock's defaults (who gets mail does not change), rendered with ours.
-        return [
-            BuildStatusGenerator(
-                add_patch=True,
-                message_formatter=MailExtFormatter(
-                    template=DEFAULT_BUILD_TEMPLATE, templates_dir=templates_dir
-                ),
-            ),
-            MailExtWorkerMissingGenerator(
-                workers="all",
-                message_formatter=MailExtFormatter(
-                    template=WORKER_MISSING_TEMPLATE, templates_dir=templates_dir
-                ),
-            ),
-        ]
 
     def preflight_targets(self) -> tuple[SmtpSettings, str, list[str]]:
         """(settings, fromaddr, recipients) the preflight probes for this notifier."""
@@ -340,24 +454,57 @@ class MailExtNotifier(MailNotifier):
             # Worker-missing mail goes to the worker's notify addresses, as in stock.
             to, cc = list(users), []
         else:
-            interested = yield self.findInterrestedUsersEmails(list(users))
+            interested = []
+            if self.sendToInterestedUsers:
+                interested = yield self._interested_addresses(list(users))
             to, cc = self._stock_to_cc(interested)
         yield self._compose_and_send(reports, to=to, cc=cc, what="generator")
 
     def _stock_to_cc(self, interested) -> tuple[list[str], list[str]]:
         # Same rule as stock processRecipients(): extras go to Cc when mailing
-        # interested users, so they can tell they are copied.
-        to = sorted(set(interested))
+        # interested users, so they can tell they are copied. Only interested users that
+        # pass the address gate count: when none does, the extras are the To, as in stock
+        # with nobody interested. (The others stay in To so the compose step logs them.)
+        rejected = [a for a in interested if not is_valid_address(a)]
+        to = sorted({a for a in interested if is_valid_address(a)}, key=str)
         extras = list(self.extraRecipients or [])
         if self.sendToInterestedUsers and to:
-            return to, [e for e in extras if e not in to]
-        return sorted(set(to) | set(extras)), []
+            return to + rejected, [e for e in extras if e not in to]
+        return sorted(set(to) | set(extras)) + rejected, []
 
+    @defer.inlineCallbacks
     def _interested_addresses(self, users):
-        # Stock's lookup and address clean-up, applied whatever the notifier-wide
-        # sendToInterestedUsers says: the route asked for interested users.
-        stand_in = SimpleNamespace(sendToInterestedUsers=True, lookup=self.lookup)
-        return MailNotifier.findInterrestedUsersEmails(stand_in, list(users))
+        """Stock's lookup and "two @" repair (findInterrestedUsersEmails), minus its loose
+        address check: what comes out goes through the address gate when the mail is
+        composed. A lookup that fails or answers something that is not text leaves that
+        user out (one log line), never the mail."""
+        addresses = []
+        for user in users:
+            address = user
+            if self.lookup:
+                try:
+                    address = yield defer.maybeDeferred(self.lookup.getAddress, user)
+                except Exception as e:
+                    log.msg(
+                        f"{self.name}: lookup of {mime.one_line(repr(user), 200)} failed "
+                        f"({mime.one_line(e, 200)}); that user is left out"
+                    )
+                    continue
+            if isinstance(address, bytes):
+                address = address.decode("utf-8", "replace")
+            if address is None or (isinstance(address, str) and not address.strip()):
+                continue  # stock: getAddress did not like this user; or no one (anonymous)
+            if not isinstance(address, str):
+                log.msg(
+                    f"{self.name}: lookup of {mime.one_line(repr(user), 200)} gave "
+                    f"{type(address).__name__}, not an address; that user is left out"
+                )
+                continue
+            # Git can give 'User' <user@foo.com>@foo.com: stock chops the last @.
+            if address.count("@") > 1:
+                address = address[: address.rindex("@")]
+            addresses.append(address)
+        return addresses
 
     @defer.inlineCallbacks
     def _compose_and_send(self, reports, to: Sequence[str], cc: Sequence[str], what: str):
@@ -377,6 +524,10 @@ class MailExtNotifier(MailNotifier):
             props = Properties.fromDict(builds[0]["properties"])
             props.master = self.master
             extra = yield props.render(extra)
+        # The address gate: build_email and envelope_recipients write only the values that
+        # are one valid address each; the others are left out alone (logged below) and the
+        # mail goes to everyone else.
+        rejected = split_recipients([*to, *cc])[1]
         msg = mime.build_email(
             subject=subject,
             from_addr=self.fromaddr,
@@ -390,6 +541,11 @@ class MailExtNotifier(MailNotifier):
         )
         recipients = mime.envelope_recipients([*to, *cc])
         label = self._label(what, builds, msg)
+        for value, reason in rejected:
+            log.msg(
+                f"{self.name}: {label}: recipient {mime.one_line(repr(value), 300)} left out: "
+                f"not a valid address ({reason}); the mail goes to the others"
+            )
         if not recipients:
             log.msg(f"{self.name}: {label}: no recipients (nobody to mail), nothing sent")
             return
@@ -440,12 +596,22 @@ class MailExtNotifier(MailNotifier):
         return attachments
 
     def sendMail(self, m, recipients, label: str | None = None):
-        """Hand one message to the transport. Never errbacks: the transport logs and
-        retries what it cannot deliver now."""
-        data = mime.message_bytes(m) if hasattr(m, "as_bytes") else m.as_string().encode()
+        """Hand one message to the transport; fires with its Delivery, never errbacks."""
         label = label or f"mail {m['Message-ID']}"
+        data = mime.message_bytes(m, label) if hasattr(m, "as_bytes") else m.as_string().encode()
         log.msg(f"{self.name}: sending {label} ({len(data)} bytes) to {', '.join(recipients)}")
         if self.dumpMailsToLog:
             log.msg(f"mail data:\n{data.decode('utf-8', 'replace')}")
-        return self.transport.send(mime.bare_address(self.fromaddr), recipients, data, label)
+        d = self.transport.send(mime.bare_address(self.fromaddr), recipients, data, label)
+        d.addCallback(self._log_delivery)
+        return d.addCallback(self._follow_in_postfix)
+
+    @staticmethod
+    def _log_delivery(delivery: Delivery) -> Delivery:
+        # Until the durable outbox (issue 7) takes over: one line per outcome, no retry.
+        line = describe(delivery)
+        if delivery.refused_temporarily or not delivery.delivered:
+            line += "; not retried: mail lost for the recipients not reached"
+        log.msg(line)
+        return delivery
 

@@ -14,8 +14,7 @@ three transitions computed against the previous build of the same builder *and b
 
 from __future__ import annotations
 
-import re
-from email.utils import parseaddr
+import difflib
 from types import SimpleNamespace
 from typing import Any, ClassVar, Sequence
 
@@ -24,10 +23,11 @@ from buildbot.process.results import EXCEPTION, FAILURE
 from buildbot.reporters import utils
 from buildbot.reporters.generators.build import BuildStatusGenerator
 from buildbot.reporters.generators.worker import WorkerMissingGenerator
-from buildbot.reporters.mail import VALID_EMAIL
 from twisted.internet import defer
 
+from buildbot_mailext.addresses import address_errors
 from buildbot_mailext.context import previous_build_same_branch, transition_for
+from buildbot_mailext.masterconfig import KnownNames
 
 # mode name -> the transition text (from context.transition_for) that satisfies it
 TRANSITION_MODES = {
@@ -64,24 +64,28 @@ def normalize_addresses(to: str | Sequence[str] | None) -> list[str]:
     return list(to)
 
 
-# local@domain, where domain is a host name (one label is fine: root@localhost is a real
-# local-delivery address) or an address literal such as [192.0.2.1].
-_ADDR_SPEC = re.compile(r"^[^\s@<>()\[\],;:\"]+@(?:[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.?|\[[0-9A-Fa-f:.]+\])$")
+def normalize_names(names: Any) -> Any:
+    """``builders``, ``tags``, ``branches``, ``schedulers``: a lone string is *one* name
+    (``builders="linux"`` means ``["linux"]``, not five one-letter builders); a list or
+    tuple becomes a list; anything else is kept for ``config_errors`` to report."""
+    if isinstance(names, str):
+        return [names]
+    if isinstance(names, tuple):
+        return list(names)
+    return names
 
 
-def is_valid_address(address: Any) -> bool:
-    """``user@example.org`` or ``Name <user@example.org>``; never CR/LF or other control
-    characters (an address ends up in a header and in RCPT TO). Buildbot's own check
-    (VALID_EMAIL) also demands a dot in the domain; we accept ``buildbot@localhost``,
-    which works with stock MailNotifier and is common for local delivery."""
-    if not isinstance(address, str) or re.search(r"[\x00-\x1f\x7f]", address):
-        return False
-    if VALID_EMAIL.search(address):
-        return True
-    _, addr = parseaddr(address)
-    # parseaddr repairs some damage ("a@exa mple.org" -> "a@example.org"): the address
-    # must stand in the text as written.
-    return bool(addr) and addr in address and _ADDR_SPEC.match(addr) is not None
+def closest(name: str, known: Sequence[str]) -> str:
+    """``; did you mean 'linux'?`` (difflib's closest known names), plus the known names
+    when there are few enough to list: the fix, in the error message itself."""
+    hint = ""
+    matches = difflib.get_close_matches(name, list(known), n=3, cutoff=0.6)
+    if matches:
+        hint = f"; did you mean {' or '.join(repr(m) for m in matches)}?"
+    if not known:
+        return hint + " (this configuration defines none)"
+    listed = ", ".join(sorted(known)[:20]) + (", ..." if len(known) > 20 else "")
+    return f"{hint} (known: {listed})"
 
 
 class MailRoute(util.ComparableMixin):
@@ -123,10 +127,10 @@ class MailRoute(util.ComparableMixin):
         log_tail_lines: int = DEFAULT_LOG_TAIL_LINES,
     ) -> None:
         self.to = normalize_addresses(to)
-        self.builders = builders
-        self.tags = tags
-        self.branches = branches
-        self.schedulers = schedulers
+        self.builders = normalize_names(builders)
+        self.tags = normalize_names(tags)
+        self.branches = normalize_names(branches)
+        self.schedulers = normalize_names(schedulers)
         self.mode = expand_modes(mode)
         self.template = template
         self.subject = subject
@@ -137,8 +141,12 @@ class MailRoute(util.ComparableMixin):
     def _default_name(self) -> str:
         # Stable across reconfigs (no ids, no addresses of objects): what it watches and
         # where it sends.
-        watched = "+".join(self.builders or self.tags or ["all"])
-        return f"{watched}->{','.join(self.to) or 'interested-users'}"
+        # Tolerates values config_errors() will refuse: the error must be able to name it.
+        watched = self.builders or self.tags or ["all"]
+        if not isinstance(watched, list):
+            watched = [watched]
+        to = ",".join(str(a) for a in self.to) if isinstance(self.to, list) else str(self.to)
+        return f"{'+'.join(str(w) for w in watched)}->{to or 'interested-users'}"
 
     def __repr__(self) -> str:
         return f"MailRoute({self.name!r})"
@@ -154,11 +162,7 @@ class MailRoute(util.ComparableMixin):
                 "send_to_interested_users=True"
             )
         for address in self.to:
-            if not is_valid_address(address):
-                errors.append(
-                    f"{where}: {address!r} in 'to' is not a valid email address; write it as "
-                    "'user@example.org' or 'Name <user@example.org>'"
-                )
+            errors.extend(address_errors(address, where, "to"))
         for mode in self.mode:
             if mode not in KNOWN_MODES:
                 errors.append(
@@ -171,7 +175,13 @@ class MailRoute(util.ComparableMixin):
                 isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
             ):
                 errors.append(
-                    f"{where}: '{setting}' must be a list of strings or None, got {value!r}"
+                    f"{where}: '{setting}' must be a name, a list of names (strings) or "
+                    f"None, got {value!r}"
+                )
+            elif value is not None and not value:
+                errors.append(
+                    f"{where}: '{setting}' is empty, so this route would never send; "
+                    f"leave it out (or None) to match them all"
                 )
         if self.builders is not None and self.tags is not None:
             errors.append(
@@ -184,6 +194,27 @@ class MailRoute(util.ComparableMixin):
             errors.append(f"{where}: 'subject' must be a Jinja2 template string or None")
         if not isinstance(self.log_tail_lines, int) or self.log_tail_lines < 0:
             errors.append(f"{where}: 'log_tail_lines' must be a whole number >= 0")
+        return errors
+
+    def unknown_name_errors(self, known: KnownNames) -> list[str]:
+        """The builders, tags and schedulers this route names that the master's
+        configuration does not define: such a route would silently never send."""
+        where = f"MailRoute {self.name!r}"
+        errors = []
+        for setting, defined, what in (
+            ("builders", known.builders, "c['builders'] has no builder named"),
+            ("tags", known.tags, "no builder in c['builders'] has the tag"),
+            ("schedulers", known.schedulers, "c['schedulers'] has no scheduler named"),
+        ):
+            names = getattr(self, setting)
+            if not isinstance(names, list):
+                continue  # config_errors() reports it
+            for name in names:
+                if isinstance(name, str) and name not in defined:
+                    errors.append(
+                        f"{where}: {setting}: {what} {name!r}, so this route would never "
+                        f"send{closest(name, defined)}"
+                    )
         return errors
 
     @property

@@ -21,6 +21,7 @@ from twisted.internet import defer
 from twisted.trial import unittest
 
 from buildbot_mailext import MailExtNotifier, MailRoute
+from buildbot_mailext.transport import Delivery
 
 
 class RecordingTransport:
@@ -40,7 +41,7 @@ class RecordingTransport:
                 "label": label,
             }
         )
-        return defer.succeed(True)
+        return defer.succeed(Delivery(label, "recorder", accepted=list(recipients), reply="250 recorded"))
 
     def stop(self):
         return defer.succeed(None)
@@ -124,7 +125,11 @@ class NotifierTestCase(TestReactorMixin, unittest.TestCase, ReporterTestMixin):
         )
         yield self.finish_build(notifier, FAILURE)
         by_route = {s["label"].split("'")[1]: s for s in self.transport.sent}
-        self.assertEqual(by_route["with-users"]["to"], ["dev@example.org", "owner@example.org"])
+        # me@foo is the change's author: one address for the gate (dotless domains are
+        # fine, as for fromaddr), though stock's looser VALID_EMAIL would have skipped it.
+        self.assertEqual(
+            by_route["with-users"]["to"], ["dev@example.org", "owner@example.org", "me@foo"]
+        )
         self.assertEqual(by_route["list-only"]["to"], ["ops@example.org"])
         self.assertIn("owner@example.org", by_route["with-users"]["msg"]["To"])
 
@@ -144,7 +149,7 @@ class NotifierTestCase(TestReactorMixin, unittest.TestCase, ReporterTestMixin):
         sibling = MailExtNotifier(**config())
         self.assertEqual(sibling.name, notifier.name)
         yield notifier.reconfigServiceWithSibling(sibling)
-        self.assertIs(notifier.transport, transport)  # retries in memory survive reconfig
+        self.assertIs(notifier.transport, transport)  # one transport across reconfig: its settings change
         yield notifier.stopService()
 
     @defer.inlineCallbacks
@@ -169,9 +174,67 @@ class NotifierTestCase(TestReactorMixin, unittest.TestCase, ReporterTestMixin):
         notifier = yield self.make_notifier(extraRecipients=["ops@example.org"])
         yield self.finish_build(notifier, SUCCESS)
         (sent,) = self.transport.sent
-        self.assertEqual(sent["to"], ["ops@example.org"])
-        self.assertEqual(sent["msg"]["To"], "ops@example.org")
+        # The change's author me@foo is interested (To); the extras are copied (Cc).
+        self.assertEqual(sent["to"], ["me@foo", "ops@example.org"])
+        self.assertEqual(sent["msg"]["To"], "me@foo")
+        self.assertEqual(sent["msg"]["Cc"], "ops@example.org")
         self.assertIsNotNone(sent["msg"].get_body(("plain",)))
+
+    def worker_missing_event(self, notifier):
+        worker = {
+            "name": "linux-worker",
+            "workerid": 3,
+            "notify": ["admin@example.org"],
+            "workerinfo": {"admin": "Admin <admin@example.org>", "host": "ci-3"},
+            "last_connection": "Tue, 25 Nov 2025 17:02:11 UTC",
+        }
+        return notifier._got_event(("workers", 3, "missing"), worker)
+
+    @defer.inlineCallbacks
+    def test_routes_keep_stock_worker_missing_mail(self):
+        notifier = yield self.make_notifier(
+            routes=[MailRoute("dev-list@example.org", builders=["Builder0"])]
+        )
+        yield self.worker_missing_event(notifier)
+        (sent,) = self.transport.sent
+        self.assertEqual(sent["to"], ["admin@example.org"])  # the worker's notify, as stock
+        self.assertIn("linux-worker", sent["msg"]["Subject"])
+        self.assertIn("linux-worker", sent["msg"].get_body(("plain",)).get_content())
+
+    @defer.inlineCallbacks
+    def test_worker_missing_false_opts_out(self):
+        for kwargs in ({"routes": [MailRoute("dev-list@example.org")]}, {}):
+            notifier = yield self.make_notifier(worker_missing=False, **kwargs)
+            yield self.worker_missing_event(notifier)
+            self.assertEqual(self.transport.sent, [], kwargs)
+            yield notifier.disownServiceParent()
+
+    @defer.inlineCallbacks
+    def test_unknown_route_names_are_logged_at_start(self):
+        # What the master runs: when the config-load check could not run (BuildmasterConfig
+        # defined after the notifier) or must not refuse (multiMaster), twistd.log says it.
+        from buildbot.process.factory import BuildFactory
+        from buildbot.config.builder import BuilderConfig
+        from twisted.python import log
+
+        self.master.config.builders = [
+            BuilderConfig(name="linux", workernames=["w"], factory=BuildFactory())
+        ]
+        logged = []
+        log.addObserver(logged.append)
+        self.addCleanup(log.removeObserver, logged.append)
+        for multi_master in (False, True):
+            self.master.config.multiMaster = multi_master
+            del logged[:]
+            notifier = yield self.make_notifier(
+                routes=[MailRoute("dev@example.org", builders=["linxu", "linux"])]
+            )
+            lines = [" ".join(e["message"]) for e in logged if "linxu" in " ".join(e.get("message", ()))]
+            self.assertEqual(len(lines), 1, lines)
+            self.assertIn("warning: MailRoute 'linxu+linux->dev@example.org': builders: "
+                          "c['builders'] has no builder named 'linxu'", lines[0])
+            self.assertEqual(multi_master, lines[0].endswith("(multiMaster=True)"))
+            yield notifier.disownServiceParent()
 
     @defer.inlineCallbacks
     def test_plain_generators_keep_stock_semantics(self):
@@ -185,10 +248,50 @@ class NotifierTestCase(TestReactorMixin, unittest.TestCase, ReporterTestMixin):
         )
         yield self.finish_build(notifier, FAILURE)
         (sent,) = self.transport.sent
-        self.assertEqual(sent["to"], ["ops@example.org"])
+        self.assertEqual(sent["to"], ["me@foo", "ops@example.org"])  # author, then extras
         # A stock formatter gives one plain part, exactly what stock would send.
         self.assertEqual(sent["msg"].get_content_type(), "text/plain")
         self.assertIn("Builder0", sent["msg"].get_content())
+
+
+    # Every "queued as" id the local MTA gives goes to the Postfix queue tracker (which
+    # tests/test_postfix.py runs against the real Postfix).
+    @defer.inlineCallbacks
+    def notifier_with_queue_ids(self, **kwargs):
+        notifier = yield self.make_notifier(
+            routes=[MailRoute("dev@example.org", name="dev")], relayhost="[127.0.0.1]:2525", **kwargs
+        )
+        recording_send = self.transport.send
+
+        def send(*args):
+            d = recording_send(*args)
+            return d.addCallback(lambda delivery: setattr(delivery, "queue_id", "E63B916209A") or delivery)
+
+        self.transport.send = send
+        return notifier
+
+    @defer.inlineCallbacks
+    def test_queue_id_is_tracked(self):
+        notifier = yield self.notifier_with_queue_ids(track_local_mta=True, postfix_stuck_after=5)
+        self.addCleanup(notifier.postfix_tracker.stop)
+        yield self.finish_build(notifier, FAILURE)
+        (mail,) = notifier.postfix_tracker.outstanding()
+        self.assertEqual(mail.queue_id, "E63B916209A")
+        self.assertIn("route 'dev' build 'Builder0'", mail.label)
+        self.assertEqual(notifier.postfix_tracker.stuck_after, 5)
+        self.assertEqual(notifier.postfix_tracker.poll_interval, 5)  # never slower than stuck_after
+
+    @defer.inlineCallbacks
+    def test_tracking_off(self):
+        notifier = yield self.notifier_with_queue_ids(track_local_mta=False)
+        yield self.finish_build(notifier, FAILURE)
+        self.assertIsNone(notifier.postfix_tracker)
+        self.assertEqual(len(self.transport.sent), 1)
+
+    @defer.inlineCallbacks
+    def test_not_tracked_for_a_remote_relay(self):
+        notifier = yield self.make_notifier(relayhost="[relay.example.org]:587")
+        self.assertIsNone(notifier.postfix_tracker)
 
 
     @defer.inlineCallbacks
@@ -203,9 +306,10 @@ class NotifierTestCase(TestReactorMixin, unittest.TestCase, ReporterTestMixin):
         )
         yield self.finish_build(notifier, FAILURE)
         (sent,) = self.transport.sent
-        self.assertEqual(sent["msg"]["To"], "Owner <owner@example.org>")
+        # the change's author (me@foo) and the owner are the interested users
+        self.assertEqual(sent["msg"]["To"], "Owner <owner@example.org>, me@foo")
         self.assertEqual(sent["msg"]["Cc"], "ops@example.org")
-        self.assertEqual(sorted(sent["to"]), ["ops@example.org", "owner@example.org"])
+        self.assertEqual(sorted(sent["to"]), ["me@foo", "ops@example.org", "owner@example.org"])
 
     @defer.inlineCallbacks
     def test_stock_arguments_are_accepted_and_take_effect(self):
@@ -233,7 +337,7 @@ class NotifierTestCase(TestReactorMixin, unittest.TestCase, ReporterTestMixin):
         msg = sent["msg"]
         self.assertEqual(sent["from"], "buildbot@localhost")
         self.assertEqual(msg["From"], "buildbot@localhost")
-        self.assertEqual(msg["To"], "jane@example.org")  # lookup applied
+        self.assertEqual(msg["To"], "jane@example.org, me@foo")  # lookup applied to "jane"
         self.assertEqual(msg["Cc"], "ops@example.org")
         self.assertEqual(msg["X-Project"], "demo")
         self.assertEqual(msg["X-Owner"], "jane")  # rendered with the build's properties
@@ -339,25 +443,84 @@ class ConfigTestCase(unittest.TestCase):
             extraHeaders={"Subject": "x"},
         )
         text = "\n".join(errors)
-        self.assertIn("fromaddr 'not an address' is not a valid email address", text)
+        self.assertIn("'not an address' in 'fromaddr' is not a valid email address", text)
         self.assertIn("'bad-address' in 'to' is not a valid email address", text)
         self.assertIn("unknown mode 'sometimes'", text)
         self.assertIn("template 'no_such_template'", text)
         self.assertIn("extraHeaders: 'Subject' is set by the notifier", text)
 
+    def test_every_configured_address_goes_through_the_gate(self):
+        errors = "\n".join(
+            self.config_errors(
+                fromaddr="Buildbot <buildbot@example.org>, x",
+                extraRecipients=["ops@example.org", "a@x.org;b@x.org", "üser@example.org"],
+                routes=[
+                    MailRoute("dev@example.org, qa@example.org", name="r"),
+                    MailRoute("a@x.org>", name="s"),
+                ],
+            )
+        )
+        self.assertIn(
+            "MailExtNotifier: 'Buildbot <buildbot@example.org>, x' in 'fromaddr' is not a valid",
+            errors,
+        )
+        self.assertIn("write a list: extraRecipients=['a@x.org', 'b@x.org']", errors)
+        self.assertIn(
+            "'üser@example.org' in 'extraRecipients' is not a valid email address (non-ASCII",
+            errors,
+        )
+        self.assertIn("MailRoute 'r': 'dev@example.org, qa@example.org' in 'to' is 2 addresses", errors)
+        self.assertIn("MailRoute 's': 'a@x.org>' in 'to' is not a valid email address", errors)
+        self.assertNotIn("ops@example.org", errors)
+        # stock's own, looser check is not run on top (it would refuse ops@localhost)
+        self.assertNotIn("extra recipient", errors)
+
+    def test_dotless_and_literal_addresses_are_fine_in_config(self):
+        MailExtNotifier(
+            "buildbot@localhost",
+            extraRecipients=["ops@localhost", "root@[127.0.0.1]"],
+            preflight="off",
+        )
+
     def test_misspelt_argument_is_a_config_error(self):
         errors = self.config_errors(relay_host="[relay.example.org]:587")
-        self.assertEqual(
-            errors, ["MailExtNotifier: got an unexpected keyword argument 'relay_host'"]
+        # Python 3.13 adds its own hint: ". Did you mean 'relayhost'?"
+        (error,) = errors
+        self.assertTrue(
+            error.startswith("MailExtNotifier: got an unexpected keyword argument 'relay_host'"),
+            error,
         )
 
     def test_routes_must_be_mail_routes(self):
         errors = self.config_errors(routes=[{"to": "a@example.org"}])
         self.assertIn("routes must contain MailRoute(...) objects", errors[0])
 
+    def test_unknown_route_names_are_config_errors_unless_multi_master(self):
+        from buildbot_mailext.masterconfig import KnownNames
+
+        route = MailRoute("dev@example.org", builders=["linxu"])
+        with self.assertRaises(ConfigErrors) as caught:
+            with capture_config_errors(raise_on_error=True):
+                MailExtNotifier._check_route_names([route], KnownNames(builders=("linux",)))
+        (error,) = caught.exception.errors
+        self.assertIn("no builder named 'linxu'", error)
+        with capture_config_errors(raise_on_error=True):  # nothing raised: logged at start
+            MailExtNotifier._check_route_names(
+                [route], KnownNames(builders=("linux",), multi_master=True)
+            )
+
+    def test_worker_missing_must_be_a_bool(self):
+        (error,) = self.config_errors(worker_missing="no")
+        self.assertIn("worker_missing must be True", error)
+
     def test_missing_templates_dir(self):
         errors = self.config_errors(templates_dir="/nonexistent/mail-templates")
         self.assertIn("templates_dir '/nonexistent/mail-templates' is not a directory", errors[0])
+
+    def test_tracking_options_are_checked(self):
+        errors = self.config_errors(track_local_mta="yes", postfix_stuck_after=0)
+        self.assertIn("track_local_mta='yes': must be True, False or None", errors[0])
+        self.assertIn("postfix_stuck_after=0: must be a positive number of seconds", errors[1])
 
     def test_bad_route_subject_template(self):
         errors = self.config_errors(

@@ -31,7 +31,7 @@ import time
 
 import pytest
 
-from harness import Master, SmtpSink, Worker, example_cfg_text
+from harness import Master, SmtpSink, Worker, example_cfg_text, running_site
 
 pytest.importorskip("aiosmtpd")
 
@@ -159,23 +159,12 @@ class Env:
 
 @pytest.fixture(scope="module")
 def e2e(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("e2e")
-    sink = SmtpSink().start()
-    master = Master(tmp / "master", CFG, env={"MAILEXT_RELAYHOST": sink.relayhost,
-                                              "MAILEXT_PREFLIGHT": "fail"})
-    worker = Worker(tmp / "worker", master.pb_port, *WORKER,
-                    env={"MAILEXT_E2E_WORKER_SECRET": WORKER_SECRET})
-    try:
-        master.create()
-        master.start()
-        worker.create()
-        worker.start()
-        master.wait_worker(WORKER[0])
-        yield Env(sink, master, worker)
-    finally:
-        worker.stop()
-        master.stop()
-        sink.stop()
+    with running_site(
+        tmp_path_factory.mktemp("e2e"), CFG, WORKER,
+        master_env={"MAILEXT_PREFLIGHT": "fail"},
+        worker_env={"MAILEXT_E2E_WORKER_SECRET": WORKER_SECRET},
+    ) as site:
+        yield Env(*site)
 
 
 def header_block(raw: bytes) -> str:
@@ -221,7 +210,11 @@ def test_failing_build_one_mail_per_matching_route(e2e):
         assert text is not None and html is not None, "both text/plain and text/html parts"
         # the log tail: last line present, the first of 120 lines is outside a 40-line tail
         assert TAIL_MARKER in text, text
-        assert EARLY_MARKER not in text, "log tail is not a tail"
+        tail_lines = [l for l in text.splitlines() if l.lstrip().startswith("| ")]
+        assert not any(EARLY_MARKER in l for l in tail_lines), "log tail is not a tail"
+        # the command that failed is shown above the tail (it echoes the early marker)
+        (command,) = [l for l in text.splitlines() if l.lstrip().startswith("Command: sh -c ")]
+        assert EARLY_MARKER in command
         assert "AssertionError: expected 250" in text
         # stream prefixes stripped (Buildbot #4850)
         assert f"o{TAIL_MARKER}" not in text and f"o{TAIL_MARKER}" not in html
