@@ -281,6 +281,58 @@ class LogTailTests(FakeBuildMixin, unittest.TestCase):
         self.flushLoggedErrors()
 
 
+class MailSizeBoundTests(FakeBuildMixin, unittest.TestCase):
+    """The bounds that keep a mail small however many steps fail with however big logs."""
+
+    @defer.inlineCallbacks
+    def context_of(self, failed_steps, lines_per_log, line_chars, log_tail_lines):
+        line = "o" + "x" * (line_chars - 1)
+        steps = [(f"step{i}", FAILURE, [line] * lines_per_log) for i in range(failed_steps)]
+        yield self.insert_build(0, "main", FAILURE, steps=steps)
+        build = yield self.get_build(0)
+        ctx = yield build_context(self.master, build, ("failing",), [], log_tail_lines)
+        return ctx
+
+    @staticmethod
+    def tail_chars(step):
+        return sum(len(line) + 1 for tail in step["log_tail"] for line in tail["lines"])
+
+    @defer.inlineCallbacks
+    def test_log_excerpts_of_one_mail_stay_within_the_mail_budget(self):
+        # Five failed steps, each with a log whose tail alone fills the per-log cap:
+        # without the per-mail budget they would add up to 5 x 64 KiB.
+        per_log_cap_lines = ctxmod.MAX_TAIL_CHARS_PER_LOG // 480 + 10
+        ctx = yield self.context_of(
+            ctxmod.MAX_FAILED_STEPS_WITH_TAIL, per_log_cap_lines, 480, log_tail_lines=10000
+        )
+        per_step = [self.tail_chars(step) for step in ctx["failed_steps"]]
+        self.assertEqual(len(per_step), 5)
+        self.assertGreater(
+            ctxmod.MAX_FAILED_STEPS_WITH_TAIL * ctxmod.MAX_TAIL_CHARS_PER_LOG,
+            ctxmod.MAX_TAIL_CHARS_PER_MAIL,
+        )  # else this test would prove nothing
+        self.assertLessEqual(sum(per_step), ctxmod.MAX_TAIL_CHARS_PER_MAIL)
+        # The first step gets its whole per-log share, the budget is used up (to within a
+        # line), and the last step gets less than the first.
+        self.assertGreater(per_step[0], ctxmod.MAX_TAIL_CHARS_PER_LOG - 481)
+        self.assertGreater(sum(per_step), ctxmod.MAX_TAIL_CHARS_PER_MAIL - 481)
+        self.assertLess(per_step[4], per_step[0])
+
+    @defer.inlineCallbacks
+    def test_at_most_five_failed_steps_carry_log_excerpts(self):
+        ctx = yield self.context_of(7, 3, 10, log_tail_lines=40)
+        failed = ctx["failed_steps"]
+        # Every failed step is listed ...
+        self.assertEqual([s["name"] for s in failed], [f"step{i}" for i in range(7)])
+        # ... the first five with their log tail, the others without.
+        limit = ctxmod.MAX_FAILED_STEPS_WITH_TAIL
+        self.assertEqual(limit, 5)
+        for step in failed[:limit]:
+            self.assertEqual(step["log_tail"][0]["lines"], ["x" * 9] * 3, step["name"])
+        for step in failed[limit:]:
+            self.assertEqual(step["log_tail"], [], step["name"])
+
+
 class BuildContextTests(FakeBuildMixin, unittest.TestCase):
     @defer.inlineCallbacks
     def setUp(self):
@@ -379,3 +431,183 @@ class PreviousBuildCacheTests(unittest.TestCase):
         self.assertIsNone(second)
         self.assertEqual(reads_after_first, 3)  # builds 2, 1, 0 looked at
         self.assertEqual(len(reads), reads_after_first)  # the second call read nothing
+
+
+# --- exact outputs of the pure helpers (gaps found by `make mutate`) ----------------------
+
+
+def _long(char, n=1000):
+    return char * n
+
+
+def _capped(char, cap):
+    return char * cap + " [... line truncated]"
+
+
+def test_change_summary_exact():
+    change = {
+        "author": _long("a"), "committer": _long("c"), "revision": _long("r"),
+        "comments": "line 1\r\nline 2\rline 3\x00\x1b[31m", "branch": _long("b"),
+        "repository": _long("p"), "project": _long("j"), "revlink": _long("l"),
+        "when_timestamp": 0, "files": [_long("f")] + [f"f{i}" for i in range(60)],
+    }
+    assert ctxmod._change_summary(change) == {
+        "author": _capped("a", 200), "committer": _capped("c", 200), "revision": _capped("r", 200),
+        "comments": "line 1\nline 2\nline 3", "branch": _capped("b", 200),
+        "repository": _capped("p", 300), "project": _capped("j", 200), "revlink": _capped("l", 500),
+        "when": "1970-01-01 00:00:00 UTC",
+        "files": [_capped("f", 300)] + [f"f{i}" for i in range(49)], "files_total": 61,
+    }
+    assert ctxmod._change_summary({}) == {
+        "author": "", "committer": "", "revision": None, "comments": "", "branch": None,
+        "repository": "", "project": "", "revlink": None, "when": None, "files": [], "files_total": 0,
+    }
+
+
+def test_step_summary_exact():
+    step = {"name": _long("n"), "number": 4, "results": FAILURE, "state_string": _long("s"),
+            "hidden": 1, "started_at": 10, "complete_at": 75}
+    assert ctxmod._step_summary(step, "http://bb/#/builders/1/builds/2") == {
+        "name": _capped("n", 200), "number": 4, "results": FAILURE, "result": "failure",
+        "state_string": _capped("s", 200), "url": "http://bb/#/builders/1/builds/2/steps/4",
+        "hidden": True, "duration": "1m 05s",
+    }
+    bare = ctxmod._step_summary({"number": 0}, "u")
+    assert (bare["name"], bare["state_string"], bare["results"], bare["result"], bare["duration"]) == (
+        "", "", None, None, None)
+
+
+def test_clean_text_exact():
+    assert ctxmod._clean_text("a\r\nb\rc\x07\x1b[1md", 100) == "a\nb\ncd"
+    assert ctxmod._clean_text("x" * 10, 10) == "x" * 10
+    assert ctxmod._clean_text("x" * 11, 10) == "x" * 10 + "\n[... truncated]"
+
+
+def test_worker_context_exact():
+    class Cfg:
+        title = "T"
+        buildbotURL = "http://bb/"
+
+    class M:
+        config = Cfg
+
+    info = {"admin": _long("a"), "host": "h\r\nx"}
+    ctx = worker_context(M, {"name": _long("w"), "workerid": 7, "notify": ("n@example.org",),
+                             "workerinfo": info, "last_connection": b"yesterday"})
+    del ctx["workerinfo"]  # cleaned as a whole; its own test is test_hostile.py's
+    assert ctx == {
+        "worker": _capped("w", 200), "workerid": 7, "worker_admin": _capped("a", 300),
+        "worker_host": "h x", "last_connection": "yesterday",
+        "notify": ["n@example.org"], "buildbot_url": "http://bb/", "title": "T",
+        "template_error": None,
+    }
+    empty = worker_context(M, {})
+    assert (empty["worker"], empty["workerid"], empty["worker_admin"], empty["worker_host"],
+            empty["last_connection"], empty["notify"]) == ("<unknown>", None, None, None, None, [])
+
+
+class ReadLogTailEdgeTests(unittest.TestCase):
+    """read_log_tail against a log store that serves exactly the lines asked for."""
+
+    def master_with(self, lines, fail=False):
+        class FakeLogs:
+            def getLogLines(self, logid, first_line, last_line):
+                if fail:
+                    return defer.fail(ValueError("bad chunk"))
+                return defer.succeed("".join(l + "\n" for l in lines[first_line:last_line + 1]))
+
+        class FakeMaster:
+            class db:
+                logs = FakeLogs()
+
+        return FakeMaster
+
+    def tail(self, lines, n, log_type="s", fail=False, max_chars=10**6):
+        log_dict = {"logid": 9, "name": "stdio", "num_lines": len(lines), "type": log_type, "url": "U"}
+        return defer.ensureDeferred(
+            read_log_tail(self.master_with(lines, fail), log_dict, n, max_chars=max_chars)
+        )
+
+    @defer.inlineCallbacks
+    def test_text_log_keeps_lines_whole_and_streams_empty(self):
+        tail = yield self.tail(["oabc", "hdef"], 10, log_type="t")
+        self.assertEqual(tail, {
+            "name": "stdio", "url": "U", "command": None, "lines": ["oabc", "hdef"],
+            "entries": [{"stream": "", "text": "oabc"}, {"stream": "", "text": "hdef"}],
+            "truncated": False, "total_lines": 2,
+        })
+
+    @defer.inlineCallbacks
+    def test_nothing_asked_or_nothing_there(self):
+        self.assertEqual((yield self.tail(["oa"] * 5, 0)), {
+            "name": "stdio", "url": "U", "command": None, "lines": [], "entries": [], "truncated": True, "total_lines": 5})
+        self.assertEqual((yield self.tail([], 5)), {
+            "name": "stdio", "url": "U", "command": None, "lines": [], "entries": [], "truncated": False, "total_lines": 0})
+        one = yield self.tail(["oa"], 1)
+        self.assertEqual((one["lines"], one["truncated"]), (["a"], False))
+        nameless = yield defer.ensureDeferred(read_log_tail(self.master_with([]), {}, 5))
+        self.assertEqual((nameless["name"], nameless["url"]), ("", None))
+
+    @defer.inlineCallbacks
+    def test_truncated_only_when_output_is_left_out(self):
+        exact = yield self.tail(["o1", "o2", "o3"], 3)
+        self.assertFalse(exact["truncated"])
+        more = yield self.tail(["o1", "o2", "o3", "o4"], 3)
+        self.assertEqual((more["lines"], more["truncated"]), (["2", "3", "4"], True))
+        # The window starts at line 1 (line 0 unread) though what was read fits: truncated.
+        n = 3
+        lines = ["oskipped"] + ["hpreamble"] * HEADER_SLACK_LINES + ["oa", "ob", "oc"]
+        windowed = yield self.tail(lines, n)
+        self.assertEqual((windowed["lines"], windowed["truncated"]), (["a", "b", "c"], True))
+
+    @defer.inlineCallbacks
+    def test_size_budget_is_exact(self):
+        lines = [f"o{i}" + "x" * 7 for i in range(5)]  # 8 characters + newline each
+        tail = yield self.tail(lines, 10, max_chars=27)
+        self.assertEqual(tail["lines"], [l[1:] for l in lines[-3:]])
+        self.assertTrue(tail["truncated"])
+
+    @defer.inlineCallbacks
+    def test_unreadable_log_exact(self):
+        lines = []
+        from twisted.python import log
+
+        observer = lambda event: lines.append(log.textFromEventDict(event) or "")  # noqa: E731
+        log.addObserver(observer)
+        self.addCleanup(log.removeObserver, observer)
+        tail = yield self.tail(["oa"], 5, fail=True)
+        self.assertEqual(tail, {
+            "name": "stdio", "url": "U", "command": None, "lines": ["[log tail unavailable: ValueError]"],
+            "entries": [{"stream": "", "text": "[log tail unavailable: ValueError]"}],
+            "truncated": True, "total_lines": 1,
+        })
+        self.assertIn("buildbot-mailext: cannot read tail of log 9: bad chunk", lines)
+
+
+class ReadLogTailNoReadTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_empty_log_is_not_read(self):
+        class NoReads:
+            def getLogLines(self, *args):
+                raise AssertionError("an empty log must not be read")
+
+        class FakeMaster:
+            class db:
+                logs = NoReads()
+
+        log_dict = {"logid": 9, "name": "stdio", "num_lines": 0, "type": "s", "url": "U"}
+        tail = yield defer.ensureDeferred(read_log_tail(FakeMaster, log_dict, 5))
+        self.assertEqual((tail["lines"], tail["truncated"]), ([], False))
+        log_dict["num_lines"] = 1
+        one = yield defer.ensureDeferred(read_log_tail(FakeMaster, log_dict, 0))
+        self.assertTrue(one["truncated"])  # one line, none shown
+
+
+def test_worker_host_cap():
+    class M:
+        class config:
+            title = "T"
+            buildbotURL = "u"
+
+    ctx = worker_context(M, {"workerinfo": {"host": "h" * 1000}})
+    assert ctx["worker_host"] == "h" * 300 + " [... line truncated]"

@@ -164,8 +164,18 @@ class InStockGeneratorTests(FormatterTestBase):
         f = MailExtFormatter()
         msg = yield f.formatMessageForMissingWorker(
             self.master, {"name": "w1", "notify": [], "workerinfo": {}, "last_connection": None})
-        self.assertEqual(msg["extra_info"]["mailext"]["template"], "worker_missing")
-        self.assertIn("Last connection: (unknown)", msg["extra_info"]["mailext"]["text"])
+        mailext = msg["extra_info"]["mailext"]
+        self.assertEqual(mailext["template"], "worker_missing")
+        self.assertEqual(msg["subject"], "[Buildbot] worker w1 is missing")
+        # the text part
+        self.assertIn('The Buildbot worker "w1" disconnected', mailext["text"])
+        self.assertIn("Last connection: (unknown)", mailext["text"])
+        # the HTML part, which is also the report's body (type "html")
+        self.assertEqual(msg["type"], "html")
+        self.assertEqual(msg["body"], mailext["html"])
+        self.assertTrue(mailext["html"].lstrip().startswith("<!DOCTYPE html>"))
+        self.assertIn("The Buildbot worker &ldquo;w1&rdquo; disconnected", mailext["html"])
+        self.assertIn("<th align=\"left\">Last connection</th><td>(unknown)</td>", mailext["html"])
 
 
 class FallbackTests(FormatterTestBase):

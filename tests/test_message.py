@@ -265,3 +265,88 @@ def test_a_long_recipient_list_is_folded_and_capped():
     value = str(received["To"])
     assert "user0@example.org" in value and value.endswith("more recipients:;")
     assert len(value) < mime.MAX_ADDRESS_HEADER + 100
+
+
+# --- exact headers and parts (gaps found by `make mutate`) --------------------------------
+
+
+def test_address_headers_exact():
+    received = parse(sample(
+        from_addr="Buildbot CI <buildbot@example.org>",
+        to=["Dev List <dev@example.org>", "", "qa@example.org"],
+        cc=["Ops <ops@example.org>"],
+    ))
+    assert received["From"] == "Buildbot CI <buildbot@example.org>"
+    # an empty entry is dropped, the rest kept in order, names kept
+    assert received["To"] == "Dev List <dev@example.org>, qa@example.org"
+    assert received["Cc"] == "Ops <ops@example.org>"
+    assert "Cc" not in parse(sample())
+
+
+def test_date_header_is_local_time_rfc5322():
+    from email.utils import localtime, parsedate_to_datetime
+
+    date = parsedate_to_datetime(parse(sample())["Date"])
+    assert date.utcoffset() == localtime().utcoffset()
+
+
+def test_extra_headers_replace_ours_but_skip_invalid_names_one_by_one():
+    received = parse(sample(
+        headers={"X-Buildbot-Result": "failure"},
+        extra_headers={"Bad Name": "x", "X-Buildbot-Result": "custom", "X-Project": "demo",
+                       "Subject": "not allowed"},
+    ))
+    assert received.get_all("X-Buildbot-Result") == ["custom"]  # replaced, not doubled
+    assert received["X-Project"] == "demo"  # after a skipped name: skipping is per header
+    assert received["Subject"] == "Build failed"
+
+
+def test_html_only_and_empty_mails():
+    html_only = parse(sample(text=None))
+    assert html_only.get_content_type() == "text/html"
+    assert html_only.get_content().strip() == "<p>html body</p>"
+    empty = parse(sample(text=None, html=None))
+    assert empty.get_content_type() == "text/plain"
+    assert empty.get_content().strip() == ""
+
+
+@pytest.mark.parametrize("length, cte", [(990, "7bit"), (991, "quoted-printable")])
+def test_seven_bit_up_to_990_characters_a_line(length, cte):
+    received = parse(sample(text="x" * length, html="y" * length))
+    assert [p["Content-Transfer-Encoding"] for p in received.iter_parts()] == [cte, cte]
+    html_only = parse(sample(text=None, html="y" * length))
+    assert html_only["Content-Transfer-Encoding"] == cte
+
+
+def test_attachment_file_name_is_one_line_and_capped():
+    received = parse(sample(attachments=[("a\r\nb" + "n" * 300, b"log")]))
+    (attachment,) = list(received.iter_attachments())
+    name = attachment.get_filename()
+    assert name.startswith("a b") and "\n" not in name and len(name) == 200
+    assert attachment.get_content_type() == "text/plain"
+
+
+def test_one_line_edges():
+    assert mime.one_line("a\u2028b\u2029c") == "a b c"
+    assert mime.one_line("x" * 10, 10) == "x" * 10
+    assert mime.one_line("x" * 11, 10) == "x" * 9 + "\u2026"
+    assert mime.one_line("abc      defghij", 10) == "abc defgh\u2026"
+    assert mime.one_line("ab cdef", 4) == "ab\u2026"  # no space left before the ellipsis
+    assert mime.one_line("a\udcff") == "a\ufffd"
+
+
+def test_extra_header_error_texts():
+    assert mime.extra_header_errors(["X-A"]) == ["extraHeaders must be a dictionary of header name -> value"]
+    assert mime.extra_header_errors({"Bad Name": "x", "From": "y"}) == [
+        "extraHeaders: 'Bad Name' is not a valid header name (printable ASCII, no spaces or colons), "
+        "e.g. 'X-Project'",
+        "extraHeaders: 'From' is set by the notifier itself and cannot be replaced; use another "
+        "header name (e.g. 'Reply-To' or 'X-...')",
+    ]
+
+
+def test_html_only_part_is_utf8_html():
+    received = parse(sample(text=None, html="<p>\u00e9</p>"))
+    assert received.get_content_type() == "text/html"
+    assert received.get_content_charset() == "utf-8"
+    assert parse(sample(text=None, html="")).get_content().strip() == ""

@@ -65,9 +65,19 @@ class NotifierTestCase(TestReactorMixin, unittest.TestCase, ReporterTestMixin):
         yield notifier.setServiceParent(self.master)
         yield notifier.startService()
         self.addCleanup(notifier.stopService)
+        self.smtp_settings = notifier.transport.settings  # what the real transport was given
         notifier.transport.stop()
         self.transport = notifier.transport = notifier.outbox.transport = RecordingTransport()
         return notifier
+
+    def log_lines(self):
+        from twisted.python import log
+
+        lines = []
+        observer = lambda event: lines.append(log.textFromEventDict(event) or "")  # noqa: E731
+        log.addObserver(observer)
+        self.addCleanup(log.removeObserver, observer)
+        return lines
 
     @defer.inlineCallbacks
     def finish_build(self, notifier, results, extra_rows=()):
@@ -298,6 +308,123 @@ class NotifierTestCase(TestReactorMixin, unittest.TestCase, ReporterTestMixin):
         self.assertIsNone(notifier.postfix_tracker)
 
 
+    @defer.inlineCallbacks
+    def test_extra_recipients_go_to_cc_when_interested_users_are_mailed(self):
+        # Stock processRecipients(): with sendToInterestedUsers and someone interested,
+        # extraRecipients are copied (Cc), so they can tell they are not the culprit.
+        from buildbot.test import fakedb
+
+        notifier = yield self.make_notifier(extraRecipients=["ops@example.org"])
+        yield self.master.db.insert_test_data(
+            [fakedb.BuildProperty(buildid=20, name="owner", value="Owner <owner@example.org>")]
+        )
+        yield self.finish_build(notifier, FAILURE)
+        (sent,) = self.transport.sent
+        # the change's author (me@foo) and the owner are the interested users
+        self.assertEqual(sent["msg"]["To"], "Owner <owner@example.org>, me@foo")
+        self.assertEqual(sent["msg"]["Cc"], "ops@example.org")
+        self.assertEqual(sorted(sent["to"]), ["me@foo", "ops@example.org", "owner@example.org"])
+
+    @defer.inlineCallbacks
+    def test_stock_arguments_are_accepted_and_take_effect(self):
+        from buildbot.process.properties import Interpolate
+        from buildbot.test import fakedb
+
+        lines = self.log_lines()
+        notifier = yield self.make_notifier(
+            fromaddr="buildbot@localhost",  # no dot: stock accepts it, so must we
+            relayhost="localhost",
+            smtpPort=2525,
+            lookup="example.org",  # a bare user name "jane" becomes jane@example.org
+            extraRecipients=["ops@example.org"],
+            sendToInterestedUsers=True,
+            extraHeaders={"X-Project": "demo", "X-Owner": Interpolate("%(prop:owner)s")},
+            dumpMailsToLog=True,
+        )
+        self.assertTrue(notifier.name.startswith("MailExtNotifier_"))
+        self.assertEqual((self.smtp_settings.host, self.smtp_settings.port), ("localhost", 2525))
+        yield self.master.db.insert_test_data(
+            [fakedb.BuildProperty(buildid=20, name="owner", value="jane")]
+        )
+        yield self.finish_build(notifier, FAILURE)
+        (sent,) = self.transport.sent
+        msg = sent["msg"]
+        self.assertEqual(sent["from"], "buildbot@localhost")
+        self.assertEqual(msg["From"], "buildbot@localhost")
+        self.assertEqual(msg["To"], "jane@example.org, me@foo")  # lookup applied to "jane"
+        self.assertEqual(msg["Cc"], "ops@example.org")
+        self.assertEqual(msg["X-Project"], "demo")
+        self.assertEqual(msg["X-Owner"], "jane")  # rendered with the build's properties
+        dumped = [line for line in lines if line.startswith("mail data:")]
+        self.assertEqual(len(dumped), 1, lines)
+        self.assertIn("X-Project: demo", dumped[0])
+
+    @defer.inlineCallbacks
+    def test_send_to_interested_users_false_mails_only_the_extra_recipients(self):
+        from buildbot.test import fakedb
+
+        notifier = yield self.make_notifier(
+            lookup="example.org", extraRecipients=["ops@example.org"], sendToInterestedUsers=False
+        )
+        yield self.master.db.insert_test_data(
+            [fakedb.BuildProperty(buildid=20, name="owner", value="jane")]
+        )
+        yield self.finish_build(notifier, FAILURE)
+        (sent,) = self.transport.sent
+        self.assertEqual(sent["to"], ["ops@example.org"])
+        self.assertEqual(sent["msg"]["To"], "ops@example.org")
+        self.assertIsNone(sent["msg"]["Cc"])
+
+    @defer.inlineCallbacks
+    def test_reconfig_applies_new_tls_and_auth_settings(self):
+        # A real relay that refuses to take mail in clear and wants AUTH. The notifier is
+        # first configured for plain SMTP without credentials, then reconfigured with
+        # useTls and smtpUser/smtpPassword: the next mail must use them.
+        import shutil
+        import tempfile
+
+        from buildbot_mailext import message as mime
+        from smtp_servers import SmtpServer, TestCA
+
+        ca_dir = tempfile.mkdtemp(prefix="mailext-test-")
+        self.addCleanup(shutil.rmtree, ca_dir, True)
+        ca = TestCA(ca_dir)
+        srv = SmtpServer(tls=ca.server_context(), require_starttls=True, auth={"bb": "s3cret"})
+        srv.start()
+        self.addCleanup(srv.stop)
+
+        def config(**smtp):
+            return dict(
+                fromaddr="buildbot@example.org",
+                preflight="off",
+                relayhost=f"[127.0.0.1]:{srv.port}",
+                routes=[MailRoute("dev@example.org")],
+                **smtp,
+            )
+
+        notifier = MailExtNotifier(**config())
+        yield notifier.setServiceParent(self.master)
+        yield notifier.startService()
+        self.addCleanup(notifier.stopService)
+        self.assertEqual(notifier.transport.settings.tls, "none")
+        new = config(useTls=True, tls_ca_file=ca.ca_file, smtpUser="bb", smtpPassword="s3cret")
+        yield notifier.reconfigServiceWithSibling(MailExtNotifier(**new))
+
+        settings = notifier.transport.settings
+        self.assertEqual(settings.tls, "starttls")
+        self.assertEqual(settings.tls_ca_file, ca.ca_file)
+        self.assertEqual((settings.user, settings.password), ("bb", "s3cret"))
+        # What the relay sees: a mail accepted only after STARTTLS and a good AUTH.
+        msg = mime.build_email(
+            subject="after reconfig", from_addr="buildbot@example.org", to=["dev@example.org"],
+            cc=[], text="body", html=None, headers={}, extra_headers=None, attachments=[],
+        )
+        yield notifier.sendMail(msg, ["dev@example.org"], label="after-reconfig")
+        self.assertEqual(srv.auth_attempts, [("bb", True)])
+        (received,) = srv.messages
+        self.assertIn(b"Subject: after reconfig", received.data)
+
+
 class ConfigTestCase(unittest.TestCase):
     def config_errors(self, **kwargs):
         kwargs.setdefault("fromaddr", "buildbot@example.org")
@@ -309,20 +436,6 @@ class ConfigTestCase(unittest.TestCase):
 
     def test_is_a_mail_notifier(self):
         self.assertTrue(issubclass(MailExtNotifier, MailNotifier))
-
-    def test_stock_arguments_are_accepted(self):
-        notifier = MailExtNotifier(
-            "buildbot@localhost",  # no dot: stock accepts it, so must we
-            relayhost="localhost",
-            lookup="example.org",
-            extraRecipients=["ops@example.org"],
-            sendToInterestedUsers=False,
-            extraHeaders={"X-Project": "demo"},
-            smtpPort=2525,
-            dumpMailsToLog=True,
-            preflight="off",
-        )
-        self.assertTrue(notifier.name.startswith("MailExtNotifier_"))
 
     def test_name_is_stable_and_distinct(self):
         def make(to):
@@ -426,8 +539,14 @@ class ConfigTestCase(unittest.TestCase):
         self.assertIn("postfix_stuck_after=0: must be a positive number of seconds", errors[1])
 
     def test_bad_route_subject_template(self):
-        errors = self.config_errors(routes=[MailRoute("a@example.org", subject="{{ oops ")])
-        self.assertIn("subject", "\n".join(errors))
+        errors = self.config_errors(
+            routes=[MailRoute("a@example.org", subject="{{ oops ", name="r")]
+        )
+        self.assertEqual(len(errors), 1, errors)
+        self.assertTrue(
+            errors[0].startswith("MailRoute 'r': subject: subject '{{ oops ': Jinja2 syntax error: "),
+            errors[0],
+        )
 
 
 class StartupWarningTestCase(TestReactorMixin, unittest.TestCase):

@@ -138,3 +138,133 @@ def test_connection_cache_and_session_options():
         (error,) = check_smtp_settings(**kwargs)
         for w in words:
             assert w in error, (kwargs, error)
+
+
+# --- exact boundaries and texts (found by `make mutate`) ----------------------------------
+
+
+@pytest.mark.parametrize("port, ok", [(0, False), (1, True), (2, True), (65535, True), (65536, False)])
+def test_port_range_is_1_to_65535_inclusive(port, ok):
+    if ok:
+        assert parse_relayhost(f"relay:{port}") == ("relay", port)
+    else:
+        with pytest.raises(ValueError, match=rf"relayhost 'relay:{port}': port {port} is outside 1\.\.65535$"):
+            parse_relayhost(f"relay:{port}")
+
+
+def test_ca_file_that_is_not_a_path_string():
+    (error,) = check_smtp_settings(useTls=True, tls_ca_file=123)
+    assert error == "tls_ca_file=123: must be the path of a PEM file holding your CA certificate"
+
+
+def test_credentials_are_plain_only_when_both_are_strings():
+    from buildbot.plugins import util
+
+    assert SmtpSettings(user="u", password="p").credentials_are_plain()
+    assert not SmtpSettings(user="u", password=util.Secret("p")).credentials_are_plain()
+    assert not SmtpSettings(user=util.Secret("u"), password="p").credentials_are_plain()
+
+
+def test_startup_warnings_exact_texts():
+    unverified = SmtpSettings(host="relay", port=587, tls="starttls", tls_verify=False)
+    assert unverified.startup_warnings() == [
+        "WARNING: tls_verify=False: the certificate of relay:587 is NOT verified; anyone on the "
+        "network path can read the mails. Prefer tls_ca_file='/path/to/ca.pem' for a private CA."
+    ]
+    with_auth = SmtpSettings(host="relay", port=587, tls="starttls", tls_verify=False, user="u", password="p")
+    assert with_auth.startup_warnings() == [
+        "WARNING: tls_verify=False: the certificate of relay:587 is NOT verified; anyone on the "
+        "network path can read the mails and the SMTP password. Prefer "
+        "tls_ca_file='/path/to/ca.pem' for a private CA."
+    ]
+    plain_auth = SmtpSettings(host="relay", port=25, user="u", password="p", allow_plaintext_auth=True)
+    assert plain_auth.startup_warnings() == [
+        "WARNING: allow_plaintext_auth=True: the SMTP password goes to relay:25 unencrypted"
+    ]
+    # allowed but unused: no AUTH, or AUTH over TLS
+    assert SmtpSettings(host="relay", allow_plaintext_auth=True).startup_warnings() == []
+    assert SmtpSettings(host="relay", tls="smtps", user="u", password="p",
+                        allow_plaintext_auth=True).startup_warnings() == []
+    assert SmtpSettings(host="relay", tls="none", tls_verify=False).startup_warnings() == []
+
+
+AUTH_IN_CLEAR = (
+    "smtpUser/smtpPassword without TLS would send the password in clear text to {host!r}: set "
+    "useTls=True (STARTTLS, port 587) or useSmtps=True (port 465); if the relay is on a trusted "
+    "network and cannot do TLS, set allow_plaintext_auth=True"
+)
+HALF_AUTH = "{} is missing: SMTP AUTH needs both smtpUser and smtpPassword (util.Secret is fine)"
+
+
+@pytest.mark.parametrize(
+    "kwargs, expected",
+    [
+        (dict(useTls=True, useSmtps=True),
+         ["useTls=True (STARTTLS, usually port 587) and useSmtps=True (implicit TLS, usually port 465) "
+          "exclude each other: set only one"]),
+        (dict(smtp_timeout=0.5), []),
+        (dict(smtp_timeout="5"), ["smtp_timeout='5': must be a positive number of seconds (default 30)"]),
+        (dict(smtp_timeout=True), ["smtp_timeout=True: must be a positive number of seconds (default 30)"]),
+        (dict(smtpUser="u", useTls=True), [HALF_AUTH.format("smtpPassword")]),
+        (dict(smtpUser="u", smtpPassword="", useTls=True), [HALF_AUTH.format("smtpPassword")]),
+        (dict(smtpUser="", smtpPassword="p", useTls=True), [HALF_AUTH.format("smtpUser")]),
+        (dict(smtpPassword="p", useSmtps=True), [HALF_AUTH.format("smtpUser")]),
+        (dict(smtpPassword="p"), [HALF_AUTH.format("smtpUser"), AUTH_IN_CLEAR.format(host="localhost")]),
+        (dict(relayhost="relay", smtpUser="u", smtpPassword="p"), [AUTH_IN_CLEAR.format(host="relay")]),
+        (dict(tls_ca_file="/nonexistent.pem"),
+         ["tls_ca_file='/nonexistent.pem' has no effect without TLS: set useTls=True (STARTTLS) or "
+          "useSmtps=True, or remove tls_ca_file",
+          "tls_ca_file='/nonexistent.pem': no such file; give the PEM file of the CA that signed "
+          "the relay's certificate"]),
+        (dict(smtpPort=True), ["smtpPort=True: must be an integer in 1..65535 (25, 587 for STARTTLS, 465 for SMTPS)"]),
+        (dict(smtpPort="25"), ["smtpPort='25': must be an integer in 1..65535 (25, 587 for STARTTLS, 465 for SMTPS)"]),
+        (dict(smtpPort=1), []),
+        (dict(smtpPort=65535), []),
+        (dict(smtpPort=65536), ["smtpPort=65536: must be an integer in 1..65535 (25, 587 for STARTTLS, 465 for SMTPS)"]),
+    ],
+)
+def test_check_smtp_settings_texts(kwargs, expected):
+    assert check_smtp_settings(**kwargs) == expected
+
+
+@pytest.mark.parametrize(
+    "value, default_port, expected",
+    [
+        (5, 25, "relayhost must be a string like 'localhost' or '[relay.example.org]:587', not 5"),
+        ("", 25, "relayhost is empty: use 'localhost' for a local MTA or '[relay.example.org]:587'"),
+        ("smtp://x", 25, "relayhost 'smtp://x': no URL scheme please; write 'host:port', e.g. "
+         "'[relay.example.org]:587' (and useTls=True / useSmtps=True for TLS)"),
+        ("[relay", 25, "relayhost '[relay': '[' without matching ']' (example: '[relay.example.org]:587')"),
+        ("[a]]:25", 25, "relayhost '[a]]:25': unexpected ']:25' after ']' (example: '[a]:587')"),
+        ("[]:25", 25, "relayhost '[]:25': the host name is empty"),
+        ("[relay]:x", 25, "relayhost '[relay]:x': port 'x' is not a number (example: 'relay.example.org:587')"),
+        ("relay:25:26", 25, "relayhost 'relay:25:26': an IPv6 address with a port must be in brackets, "
+         "e.g. '[::1]:25'"),
+        ("relay", True, "smtpPort True must be an integer in 1..65535"),
+        ("relay", 0, "smtpPort 0 must be an integer in 1..65535"),
+        ("relay", 65536, "smtpPort 65536 must be an integer in 1..65535"),
+        ("relay", "25", "smtpPort '25' must be an integer in 1..65535"),
+    ],
+)
+def test_parse_relayhost_error_texts(value, default_port, expected):
+    with pytest.raises(ValueError) as caught:
+        parse_relayhost(value, default_port)
+    assert str(caught.value) == expected
+
+
+def test_parse_relayhost_default_port_ends():
+    assert parse_relayhost("relay", 1) == ("relay", 1)
+    assert parse_relayhost("relay", 65535) == ("relay", 65535)
+
+
+def test_from_notifier_args_carries_every_setting():
+    assert SmtpSettings.from_notifier_args() == SmtpSettings()
+    assert SmtpSettings.from_notifier_args(
+        relayhost="relay", smtpPort=2525, useTls=True, smtpUser="u", smtpPassword="p",
+        tls_ca_file="/ca.pem", tls_verify=False, allow_plaintext_auth=1, smtp_timeout=7,
+    ) == SmtpSettings(host="relay", port=2525, tls="starttls", tls_verify=False, tls_ca_file="/ca.pem",
+                      user="u", password="p", timeout=7.0, allow_plaintext_auth=True)
+    assert SmtpSettings.from_notifier_args(useSmtps=True).tls == "smtps"
+    with pytest.raises(ValueError) as caught:
+        SmtpSettings.from_notifier_args(useTls=True, useSmtps=True)
+    assert str(caught.value) == "useTls=True (STARTTLS) and useSmtps=True (implicit TLS) exclude each other; pick one"

@@ -1,11 +1,20 @@
-"""Routing rules (buildbot_mailext.routes): MailRoute validation and mode matching."""
+"""Routing rules (buildbot_mailext.routes): MailRoute validation, mode matching, and the
+route's filters applied by its generator to a build on Buildbot's fake master."""
 
+import mock
 import pytest
 from buildbot.process.results import EXCEPTION, FAILURE, SUCCESS, WARNINGS
+from buildbot.test import fakedb
+from buildbot.test.fake import fakemaster
+from buildbot.test.reactor import TestReactorMixin
+from buildbot.test.util.reporter import ReporterTestMixin
+from twisted.internet import defer
+from twisted.trial import unittest
 
 from buildbot_mailext.addresses import is_valid_address
+from buildbot_mailext.formatter import MailExtFormatter
 from buildbot_mailext.masterconfig import KnownNames
-from buildbot_mailext.routes import MailRoute, expand_modes, wanted_by_results
+from buildbot_mailext.routes import MailRoute, RouteGenerator, expand_modes, wanted_by_results
 
 
 def test_lone_string_is_one_recipient_not_characters():
@@ -70,6 +79,13 @@ def test_default_name_is_stable_and_descriptive():
     assert a != MailRoute("dev@example.org", builders=["docs"])
 
 
+def test_default_name_lists_every_builder_and_recipient():
+    route = MailRoute(["a@example.org", "b@example.org"], builders=["b1", "b2"])
+    assert route.name == "b1+b2->a@example.org,b@example.org"
+    assert MailRoute("a@example.org", tags=["t1", "t2"]).name == "t1+t2->a@example.org"
+    assert MailRoute([], send_to_interested_users=True).name == "all->interested-users"
+
+
 def test_valid_route_has_no_errors():
     route = MailRoute(
         ["Dev List <dev@example.org>"], builders=["runtests"], mode=("failing", "fixed")
@@ -108,6 +124,43 @@ def test_config_errors_name_the_setting(kwargs, expected):
     errors = MailRoute(**kwargs).config_errors()
     assert any(expected in e for e in errors), errors
     assert all(e.startswith("MailRoute ") for e in errors)
+
+
+W = "MailRoute 'r'"
+
+
+@pytest.mark.parametrize(
+    "kwargs, expected",
+    [
+        (dict(to=[]), f"{W}: 'to' is empty and send_to_interested_users is False, so this route would "
+         "never mail anyone; give to='list@example.org' or set send_to_interested_users=True"),
+        (dict(to="x"), f"{W}: 'x' in 'to' is not a valid email address (no '@'); write it as "
+         "'user@example.org' or 'Name <user@example.org>'"),
+        (dict(mode="often"), f"{W}: unknown mode 'often'; use one of change, failing, passing, problem, "
+         "warnings, exception, cancelled, new_failure, still_failing, fixed (or the string 'all')"),
+        (dict(builders=["a"], tags=["t"]), f"{W}: give either 'builders' or 'tags', not both "
+         "(Buildbot's rule); split it into two routes"),
+        (dict(template=""), f"{W}: 'template' must be a template name such as 'build_failure'"),
+        (dict(template=7), f"{W}: 'template' must be a template name such as 'build_failure'"),
+        (dict(subject=5), f"{W}: 'subject' must be a Jinja2 template string or None"),
+        (dict(log_tail_lines=-1), f"{W}: 'log_tail_lines' must be a whole number >= 0"),
+    ],
+)
+def test_config_error_texts(kwargs, expected):
+    kwargs.setdefault("to", "d@example.org")
+    assert MailRoute(name="r", **kwargs).config_errors() == [expected]
+
+
+def test_default_template_is_the_packaged_failure_template():
+    from buildbot_mailext.templates import TemplateSet
+
+    route = MailRoute("d@example.org")
+    assert route.template == "build_failure"
+    assert TemplateSet().validate(route.template) == []
+
+
+def test_zero_log_tail_lines_is_valid():
+    assert MailRoute("d@example.org", log_tail_lines=0).config_errors() == []
 
 
 @pytest.mark.parametrize(
@@ -163,6 +216,9 @@ def test_mode_shortcuts_match_buildbot():
         (("fixed",), SUCCESS, SUCCESS, False),
         (("fixed",), FAILURE, FAILURE, False),
         (("new_failure", "fixed"), SUCCESS, FAILURE, True),
+        # no previous build on the branch: nothing "changed", no "problem" began
+        (("change",), SUCCESS, None, False),
+        (("problem",), FAILURE, None, False),
     ],
 )
 def test_wanted_by_results(mode, results, previous, wanted):
@@ -190,3 +246,65 @@ def test_route_names_are_checked_after_every_configurator_ran():
     ]
     MasterConfig().run_configurators("master.cfg", config_dict)
     assert [known.builders for known in seen] == [("linux", "janitor")] * 2
+
+
+# --- the route's filters, applied by its generator to a finished build -------------------
+#
+# Buildbot's fake master and its ReporterTestMixin build: builder "Builder0", build property
+# branch "refs/pull/34/merge", scheduler "checkin". The route's generator must hand each
+# filter to Buildbot's own check: a filter that is dropped on the way lets every build through.
+
+
+class RouteFilterTests(TestReactorMixin, ReporterTestMixin, unittest.TestCase):
+    BRANCH = "refs/pull/34/merge"
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.setup_test_reactor()
+        self.setup_reporter_test()
+        self.master = yield fakemaster.make_master(self, wantData=True, wantDb=True, wantMq=True)
+        yield self.master.db.insert_test_data(
+            [fakedb.Tag(id=1, name="linux"), fakedb.BuildersTags(id=1, builderid=79, tagid=1)]
+        )
+        self.build_dict = yield self.insert_build_finished(FAILURE)
+
+    @defer.inlineCallbacks
+    def reported(self, **filters):
+        """Does a failing-mode route with these filters report the failed build?"""
+        route = MailRoute("dev@example.org", **filters)
+        assert route.config_errors() == []
+        generator = RouteGenerator(route, MailExtFormatter())
+        reporter = mock.Mock()
+        reporter.getResponsibleUsersForBuild.return_value = defer.succeed([])
+        build = yield self.master.data.get(("builds", 20))
+        report = yield generator.generate(
+            self.master, reporter, ("builds", 20, "finished"), build
+        )
+        if report is not None:
+            self.assertIs(report["mailext_route"], route)
+            # rendered by the route's own formatter (both parts), not a stock default
+            self.assertIn("Builder0", report["extra_info"]["mailext"]["text"])
+        return report is not None
+
+    @defer.inlineCallbacks
+    def test_branches_filter(self):
+        self.assertTrue((yield self.reported(branches=[self.BRANCH])))
+        self.assertTrue((yield self.reported(branches=["main", self.BRANCH])))
+        self.assertFalse((yield self.reported(branches=["main", "release"])))
+        self.assertTrue((yield self.reported(branches=None)))
+
+    @defer.inlineCallbacks
+    def test_tags_filter(self):
+        self.assertTrue((yield self.reported(tags=["linux"])))
+        self.assertTrue((yield self.reported(tags=["windows", "linux"])))
+        self.assertFalse((yield self.reported(tags=["windows"])))
+
+    @defer.inlineCallbacks
+    def test_builders_filter(self):
+        self.assertTrue((yield self.reported(builders=["Builder0"])))
+        self.assertFalse((yield self.reported(builders=["Builder1"])))
+
+    @defer.inlineCallbacks
+    def test_schedulers_filter(self):
+        self.assertTrue((yield self.reported(schedulers=["checkin"])))
+        self.assertFalse((yield self.reported(schedulers=["nightly"])))

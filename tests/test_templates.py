@@ -27,14 +27,50 @@ def write(directory, name, text):
     return path
 
 
+# Hostile text, one marker per field, so a failing assertion names the field that leaked.
+def hostile(field):
+    return f"<script>alert('{field}')</script>"
+
+
+def escaped(field):
+    return f"&lt;script&gt;alert(&#39;{field}&#39;)&lt;/script&gt;"
+
+
+# The fields of the hostile build context below that the packaged HTML templates show.
+HOSTILE_BUILD_FIELDS = ("log", "commit", "builder", "step", "step-state", "worker", "reason",
+                        "author", "file", "property-name", "property-value")
+HOSTILE_WORKER_FIELDS = ("worker", "admin", "host", "last-connection")
+
+
 def hostile_context():
+    """The sample build with hostile text in every field a build can control: log lines,
+    commit message and author, file names, builder, step and worker names, the reason,
+    property names and values, and a CR/LF branch. Shared by every escaping test."""
     ctx = sample_context()
-    ctx["failed_steps"][0]["log_tail"][0]["lines"].append("<script>alert('log')</script>")
-    ctx["failed_steps"][0]["log_tail"][0]["entries"].append(
-        {"stream": "e", "text": "<script>alert('log')</script>"}
-    )
-    ctx["changes"][0]["comments"] = "fix <script>alert('commit')</script> & more"
+    ctx["failed_steps"][0]["log_tail"][0]["lines"].append(hostile("log"))
+    ctx["failed_steps"][0]["log_tail"][0]["entries"].append({"stream": "e", "text": hostile("log")})
+    ctx["changes"][0]["comments"] = f"fix {hostile('commit')} & more"
+    ctx["changes"][0]["author"] = hostile("author")
+    ctx["changes"][0]["files"] = [hostile("file")]
     ctx["branch"] = "evil\r\nBcc: victim@example.org\r\n\r\n<b>x</b>"
+    ctx["buildername"] = hostile("builder")
+    ctx["builds"][0]["buildername"] = hostile("builder")
+    for step in ctx["steps"] + ctx["failed_steps"]:
+        step["name"] = hostile("step")
+        step["state_string"] = hostile("step-state")
+    ctx["worker"] = hostile("worker")
+    ctx["reason"] = hostile("reason")
+    ctx["properties"][hostile("property-name")] = "harmless"
+    ctx["properties"]["owner"] = hostile("property-value")
+    return ctx
+
+
+def hostile_worker_context():
+    ctx = sample_context(kind="worker")
+    ctx["worker"] = hostile("worker")
+    ctx["worker_admin"] = hostile("admin")
+    ctx["worker_host"] = hostile("host")
+    ctx["last_connection"] = hostile("last-connection")
     return ctx
 
 
@@ -195,11 +231,31 @@ def test_validate_worker_template_against_worker_context(tmp_path):
     assert "'buildername' is undefined" in errors[0]
 
 
+@pytest.mark.parametrize("name", PACKAGED)
+def test_every_packaged_html_template_escapes_every_hostile_field(name):
+    worker = _kind(name) == "worker"
+    mail = TemplateSet().render(name, hostile_worker_context() if worker else hostile_context())
+    assert "<script" not in mail.html and "<b>" not in mail.html
+    shown = [f for f in (HOSTILE_WORKER_FIELDS if worker else HOSTILE_BUILD_FIELDS)
+             if hostile(f) in mail.text]
+    # Every field the text part shows, the HTML part shows too, escaped.
+    for field in shown:
+        assert escaped(field) in mail.html, field
+    # Not vacuous: the fields each template is known to show are among them.
+    expected = {
+        "build_failure": {"log", "commit", "builder", "step", "worker", "reason"},
+        "build_summary": {"log", "commit", "builder", "step", "worker", "property-name",
+                          "property-value"},
+        "worker_missing": set(HOSTILE_WORKER_FIELDS),
+    }[name]
+    assert expected <= set(shown), sorted(expected - set(shown))
+
+
 def test_html_escapes_hostile_log_and_commit():
     mail = TemplateSet().render("build_failure", hostile_context())
     assert "<script>" not in mail.html
-    assert "&lt;script&gt;alert(&#39;log&#39;)&lt;/script&gt;" in mail.html
-    assert "fix &lt;script&gt;alert(&#39;commit&#39;)&lt;/script&gt; &amp; more" in mail.html
+    assert escaped("log") in mail.html
+    assert f"fix {escaped('commit')} &amp; more" in mail.html
     assert "<b>x</b>" not in mail.html
     # the plain-text part is not HTML: it keeps the characters as they are
     assert "<script>alert('log')</script>" in mail.text
@@ -242,6 +298,47 @@ def test_filters():
         "{{ '\nfirst\nsecond'|firstline }}|{{ 'a\n\nb'|indent_lines('> ') }}"
     )
     assert t.render(none=None) == "failure|not finished|#2e7d32|a b|first|> a\n\n> b"
+
+
+def test_filter_edges():
+    ts = TemplateSet()
+
+    def render(source, **ctx):
+        return ts.text_env.from_string(source).render(**ctx)
+
+    assert render("[{{ none|firstline }}][{{ '  \n '|firstline }}]", none=None) == "[][]"
+    # oneline collapses but does not cut: truncating is the template's choice
+    assert render("{{ text|oneline }}", text="x" * 500) == "x" * 500
+    assert render("{{ text|oneline(10) }}", text="x" * 500) == "x" * 9 + "\u2026"
+
+
+def test_error_location_prefers_the_exception_own_file_and_line():
+    import jinja2
+
+    from buildbot_mailext.templates import _error_location
+
+    error = jinja2.TemplateSyntaxError("bad", 3, filename="mine.html.j2")
+    assert _error_location(error) == ("mine.html.j2", 3)
+    # no template frame and no location of its own: nothing to point at
+    assert _error_location(OSError(2, "No such file", "data.txt")) == (None, None)
+
+
+def test_unknown_name_lists_only_the_missing_files(tmp_path):
+    write(tmp_path, "half.subject.j2", "x")
+    (error,) = TemplateSet(str(tmp_path)).validate("half")
+    assert "unknown template 'half' (missing half.txt.j2, half.html.j2);" in error
+
+
+def test_validate_string_texts():
+    ts = TemplateSet()
+    ctx = sample_context()
+    (undefined,) = ts.validate_string("{{ nope }}", "subject", ctx)
+    assert undefined == (
+        "subject '{{ nope }}': undefined variable: 'nope' is undefined; the template context "
+        f"offers: {', '.join(sorted(ctx))}"
+    )
+    (failed,) = ts.validate_string("{{ 1 // 0 }}", "subject", ctx)
+    assert failed == "subject '{{ 1 // 0 }}': rendering failed: ZeroDivisionError: integer division or modulo by zero"
 
 
 # --- the README's template sections must stay true --------------------------------
@@ -329,3 +426,43 @@ def test_html_log_box_wraps_a_long_line_without_spaces(name):
     assert pre, "the 900-character line is in a <pre> log box"
     # pre-wrap alone wraps at spaces only: the line would widen the mail (scrollbar)
     assert "overflow-wrap: anywhere" in pre.group(1)
+
+
+def test_text_layout_exact():
+    # Block tags leave no blank lines or indentation behind (trim_blocks, lstrip_blocks) and
+    # the part ends with one newline (keep_trailing_newline).
+    mail = TemplateSet().render("worker_missing", sample_context(kind="worker"))
+    assert mail.text == (
+        "Example CI: worker linux-worker-03 is missing\n\n"
+        'The Buildbot worker "linux-worker-03" disconnected and did not come back.\n\n'
+        "Last connection: Tue, 25 Nov 2025 17:02:11 UTC\n"
+        "Admin on record: Build Team <build-team@example.org>\n"
+        "Host:            ci-linux-03.example.org\n"
+        "Workers page:    https://buildbot.example.org/#/workers\n\n"
+        "--\nSent by Buildbot Example CI (https://buildbot.example.org/)\n"
+    )
+    build = TemplateSet().render("build_failure", sample_context())
+    assert build.text.startswith(
+        "Example CI: linux-x86_64 #1234 FAILURE (new failure)\n\n"
+        "Build failed: failed compile\n\n"
+        "Build:     https://buildbot.example.org/#/builders/7/builds/1234\n"
+    )
+    assert "\n\nFailed steps\n============\n\n* compile (step 3): failure - failed compile\n" in build.text
+
+
+def test_text_environment_does_not_escape():
+    assert TemplateSet().text_env.from_string("{{ x }}").render(x="<&>") == "<&>"
+    assert TemplateSet().html_env.from_string("{{ x }}").render(x="<&>") == "&lt;&amp;&gt;"
+
+
+def test_result_filters_edges():
+    from buildbot.process.results import Results
+
+    ts = TemplateSet()
+    render = lambda source, **ctx: ts.text_env.from_string(source).render(**ctx)  # noqa: E731
+    n = len(Results)
+    assert render("{{ v|result_name }}", v=n - 1) == Results[n - 1]
+    assert render("{{ v|result_name }}", v=n) == str(n)
+    assert render("{{ v|result_name }}", v="weird") == "weird"
+    assert render("{{ v|result_color }}", v=n) == "#555555"
+    assert render("[{{ v|indent_lines }}]", v=None) == "[]"
