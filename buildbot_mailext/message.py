@@ -107,6 +107,10 @@ def _format_addresses(addresses: Iterable[str]) -> str:
     return ", ".join(rendered)
 
 
+# Public name: the notifier's processRecipients() sets To/Cc on a composed message.
+format_addresses = _format_addresses
+
+
 def valid_header_name(name: object) -> bool:
     return isinstance(name, str) and HEADER_NAME.match(name) is not None
 
@@ -135,6 +139,7 @@ def build_email(
     headers: Mapping[str, object] | None = None,
     extra_headers: Mapping[str, object] | None = None,
     attachments: Sequence[tuple[str, bytes]] = (),
+    reply_to: str | None = None,
 ) -> EmailMessage:
     """Assemble one mail.
 
@@ -154,6 +159,10 @@ def build_email(
     msg["Subject"] = one_line(subject, MAX_SUBJECT)
     msg["Message-ID"] = make_msgid(domain=address_domain(from_addr))
     msg["Auto-Submitted"] = "auto-generated"
+    # Outlook/Exchange: no out-of-office or read receipts back to the build mail
+    msg["X-Auto-Response-Suppress"] = "All"
+    if reply_to:
+        msg["Reply-To"] = _format_addresses([reply_to])
     for name, value in (headers or {}).items():
         msg[name] = one_line(value)
     for name, value in (extra_headers or {}).items():
