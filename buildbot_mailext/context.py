@@ -585,9 +585,16 @@ async def _error_excerpt(master, log_dict: dict, tail: dict, patterns, budget: i
     if not patterns or budget <= 0 or not tail.get("lines") or "logid" not in log_dict:
         return None
     tail_first_line = int(tail.get("total_lines") or 0) - len(tail["lines"])
-    return await excerpts.read_error_excerpt(
+    excerpt = await excerpts.read_error_excerpt(
         master, log_dict, tail_first_line, patterns, _clean_line
     )
+    if excerpt is not None and excerpt["gap"] <= HEADER_SLACK_LINES:
+        # The tail leaves out header lines, so it may start above tail_first_line: an
+        # error line the tail shows already needs no excerpt.
+        matched = [e["text"] for e in excerpt["entries"] if e["match"]]
+        if matched and matched[0] in tail["lines"]:
+            return None
+    return excerpt
 
 
 _CHANGE_FIELDS = (
@@ -601,6 +608,7 @@ async def culprits_context(master, build: dict, properties: dict) -> dict:
 
     ``culprits``: the changes since the last passing build of the same builder and branch,
     newest first, each with ``author``, ``address`` (None when the author has none),
+    ``login`` (the author when it is a plain name without an address, for ``lookup``),
     ``revision``, ``title`` (first line of the comment), ``files_count``, ``revlink`` (http(s)
     only), ``first_build`` ({"number", "url"}) and ``new`` (True when it first appeared in
     this build); ``culprits_more`` counts those not listed (``culprits_more_unknown`` when the
@@ -635,6 +643,9 @@ async def culprits_context(master, build: dict, properties: dict) -> dict:
         comment_lines = summary["comments"].strip().splitlines()
         summary.update(
             address=culprits_mod.author_address(raw["author"]),
+            # a name without an address, for ``lookup``; None when the raw author carried
+            # control characters (CR/LF...): such an author is never mailed
+            login=culprits_mod.author_login(raw["author"]),
             title=_clean_field(comment_lines[0] if comment_lines else "", 200),
             files_count=summary["files_total"],
             first_build=build_ref(first),

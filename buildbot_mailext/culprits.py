@@ -28,7 +28,7 @@ from twisted.python import log
 
 from buildbot.process.results import EXCEPTION, FAILURE, SUCCESS, WARNINGS
 
-__all__ = ["author_address", "find_culprits", "MAX_CULPRITS", "MAX_CULPRIT_WALK"]
+__all__ = ["author_address", "author_login", "find_culprits", "MAX_CULPRITS", "MAX_CULPRIT_WALK"]
 
 # Changes listed in a mail; the rest are counted ("and N more").
 MAX_CULPRITS = 50
@@ -55,6 +55,14 @@ def author_address(author: Any) -> str | None:
         return None
     match = _ANGLE_ADDRESS.search(author) or _BARE_ADDRESS.match(author)
     return match.group(1) if match else None
+
+
+def author_login(author: Any) -> str | None:
+    """``author`` when it is a plain name without an address ("jane"), for a ``lookup``;
+    None when it holds an address or control characters."""
+    if not isinstance(author, str) or re.search(r"[\x00-\x1f\x7f<>@]", author):
+        return None
+    return author.strip() or None
 
 
 def model_field(obj: Any, name: str, default: Any = None) -> Any:

@@ -388,10 +388,15 @@ class MailExtNotifier(MailNotifier):
                 culprits_context(self.master, build, build.get("properties") or {})
             )
             for change in section["culprits"]:
-                if change["author"] and change["author"] not in authors:
-                    authors.append(change["author"])
-            if section["requester"] and section["requester"] not in authors:
-                authors.append(section["requester"])
+                who = change["address"] or change["login"]
+                if who is None:
+                    log.msg(f"{self.name}: culprit author {change['author']!r} holds no usable "
+                            "address (control characters?); not mailed")
+                elif who not in authors:
+                    authors.append(who)
+            requester = section["requester"]
+            if requester and requester not in authors:
+                authors.append(culprits_mod.author_address(requester) or requester)
         addresses = []
         for author in authors:
             found = author

@@ -19,10 +19,13 @@ __all__ = ["sample_context"]
 def sample_context(kind: str = "build") -> dict:
     """A realistic, fully populated context that needs no master.
 
-    ``kind="build"`` (default) gives a build context, ``kind="worker"`` a worker-missing context.
+    ``kind="build"`` (default) gives a build context, ``kind="worker"`` a worker-missing context,
+    ``kind="digest"`` the context of a ``max_mails`` digest.
     Used by :meth:`TemplateSet.validate` and the ``preview`` command. A new dict every call, so
     callers may modify it.
     """
+    if kind == "digest":
+        return sample_digest_context()
     if kind == "worker":
         return {
             "worker": "linux-worker-03",

@@ -12,10 +12,12 @@ from buildbot_mailext.templates import PACKAGED_TEMPLATES_DIR
 from buildbot_mailext.templates import TemplateSet
 from buildbot_mailext.templates import collapse_subject
 
-PACKAGED = ["build_failure", "build_summary", "worker_missing"]
+PACKAGED = ["build_failure", "build_summary", "digest", "worker_missing"]
 
 
 def _kind(name):
+    if name == "digest":
+        return "digest"
     return "worker" if name.startswith("worker") else "build"
 
 
@@ -33,6 +35,8 @@ def hostile_context():
         {"stream": "e", "text": "<script>alert('log')</script>"}
     )
     ctx["changes"][0]["comments"] = "fix <script>alert('commit')</script> & more"
+    # the failure mail shows the culprits instead of the flat change list
+    ctx["culprits"][0]["title"] = "fix <script>alert('commit')</script> & more"
     ctx["branch"] = "evil\r\nBcc: victim@example.org\r\n\r\n<b>x</b>"
     return ctx
 
@@ -57,6 +61,11 @@ def test_packaged_templates_render_with_sample_context(name):
     if name == "worker_missing":
         assert "linux-worker-03" in mail.subject
         assert "Last connection: Tue, 25 Nov 2025 17:02:11 UTC" in mail.text
+    elif name == "digest":
+        assert "3 builds" in mail.subject
+        for n in (1235, 1236, 1237):
+            assert f"linux-x86_64 #{n}: FAILURE (still failing)" in mail.text
+            assert f"https://buildbot.example.org/#/builders/7/builds/{n}" in mail.html
     else:
         assert "linux-x86_64 #1234" in mail.subject
         assert "https://buildbot.example.org/#/builders/7/builds/1234" in mail.text
