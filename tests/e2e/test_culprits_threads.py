@@ -191,7 +191,7 @@ def header(msg, name: str) -> str:
     return "" if value is None else str(value)
 
 
-def test_zz_flood_two_mails_then_one_digest_fixed_at_once(e2e):
+def test_flood_two_mails_then_one_digest_fixed_at_once(e2e):
     """max_mails=(2, 60): fail, fail, fail, pass (fixed), fail, fail -> two failure mails,
     the fixed mail at once, and one digest listing the three held builds."""
     outcomes = ["fail", "fail", "fail", "pass", "fail", "fail"]
