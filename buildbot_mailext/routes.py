@@ -307,19 +307,15 @@ def wanted_by_results(mode: Sequence[str], results: int, previous_results: int |
     return any(TRANSITION_MODES.get(m) == transition for m in mode)
 
 
-class RouteGenerator(BuildStatusGenerator):
-    """The report generator of one :class:`MailRoute`.
-
-    Reports it produces carry ``report["mailext_route"]`` so the notifier sends each one
-    as its own mail to the route's recipients instead of merging them.
-    """
+class _RouteGeneratorMixin:
+    """What both route generators share: stock filters from the route, every mode of the
+    route (ours included), and the per-build decision (filters, modes, transitions)."""
 
     compare_attrs: ClassVar[Sequence[str]] = ["route"]
 
     def __init__(self, route: MailRoute, message_formatter: Any) -> None:
-        stock_modes = tuple(m for m in route.mode if m in STOCK_MODES)
         super().__init__(
-            mode=stock_modes,
+            mode=tuple(m for m in route.mode if m in STOCK_MODES),
             tags=route.tags,
             builders=route.builders,
             schedulers=route.schedulers,
@@ -335,7 +331,27 @@ class RouteGenerator(BuildStatusGenerator):
         pass
 
     def generate_name(self) -> str:
-        return f"RouteGenerator_{self.route.name}"
+        return f"{type(self).__name__}_{self.route.name}"
+
+    @defer.inlineCallbacks
+    def route_wants(self, master, build: dict):
+        """Does this route want a mail about the finished ``build``?"""
+        if build.get("results") is None or not self.is_message_needed_by_props(build):
+            return False
+        previous_results = None
+        if self.route.wants_previous_build:
+            # Already skips builds that say nothing about the code (retry, cancelled, skipped).
+            prev = yield previous_build_same_branch(master, build)
+            previous_results = prev["results"] if prev else None
+        return wanted_by_results(self.mode, build["results"], previous_results)
+
+
+class RouteGenerator(_RouteGeneratorMixin, BuildStatusGenerator):
+    """The report generator of one :class:`MailRoute`.
+
+    Reports it produces carry ``report["mailext_route"]`` so the notifier sends each one
+    as its own mail to the route's recipients instead of merging them.
+    """
 
     @defer.inlineCallbacks
     def generate(self, master, reporter, key, build):
@@ -352,14 +368,7 @@ class RouteGenerator(BuildStatusGenerator):
             want_logs=formatter.want_logs,
             want_logs_content=formatter.want_logs_content,
         )
-        if not self.is_message_needed_by_props(build):
-            return None
-        previous_results = None
-        if self.route.wants_previous_build:
-            # Already skips builds that say nothing about the code (retry, cancelled, skipped).
-            prev = yield previous_build_same_branch(master, build)
-            previous_results = prev["results"] if prev else None
-        if not wanted_by_results(self.mode, build["results"], previous_results):
+        if not (yield self.route_wants(master, build)):
             return None
         report = yield self.build_message(formatter, master, reporter, build)
         report["mailext_route"] = self.route
@@ -390,30 +399,10 @@ class MailExtWorkerMissingGenerator(WorkerMissingGenerator):
         }
 
 
-class BuildsetRouteGenerator(BuildSetStatusGenerator):
+class BuildsetRouteGenerator(_RouteGeneratorMixin, BuildSetStatusGenerator):
     """The report generator of a ``MailRoute(group_by="buildset")``: one report when the
     whole buildset has finished, covering every build of it that the route wants (filters,
     modes and transitions as for :class:`RouteGenerator`), or none."""
-
-    compare_attrs: ClassVar[Sequence[str]] = ["route"]
-
-    def __init__(self, route: MailRoute, message_formatter: Any) -> None:
-        super().__init__(
-            mode=tuple(m for m in route.mode if m in STOCK_MODES),
-            tags=route.tags,
-            builders=route.builders,
-            schedulers=route.schedulers,
-            branches=route.branches,
-            message_formatter=message_formatter,
-        )
-        self.route = route
-        self.mode = route.mode
-
-    def check(self) -> None:
-        pass  # MailRoute.config_errors() validated everything already
-
-    def generate_name(self) -> str:
-        return f"BuildsetRouteGenerator_{self.route.name}"
 
     @defer.inlineCallbacks
     def generate(self, master, reporter, key, message):
@@ -429,13 +418,7 @@ class BuildsetRouteGenerator(BuildSetStatusGenerator):
         )
         wanted = []
         for build in details["builds"]:
-            if build.get("results") is None or not self.is_message_needed_by_props(build):
-                continue
-            previous_results = None
-            if self.route.wants_previous_build:
-                prev = yield previous_build_same_branch(master, build)
-                previous_results = prev["results"] if prev else None
-            if wanted_by_results(self.mode, build["results"], previous_results):
+            if (yield self.route_wants(master, build)):
                 wanted.append(build)
         if not wanted:
             return None
