@@ -215,3 +215,37 @@ class FailedTestsTests(FakeBuildMixin, unittest.TestCase):
         build = yield self.get_build(0)
         ctx = yield build_context(self.master, build, ("failing",), [], 10)
         self.assertEqual(ctx["test_results"], [])
+
+
+class RebuildCulpritTests(FakeBuildMixin, unittest.TestCase):
+    """#0 passes (A); #1 fails (B); #2 fails again on the same sourcestamp (a rebuild);
+    #3 fails on the sourcestamp of #0 (a flaky rebuild of a passing revision)."""
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        yield super().setUp()
+        yield self.insert_build(0, "main", SUCCESS)
+        yield self.insert_build(1, "main", FAILURE)
+        for number, ssid in ((2, 401), (3, 400)):
+            rows = [r for r in build_rows(number, "main", FAILURE)
+                    if not isinstance(r, (fakedb.SourceStamp, fakedb.BuildsetSourceStamp))]
+            rows.append(fakedb.BuildsetSourceStamp(buildsetid=300 + number, sourcestampid=ssid))
+            yield self.master.db.insert_test_data(rows)
+        yield self.master.db.insert_test_data([
+            change_row(1, 400, "Alice <alice@example.org>", "A"),
+            change_row(2, 401, "Bob <bob@example.org>", "B", parent=1),
+        ])
+
+    @defer.inlineCallbacks
+    def culprits(self, number):
+        build = yield self.get_build(number)
+        ctx = yield build_context(self.master, build, ("failing",), [], 10)
+        return [(c["revision"], c["new"], c["first_build"]["number"]) for c in ctx["culprits"]]
+
+    @defer.inlineCallbacks
+    def test_rebuild_names_the_build_the_change_first_failed_in(self):
+        self.assertEqual((yield self.culprits(2)), [("B", False, 1)])
+
+    @defer.inlineCallbacks
+    def test_flaky_rebuild_of_the_passing_revision_names_nobody(self):
+        self.assertEqual((yield self.culprits(3)), [])
