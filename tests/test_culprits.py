@@ -114,17 +114,22 @@ class CulpritTests(FakeBuildMixin, unittest.TestCase):
 
 
 class ErrorExcerptTests(FakeBuildMixin, unittest.TestCase):
-    @defer.inlineCallbacks
     def spy_reads(self):
+        """Every range read from the log: the tail (getLogLines) and the scan (read_lines)."""
         requested = []
-        real = self.master.db.logs.getLogLines
+        real_tail = self.master.db.logs.getLogLines
+        real_scan = excerpts.read_lines
 
-        def spy(logid, first_line, last_line):
+        def tail_spy(logid, first_line, last_line):
             requested.append((first_line, last_line))
-            return real(logid, first_line, last_line)
+            return real_tail(logid, first_line, last_line)
 
-        self.patch(self.master.db.logs, "getLogLines", spy)
-        yield None
+        def scan_spy(master, logid, first_line, last_line):
+            requested.append((first_line, last_line))
+            return real_scan(master, logid, first_line, last_line)
+
+        self.patch(self.master.db.logs, "getLogLines", tail_spy)
+        self.patch(excerpts, "read_lines", scan_spy)
         return requested
 
     @defer.inlineCallbacks
@@ -168,7 +173,7 @@ class ErrorExcerptTests(FakeBuildMixin, unittest.TestCase):
         # tail, in chunks, never from line 0 (a 2,000,000-line log costs the same)
         lines = [f"onoise {i}" for i in range(60000)]
         yield self.insert_build(0, "main", FAILURE, steps=[("compile", FAILURE, lines)])
-        requested = yield self.spy_reads()
+        requested = self.spy_reads()
         build = yield self.get_build(0)
         yield build_context(self.master, build, ("failing",), [], 40)
         lowest = min(first for first, _ in requested)
@@ -177,6 +182,24 @@ class ErrorExcerptTests(FakeBuildMixin, unittest.TestCase):
         self.assertLessEqual(read, excerpts.ERROR_SCAN_LINES + 40 + 200)
         self.assertTrue(all(last - first < excerpts.SCAN_CHUNK_LINES + 240
                             for first, last in requested))
+
+    @defer.inlineCallbacks
+    def test_chunked_reader_gives_what_getloglines_gives(self):
+        lines = [f"o{'x' * (i % 70)} line {i} \u00e9" for i in range(2500)]
+        yield self.insert_build(0, "main", FAILURE, steps=[("compile", FAILURE, None)])
+        rows = [fakedb.Log(id=77, stepid=1000, name="stdio", slug="stdio", type="s",
+                           num_lines=len(lines))]
+        # chunks of at most 1000 lines, as Buildbot's appendLog stores them
+        for first in range(0, len(lines), 1000):
+            chunk = lines[first:first + 1000]
+            rows.append(fakedb.LogChunk(logid=77, first_line=first,
+                                        last_line=first + len(chunk) - 1,
+                                        content="\n".join(chunk)))
+        yield self.master.db.insert_test_data(rows)
+        for first, last in ((0, 0), (5, 1499), (999, 1000), (2400, 2499), (0, 2499)):
+            ours = yield excerpts.read_lines(self.master, 77, first, last)
+            stock = yield self.master.db.logs.getLogLines(77, first, last)
+            self.assertEqual(ours, stock, (first, last))
 
     @defer.inlineCallbacks
     def test_header_lines_never_match(self):
