@@ -188,6 +188,7 @@ def build_email(
             maintype="text",
             subtype="plain",
             filename=one_line(filename, 200),
+            params={"charset": "utf-8"},  # patches and logs are UTF-8 text
         )
     return msg
 

@@ -578,12 +578,17 @@ class MailExtNotifier(MailNotifier):
         headers: dict[str, str] = {}
         if builds:
             build = builds[0]
+            builder = build.get("builder")
+            if builder is None:  # a build dict without details (stock createEmail accepts it)
+                builder = (yield self.master.data.get(("builders", build["builderid"]))) or {}
+                builder = {"name": builder.get("name", ""), "builderid": build["builderid"]}
             headers.update(mime.buildbot_headers(
-                build["builder"]["name"],
+                builder["name"],
                 statusToString(build["results"]),
-                getURLForBuild(self.master, build["builder"]["builderid"], build["number"]),
+                getURLForBuild(self.master, build["builderid"], build["number"]),
             ))
-            headers.update(thread_headers(builds, self.fromaddr))
+            headers.update(thread_headers([dict(build, builder=builder)], self.fromaddr)
+                           if len(builds) == 1 else {})
         headers.update(self._list_headers(route))
         extra = self.extraHeaders
         if extra and len(builds) == 1:

@@ -94,6 +94,38 @@ class StockHookTests(NotifierMixin, unittest.TestCase):
             extraRecipients=["marla@mayhem.net"], sendToInterestedUsers=False)
 
     @defer.inlineCallbacks
+    def test_create_email_renders_extra_headers_for_one_build(self):
+        # Buildbot's test_createEmail_extraHeaders_one_build / _two_builds
+        from buildbot.process.properties import Property
+
+        build = yield self.insert_build_finished(SUCCESS)
+        build["properties"]["hhh"] = ("vvv", "fake")
+        notifier = yield self.make_notifier(extraHeaders={"hhh": Property("hhh")})
+        msgdict = {"body": "Unicode body (\u00e5\u00e4\u00f6).", "subject": "s",
+                   "type": "plain", "extra_info": None}
+        m = yield notifier.createEmail(msgdict, "project-n\u00e5me", SUCCESS, [build])
+        self.assertIn("hhh: vvv", m.as_string())
+        self.assertIn("\u00e5\u00e4\u00f6", m.get_content())
+        two = yield notifier.createEmail(msgdict, "p", SUCCESS, [build, dict(build)])
+        self.assertNotIn("hhh: vvv", two.as_string())  # not rendered for several builds
+
+    @defer.inlineCallbacks
+    def test_create_email_attaches_patches_and_logs(self):
+        # Buildbot's test_createEmail_message_with_patch_and_log_containing_unicode
+        build = yield self.insert_build_finished(SUCCESS)
+        notifier = yield self.make_notifier()
+        logs = [{"stepname": "fakestep", "name": "stdio",
+                 "content": {"content": "Unicode log \u00e9"}}]
+        m = yield notifier.createEmail(
+            {"body": "b", "subject": "s", "type": "plain"}, "p", SUCCESS, [build],
+            [{"body": "\u00e5\u00e4\u00f6"}], logs)
+        names = [part.get_filename() for part in m.iter_attachments()]
+        self.assertEqual(names, ["source patch 0", "fakestep.stdio"])
+        log_part = list(m.iter_attachments())[1]
+        self.assertEqual(log_part.get_content_charset(), "utf-8")
+        self.assertEqual(log_part.get_content(), "Unicode log \u00e9")
+
+    @defer.inlineCallbacks
     def test_subclass_hooks_shape_the_sent_mail(self):
         class SiteNotifier(MailExtNotifier):
             def createEmail(self, msgdict, title, results, builds=None, patches=None, logs=None):
