@@ -250,6 +250,8 @@ class MailExtNotifier(MailNotifier):
     def _template_errors(routes, generators, templates_dir) -> list[str]:
         template_set = TemplateSet(templates_dir)
         names = {r.template for r in routes if isinstance(r.template, str) and r.template}
+        if any(r.max_mails for r in routes):
+            names.add(DIGEST_TEMPLATE)  # a broken custom digest.*.j2 shows at checkconfig
         if not routes and generators is None:
             names |= {DEFAULT_BUILD_TEMPLATE, WORKER_MISSING_TEMPLATE}
         errors = []

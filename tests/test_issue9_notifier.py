@@ -232,6 +232,22 @@ class DigestTests(NotifierMixin, unittest.TestCase):
             routes=[MailRoute(to, name="flood", mode=("failing", "fixed"), max_mails=(1, 60))],
         )
 
+    def test_broken_custom_digest_template_is_a_config_error(self):
+        import os
+        import tempfile
+
+        from buildbot.config.errors import ConfigErrors, capture_config_errors
+
+        with tempfile.TemporaryDirectory() as folder:
+            for part, text in (("subject", "{{ nope }}"), ("txt", "t"), ("html", "h")):
+                with open(os.path.join(folder, f"digest.{part}.j2"), "w") as f:
+                    f.write(text)
+            with self.assertRaises(ConfigErrors) as caught:
+                with capture_config_errors(raise_on_error=True):
+                    MailExtNotifier(templates_dir=folder, **self.config())
+        self.assertIn("template 'digest'", "\n".join(caught.exception.errors))
+        self.assertIn("'nope' is undefined", "\n".join(caught.exception.errors))
+
     @defer.inlineCallbacks
     def test_digest_survives_a_reconfig_that_replaces_the_notifier(self):
         old = yield self.make_notifier(**self.config())
