@@ -272,3 +272,39 @@ class RebuildCulpritTests(FakeBuildMixin, unittest.TestCase):
     @defer.inlineCallbacks
     def test_flaky_rebuild_of_the_passing_revision_names_nobody(self):
         self.assertEqual((yield self.culprits(3)), [])
+
+
+class CodebaseCulpritTests(FakeBuildMixin, unittest.TestCase):
+    """Two codebases in one build: each is walked back to its own last passing change."""
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        yield super().setUp()
+        yield self.insert_build(0, "main", SUCCESS)
+        yield self.insert_build(1, "main", FAILURE)
+        # a second sourcestamp (codebase "lib") in each buildset
+        rows = []
+        for number in (0, 1):
+            rows += [
+                fakedb.SourceStamp(id=450 + number, branch="main", revision=f"lib{number}",
+                                   codebase="lib", repository="https://git.example.org/lib.git"),
+                fakedb.BuildsetSourceStamp(buildsetid=300 + number, sourcestampid=450 + number),
+            ]
+        rows += [
+            change_row(1, 400, "Alice <alice@example.org>", "app-A"),
+            change_row(2, 401, "Bob <bob@example.org>", "app-B", parent=1),
+            fakedb.Change(changeid=3, author="Lena <lena@example.org>", comments="lib-A",
+                          branch="main", revision="lib-A", sourcestampid=450, codebase="lib",
+                          repository="https://git.example.org/lib.git"),
+            fakedb.Change(changeid=4, author="Liam <liam@example.org>", comments="lib-B",
+                          branch="main", revision="lib-B", sourcestampid=451, codebase="lib",
+                          repository="https://git.example.org/lib.git", parent_changeids=3),
+        ]
+        yield self.master.db.insert_test_data(rows)
+
+    @defer.inlineCallbacks
+    def test_each_codebase_stops_at_its_own_passing_change(self):
+        build = yield self.get_build(1)
+        ctx = yield build_context(self.master, build, ("failing",), [], 10)
+        self.assertEqual(sorted(c["revision"] for c in ctx["culprits"]), ["app-B", "lib-B"])
+        self.assertTrue(all(c["new"] for c in ctx["culprits"]))
