@@ -17,6 +17,7 @@ from __future__ import annotations
 import time
 from typing import Any, Callable
 
+from twisted.internet import defer
 from twisted.python import log
 
 __all__ = ["MailBudget", "budget_for", "release_budgets"]
@@ -86,7 +87,9 @@ class MailBudget:
         self.held, self.recipients, self.dropped = [], [], 0
         # a new period starts with the digest
         self.period_start, self.sent = self._now(), 0
-        self.sender(self, held, recipients, dropped)
+        d = defer.maybeDeferred(self.sender, self, held, recipients, dropped)
+        d.addErrback(log.err, f"buildbot-mailext: route {self.name!r}: the digest of "
+                              f"{len(held)} build(s) could not be composed (a bug: please report it)")
 
 
 def budget_for(master, route, owner, sender: Callable) -> MailBudget:
