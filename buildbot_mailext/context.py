@@ -299,18 +299,21 @@ async def read_log_tail(
 ) -> dict:
     """Read the last ``n`` lines of a log without reading the rest of it.
 
-    Returns ``{"name", "url", "lines": list[str], "entries": list[{"stream", "text"}],
-    "truncated": bool, "total_lines": int}``. For stdio logs the one-character stream prefix
+    Returns ``{"name", "url", "command": str or None, "lines": list[str],
+    "entries": list[{"stream", "text"}], "truncated": bool, "total_lines": int}``. For stdio logs the one-character stream prefix
     ('o' stdout, 'e' stderr, 'h' header) is stripped from ``lines`` and kept in
     ``entries[i]["stream"]``. Header lines are dropped (the command preamble: argv, the
     environment dump) except those saying how the command ended ("program finished with
     exit code 2", "command timed out"), the most useful lines of a failed step's tail.
-    ``truncated`` is True when the log has more lines than are shown.
+    ``command`` is the command line the worker ran (the first header line of a stdio log,
+    read on its own when the tail does not reach back to it). ``truncated`` is True when the
+    log has more lines than are shown.
     """
     total = int(log_dict.get("num_lines") or 0)
     result: dict[str, Any] = {
         "name": _clean_field(log_dict.get("name", "")),
         "url": log_dict.get("url"),
+        "command": None,
         "lines": [],
         "entries": [],
         "truncated": False,
@@ -336,6 +339,8 @@ async def read_log_tail(
     if raw_lines and raw_lines[-1] == "":
         raw_lines.pop()  # getLogLines ends every line with "\n"
     is_stdio = log_dict.get("type") == "s"
+    if is_stdio:
+        result["command"] = await _command_line(master, log_dict, raw_lines if first_line == 0 else None)
     entries = []
     for raw in raw_lines:
         stream = ""
@@ -363,6 +368,21 @@ async def read_log_tail(
     result["lines"] = [e["text"] for e in kept]
     result["truncated"] = cut or len(kept) < len(entries)
     return result
+
+
+async def _command_line(master, log_dict: dict, first_lines: list[str] | None) -> str | None:
+    """The worker writes the command it runs as the first header line of a stdio log
+    (``hsh -c 'make all'``; the lines after it are indented details: directory, argv,
+    environment). ``first_lines``: the log read from line 0 on, if the tail already did."""
+    if first_lines is None:
+        try:
+            first_lines = _safe_str(await master.db.logs.getLogLines(log_dict["logid"], 0, 0)).split("\n")
+        except Exception:  # the tail itself was readable: go without the command
+            return None
+    head = first_lines[0] if first_lines else ""
+    if len(head) > 1 and head[0] == "h" and not head[1].isspace():
+        return _clean_line(head[1:])
+    return None
 
 
 # --- the build context -------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""``python -m buildbot_mailext.demo`` (or ``make demo``): see a real build mail in ~15 s.
+"""``python -m buildbot_mailext.demo`` (or ``make demo``): see a real build mail in about 20 s.
 
 What it does, all on 127.0.0.1 and in a temporary folder:
 

@@ -29,6 +29,7 @@ from buildbot_mailext.context import build_context
 from buildbot_mailext.context import result_name
 from buildbot_mailext.samples import sample_context
 from buildbot_mailext.context import worker_context
+from buildbot_mailext.masterconfig import in_master_dir
 from buildbot_mailext.templates import RenderedMail
 from buildbot_mailext.templates import TemplateSet
 from buildbot_mailext.templates import collapse_subject
@@ -88,7 +89,8 @@ class MailExtFormatter(MessageFormatterBase):
             want_logs_content=want_logs_content,
         )
         self.template = template
-        self.templates_dir = templates_dir
+        # Relative to the master directory, like the notifier's templates_dir.
+        self.templates_dir = templates_dir = in_master_dir(templates_dir)
         self.log_tail_lines = log_tail_lines
         # An inline Jinja2 subject (MailRoute(subject=...)) replaces NAME.subject.j2.
         self.subject = subject
@@ -120,7 +122,8 @@ class MailExtFormatter(MessageFormatterBase):
             sample = sample_context()
             sample.update(self.context)
             errors.extend(self.templates.validate_string(self.subject, "subject", sample))
-        return errors
+        # Both templates report a missing templates_dir: say it once.
+        return list(dict.fromkeys(errors))
 
     # --- rendering with fallback ---------------------------------------------------------------
 

@@ -36,6 +36,7 @@ from twisted.python import log
 from buildbot_mailext import message as mime
 from buildbot_mailext import preflight as preflight_mod
 from buildbot_mailext.formatter import MailExtFormatter
+from buildbot_mailext.masterconfig import KnownNames, check_after_load, in_master_dir
 from buildbot_mailext.relay import SmtpSettings, check_smtp_settings
 from buildbot_mailext.routes import (
     MailExtWorkerMissingGenerator,
@@ -84,6 +85,7 @@ def notifier_arguments(
     tls_ca_file=None,
     tls_verify=True,
     allow_plaintext_auth=False,
+    worker_missing=True,
     exclude_recipients=None,
 ) -> dict[str, Any]:
     """Every argument ``MailExtNotifier`` takes, with its default: stock ``MailNotifier``'s
@@ -142,7 +144,17 @@ class MailExtNotifier(MailNotifier):
             templates_dir = None
         for route in routes:
             errors.extend(route.config_errors())
-        errors.extend(self._template_errors(routes, generators, templates_dir))
+        if routes and not errors:
+            # The builders are known only once master.cfg has run to its end.
+            check_after_load(lambda known: self._check_route_names(routes, known))
+        if not isinstance(arguments["worker_missing"], bool):
+            errors.append(
+                f"MailExtNotifier: worker_missing must be True (mail a worker's notify "
+                f"addresses when it goes missing, as stock) or False, not "
+                f"{arguments['worker_missing']!r}"
+            )
+        worker_missing = self._worker_missing_wanted(arguments, generators)
+        errors.extend(self._template_errors(routes, generators, worker_missing, templates_dir))
         errors.extend(mime.extra_header_errors(extraHeaders))
         smtp = _subset(arguments, SMTP_ARGUMENTS)
         errors.extend(check_smtp_settings(**smtp))
@@ -159,7 +171,10 @@ class MailExtNotifier(MailNotifier):
 
         # Formatters validate their templates when built: only build them from a config
         # that passed, or every template error would be reported twice.
-        built = [] if errors else self._build_generators(routes, generators, templates_dir)
+        built = (
+            [] if errors
+            else self._build_generators(routes, generators, worker_missing, templates_dir)
+        )
         stock = _subset(arguments, STOCK_ARGUMENTS)
         if not isinstance(extraHeaders, dict):
             stock["extraHeaders"] = None  # reported above, in our words
@@ -182,10 +197,16 @@ class MailExtNotifier(MailNotifier):
         templates_dir = self._resolve_templates_dir(arguments["templates_dir"])
         yield super().reconfigService(
             fromaddr,
-            generators=self._build_generators(routes, arguments["generators"], templates_dir),
+            generators=self._build_generators(
+                routes,
+                arguments["generators"],
+                self._worker_missing_wanted(arguments, arguments["generators"]),
+                templates_dir,
+            ),
             **_subset(arguments, STOCK_ARGUMENTS),
         )
         self.routes = routes
+        self._warn_unknown_route_names(routes)
         self.templates_dir = templates_dir
         self.preflight = preflight
         exclude = arguments["exclude_recipients"]
@@ -237,23 +258,46 @@ class MailExtNotifier(MailNotifier):
         return good
 
     @staticmethod
-    def _resolve_templates_dir(templates_dir):
-        # A relative templates_dir means the master directory's folder, as for every other
-        # path in master.cfg; `buildbot checkconfig DIR` runs from elsewhere, a running
-        # master from DIR itself.
-        if templates_dir is None or os.path.isabs(str(templates_dir)):
-            return templates_dir
-        basedir = preflight_mod.config_load_basedir()
-        return os.path.join(basedir, str(templates_dir)) if basedir else templates_dir
+    def _check_route_names(routes: list[MailRoute], known: KnownNames) -> None:
+        if known.multi_master:
+            return  # another master may run that builder: _warn_unknown_route_names says it
+        for error in (e for route in routes for e in route.unknown_name_errors(known)):
+            config.error(error)
+
+    def _warn_unknown_route_names(self, routes: list[MailRoute]) -> None:
+        # At start and reconfig, against the configuration the master runs: says it when
+        # the config-load check could not run (BuildmasterConfig defined after the
+        # notifier) or must not refuse (multiMaster).
+        known = KnownNames.from_master_config(getattr(self.master, "config", None))
+        if not known.builders:
+            return  # no master configuration to compare with (e.g. Buildbot's fake master)
+        where = " on this master (multiMaster=True)" if known.multi_master else ""
+        for error in (e for route in routes for e in route.unknown_name_errors(known)):
+            log.msg(f"{self.name}: warning: {error}{where}")
 
     @staticmethod
-    def _template_errors(routes, generators, templates_dir) -> list[str]:
+    def _resolve_templates_dir(templates_dir):
+        # A relative templates_dir means the master directory's folder, as for every other
+        # path in master.cfg (the formatter resolves it the same way).
+        return in_master_dir(templates_dir)
+
+    @staticmethod
+    def _worker_missing_wanted(arguments: dict[str, Any], generators) -> bool:
+        # Stock mails a worker's notify addresses when it goes missing; routes only add
+        # build mails, so they keep it unless worker_missing=False. Explicit generators
+        # replace every default, as in stock.
+        return generators is None and arguments["worker_missing"] is not False
+
+    @staticmethod
+    def _template_errors(routes, generators, worker_missing: bool, templates_dir) -> list[str]:
         template_set = TemplateSet(templates_dir)
         names = {r.template for r in routes if isinstance(r.template, str) and r.template}
         if any(r.max_mails for r in routes):
             names.add(DIGEST_TEMPLATE)  # a broken custom digest.*.j2 shows at checkconfig
         if not routes and generators is None:
-            names |= {DEFAULT_BUILD_TEMPLATE, WORKER_MISSING_TEMPLATE}
+            names.add(DEFAULT_BUILD_TEMPLATE)
+        if worker_missing:
+            names.add(WORKER_MISSING_TEMPLATE)
         errors = []
         for name in sorted(names):
             for problem in template_set.validate(name):
@@ -286,7 +330,7 @@ class MailExtNotifier(MailNotifier):
         digest = hashlib.sha1("\n".join(parts).encode("utf-8", "replace")).hexdigest()[:10]
         return f"MailExtNotifier_{digest}"
 
-    def _build_generators(self, routes, generators, templates_dir) -> list:
+    def _build_generators(self, routes, generators, worker_missing: bool, templates_dir) -> list:
         built = [
             route_generator(
                 route,
@@ -303,26 +347,25 @@ class MailExtNotifier(MailNotifier):
         if generators is not None:
             built.extend(generators)
         elif not routes:
-            built.extend(self._default_generators(templates_dir))
+            # Exactly stock's default build mails (who gets mail does not change).
+            built.append(
+                BuildStatusGenerator(
+                    add_patch=True,
+                    message_formatter=MailExtFormatter(
+                        template=DEFAULT_BUILD_TEMPLATE, templates_dir=templates_dir
+                    ),
+                )
+            )
+        if worker_missing:
+            built.append(
+                MailExtWorkerMissingGenerator(
+                    workers="all",
+                    message_formatter=MailExtFormatter(
+                        template=WORKER_MISSING_TEMPLATE, templates_dir=templates_dir
+                    ),
+                )
+            )
         return built
-
-    @staticmethod
-    def _default_generators(templates_dir) -> list:
-        # Exactly stock's defaults (who gets mail does not change), rendered with ours.
-        return [
-            BuildStatusGenerator(
-                add_patch=True,
-                message_formatter=MailExtFormatter(
-                    template=DEFAULT_BUILD_TEMPLATE, templates_dir=templates_dir
-                ),
-            ),
-            MailExtWorkerMissingGenerator(
-                workers="all",
-                message_formatter=MailExtFormatter(
-                    template=WORKER_MISSING_TEMPLATE, templates_dir=templates_dir
-                ),
-            ),
-        ]
 
     def preflight_targets(self) -> tuple[SmtpSettings, str, list[str]]:
         """(settings, fromaddr, recipients) the preflight probes for this notifier."""

@@ -14,6 +14,7 @@ three transitions computed against the previous build of the same builder *and b
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import re
 from email.utils import parseaddr
@@ -31,6 +32,7 @@ from twisted.internet import defer
 
 from buildbot_mailext.context import previous_build_same_branch, transition_for
 from buildbot_mailext.excerpts import error_pattern_errors
+from buildbot_mailext.masterconfig import KnownNames
 
 # mode name -> the transition text (from context.transition_for) that satisfies it
 TRANSITION_MODES = {
@@ -99,6 +101,30 @@ def normalize_addresses(to: str | Sequence[str] | None) -> list[str]:
     if isinstance(to, str):
         return [to]
     return list(to)
+
+
+def normalize_names(names: Any) -> Any:
+    """``builders``, ``tags``, ``branches``, ``schedulers``: a lone string is *one* name
+    (``builders="linux"`` means ``["linux"]``, not five one-letter builders); a list or
+    tuple becomes a list; anything else is kept for ``config_errors`` to report."""
+    if isinstance(names, str):
+        return [names]
+    if isinstance(names, tuple):
+        return list(names)
+    return names
+
+
+def closest(name: str, known: Sequence[str]) -> str:
+    """``; did you mean 'linux'?`` (difflib's closest known names), plus the known names
+    when there are few enough to list: the fix, in the error message itself."""
+    hint = ""
+    matches = difflib.get_close_matches(name, list(known), n=3, cutoff=0.6)
+    if matches:
+        hint = f"; did you mean {' or '.join(repr(m) for m in matches)}?"
+    if not known:
+        return hint + " (this configuration defines none)"
+    listed = ", ".join(sorted(known)[:20]) + (", ..." if len(known) > 20 else "")
+    return f"{hint} (known: {listed})"
 
 
 # local@domain, where domain is a host name (one label is fine: root@localhost is a real
@@ -174,10 +200,10 @@ class MailRoute(util.ComparableMixin):
         max_mails: tuple[int, float] | None = None,
     ) -> None:
         self.to = normalize_addresses(to)
-        self.builders = builders
-        self.tags = tags
-        self.branches = branches
-        self.schedulers = schedulers
+        self.builders = normalize_names(builders)
+        self.tags = normalize_names(tags)
+        self.branches = normalize_names(branches)
+        self.schedulers = normalize_names(schedulers)
         self.mode = expand_modes(mode)
         self.template = template
         self.subject = subject
@@ -200,8 +226,12 @@ class MailRoute(util.ComparableMixin):
     def _default_name(self) -> str:
         # Stable across reconfigs (no ids, no addresses of objects): what it watches and
         # where it sends.
-        watched = "+".join(self.builders or self.tags or ["all"])
-        return f"{watched}->{','.join(self.to) or 'interested-users'}"
+        # Tolerates values config_errors() will refuse: the error must be able to name it.
+        watched = self.builders or self.tags or ["all"]
+        if not isinstance(watched, list):
+            watched = [watched]
+        to = ",".join(str(a) for a in self.to) if isinstance(self.to, list) else str(self.to)
+        return f"{'+'.join(str(w) for w in watched)}->{to or 'interested-users'}"
 
     def __repr__(self) -> str:
         return f"MailRoute({self.name!r})"
@@ -234,7 +264,13 @@ class MailRoute(util.ComparableMixin):
                 isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
             ):
                 errors.append(
-                    f"{where}: '{setting}' must be a list of strings or None, got {value!r}"
+                    f"{where}: '{setting}' must be a name, a list of names (strings) or "
+                    f"None, got {value!r}"
+                )
+            elif value is not None and not value:
+                errors.append(
+                    f"{where}: '{setting}' is empty, so this route would never send; "
+                    f"leave it out (or None) to match them all"
                 )
         if self.builders is not None and self.tags is not None:
             errors.append(
@@ -283,6 +319,27 @@ class MailRoute(util.ComparableMixin):
                 f"{where}: max_mails must be (count, seconds) with count >= 1 and seconds > 0, "
                 f"e.g. max_mails=(5, 3600), or None; got {self.max_mails!r}"
             )
+        return errors
+
+    def unknown_name_errors(self, known: KnownNames) -> list[str]:
+        """The builders, tags and schedulers this route names that the master's
+        configuration does not define: such a route would silently never send."""
+        where = f"MailRoute {self.name!r}"
+        errors = []
+        for setting, defined, what in (
+            ("builders", known.builders, "c['builders'] has no builder named"),
+            ("tags", known.tags, "no builder in c['builders'] has the tag"),
+            ("schedulers", known.schedulers, "c['schedulers'] has no scheduler named"),
+        ):
+            names = getattr(self, setting)
+            if not isinstance(names, list):
+                continue  # config_errors() reports it
+            for name in names:
+                if isinstance(name, str) and name not in defined:
+                    errors.append(
+                        f"{where}: {setting}: {what} {name!r}, so this route would never "
+                        f"send{closest(name, defined)}"
+                    )
         return errors
 
     @property

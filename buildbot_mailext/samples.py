@@ -108,6 +108,7 @@ def sample_context(kind: str = "build") -> dict:
         {
             "name": "stdio",
             "url": log_url,
+            "command": "make -j4 all",
             "lines": list(tail_lines),
             "entries": [{"stream": st, "text": t} for st, t in zip(streams, tail_lines)],
             "truncated": True,

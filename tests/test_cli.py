@@ -40,6 +40,14 @@ def test_preview_writes_a_parsable_mail(tmp_path):
     assert (tmp_path / "build_failure.html").read_text().lstrip().startswith("<")
 
 
+def test_preview_without_out_prints_headers_and_text_and_writes_nothing(tmp_path):
+    done = run_cli("preview", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "Subject: " in done.stdout and "Failed steps" in done.stdout  # the text part
+    assert "<html" not in done.stdout  # the HTML part is only written with --out
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_preview_worker_template():
     done = run_cli("preview", "--template", "worker_missing")
     assert done.returncode == 0, done.stderr

@@ -176,7 +176,8 @@ class LogTailTests(FakeBuildMixin, unittest.TestCase):
         ctx = yield build_context(self.master, build, ("failing",), [], 40, error_patterns=())
 
         # The tail plus a bounded slack for the dropped command preamble, never the log.
-        self.assertEqual(requested, [(10000 - 40 - HEADER_SLACK_LINES, 9999)])
+        # (0, 0): the first line, where the worker writes the command line
+        self.assertEqual(requested, [(10000 - 40 - HEADER_SLACK_LINES, 9999), (0, 0)])
         (step,) = ctx["failed_steps"]
         (tail,) = step["log_tail"]
         self.assertEqual(tail["lines"], [f"line {i}" for i in range(9960, 10000)])
@@ -197,6 +198,30 @@ class LogTailTests(FakeBuildMixin, unittest.TestCase):
                                          "program finished with exit code 2"])
         self.assertEqual([e["stream"] for e in tail["entries"]], ["o", "e", "h"])
         self.assertFalse(tail["truncated"])
+        self.assertEqual(tail["command"], "make all")  # the command that failed
+
+    @defer.inlineCallbacks
+    def test_command_line_shown_when_the_tail_does_not_reach_it(self):
+        lines = ["hsh -c 'pytest -x tests'", "h in dir /w/build (timeout 1200 secs)",
+                 "h environment:", "h  HOME=/root"]
+        lines += [f"otest_{i} ... ok" for i in range(500)] + ["hprogram finished with exit code 1"]
+        yield self.insert_build(0, "main", FAILURE, steps=[("tests", FAILURE, lines)])
+        build = yield self.get_build(0)
+        ctx = yield build_context(self.master, build, ("failing",), [], 10)
+        tail = ctx["failed_steps"][0]["log_tail"][0]
+        self.assertEqual(tail["command"], "sh -c 'pytest -x tests'")
+        self.assertEqual(tail["lines"][-1], "program finished with exit code 1")
+        self.assertEqual(len(tail["lines"]), 10)
+
+    def test_buildbot_stores_each_carriage_return_state_as_a_line(self):
+        # Why the README says a progress line shows every state: Buildbot's own line
+        # splitter (used when a step's output is stored) breaks at a lone "\r".
+        from buildbot.util.lineboundaries import LineBoundaryFinder
+
+        finder = LineBoundaryFinder()
+        stored = (finder.append("progress 10%\rprogress 50%\rprogress 100%\n") or "")
+        stored += finder.flush() or ""
+        self.assertEqual(stored.splitlines(), ["progress 10%", "progress 50%", "progress 100%"])
 
     @defer.inlineCallbacks
     def test_hostile_lines_are_sanitised(self):

@@ -168,6 +168,62 @@ class NotifierTestCase(NotifierMixin, unittest.TestCase):
         self.assertEqual(sent["msg"]["To"], "ops@example.org")
         self.assertIsNotNone(sent["msg"].get_body(("plain",)))
 
+    def worker_missing_event(self, notifier):
+        worker = {
+            "name": "linux-worker",
+            "workerid": 3,
+            "notify": ["admin@example.org"],
+            "workerinfo": {"admin": "Admin <admin@example.org>", "host": "ci-3"},
+            "last_connection": "Tue, 25 Nov 2025 17:02:11 UTC",
+        }
+        return notifier._got_event(("workers", 3, "missing"), worker)
+
+    @defer.inlineCallbacks
+    def test_routes_keep_stock_worker_missing_mail(self):
+        notifier = yield self.make_notifier(
+            routes=[MailRoute("dev-list@example.org", builders=["Builder0"])]
+        )
+        yield self.worker_missing_event(notifier)
+        (sent,) = self.transport.sent
+        self.assertEqual(sent["to"], ["admin@example.org"])  # the worker's notify, as stock
+        self.assertIn("linux-worker", sent["msg"]["Subject"])
+        self.assertIn("linux-worker", sent["msg"].get_body(("plain",)).get_content())
+
+    @defer.inlineCallbacks
+    def test_worker_missing_false_opts_out(self):
+        for kwargs in ({"routes": [MailRoute("dev-list@example.org")]}, {}):
+            notifier = yield self.make_notifier(worker_missing=False, **kwargs)
+            yield self.worker_missing_event(notifier)
+            self.assertEqual(self.transport.sent, [], kwargs)
+            yield notifier.disownServiceParent()
+
+    @defer.inlineCallbacks
+    def test_unknown_route_names_are_logged_at_start(self):
+        # What the master runs: when the config-load check could not run (BuildmasterConfig
+        # defined after the notifier) or must not refuse (multiMaster), twistd.log says it.
+        from buildbot.process.factory import BuildFactory
+        from buildbot.config.builder import BuilderConfig
+        from twisted.python import log
+
+        self.master.config.builders = [
+            BuilderConfig(name="linux", workernames=["w"], factory=BuildFactory())
+        ]
+        logged = []
+        log.addObserver(logged.append)
+        self.addCleanup(log.removeObserver, logged.append)
+        for multi_master in (False, True):
+            self.master.config.multiMaster = multi_master
+            del logged[:]
+            notifier = yield self.make_notifier(
+                routes=[MailRoute("dev@example.org", builders=["linxu", "linux"])]
+            )
+            lines = [" ".join(e["message"]) for e in logged if "linxu" in " ".join(e.get("message", ()))]
+            self.assertEqual(len(lines), 1, lines)
+            self.assertIn("warning: MailRoute 'linxu+linux->dev@example.org': builders: "
+                          "c['builders'] has no builder named 'linxu'", lines[0])
+            self.assertEqual(multi_master, lines[0].endswith("(multiMaster=True)"))
+            yield notifier.disownServiceParent()
+
     @defer.inlineCallbacks
     def test_plain_generators_keep_stock_semantics(self):
         notifier = yield self.make_notifier(
@@ -247,6 +303,24 @@ class ConfigTestCase(unittest.TestCase):
     def test_routes_must_be_mail_routes(self):
         errors = self.config_errors(routes=[{"to": "a@example.org"}])
         self.assertIn("routes must contain MailRoute(...) objects", errors[0])
+
+    def test_unknown_route_names_are_config_errors_unless_multi_master(self):
+        from buildbot_mailext.masterconfig import KnownNames
+
+        route = MailRoute("dev@example.org", builders=["linxu"])
+        with self.assertRaises(ConfigErrors) as caught:
+            with capture_config_errors(raise_on_error=True):
+                MailExtNotifier._check_route_names([route], KnownNames(builders=("linux",)))
+        (error,) = caught.exception.errors
+        self.assertIn("no builder named 'linxu'", error)
+        with capture_config_errors(raise_on_error=True):  # nothing raised: logged at start
+            MailExtNotifier._check_route_names(
+                [route], KnownNames(builders=("linux",), multi_master=True)
+            )
+
+    def test_worker_missing_must_be_a_bool(self):
+        (error,) = self.config_errors(worker_missing="no")
+        self.assertIn("worker_missing must be True", error)
 
     def test_missing_templates_dir(self):
         errors = self.config_errors(templates_dir="/nonexistent/mail-templates")

@@ -3,6 +3,7 @@
 import pytest
 from buildbot.process.results import EXCEPTION, FAILURE, SUCCESS, WARNINGS
 
+from buildbot_mailext.masterconfig import KnownNames
 from buildbot_mailext.routes import MailRoute, expand_modes, is_valid_address, wanted_by_results
 
 
@@ -10,6 +11,54 @@ def test_lone_string_is_one_recipient_not_characters():
     # Buildbot #3913: stock splits extraRecipients="a@b.org" into characters.
     assert MailRoute("dev@example.org").to == ["dev@example.org"]
     assert MailRoute(["a@example.org", "b@example.org"]).to == ["a@example.org", "b@example.org"]
+
+
+def test_lone_string_is_one_builder_tag_branch_or_scheduler():
+    route = MailRoute(
+        "dev@example.org", builders="linux", branches="main", schedulers=("nightly",)
+    )
+    assert route.builders == ["linux"]  # not ['l', 'i', 'n', 'u', 'x']
+    assert route.branches == ["main"] and route.schedulers == ["nightly"]
+    assert route.name == "linux->dev@example.org"
+    assert route.config_errors() == []
+    assert MailRoute("dev@example.org", tags="release").tags == ["release"]
+
+
+def test_unknown_names_are_errors_with_the_closest_known_names():
+    known = KnownNames(
+        builders=("linux", "linux-arm", "docs"), tags=("release",), schedulers=("force",)
+    )
+    route = MailRoute("dev@example.org", builders=["linxu", "docs"], schedulers=["nightly"])
+    assert route.unknown_name_errors(known) == [
+        "MailRoute 'linxu+docs->dev@example.org': builders: c['builders'] has no builder "
+        "named 'linxu', so this route would never send; did you mean 'linux'? "
+        "(known: docs, linux, linux-arm)",
+        "MailRoute 'linxu+docs->dev@example.org': schedulers: c['schedulers'] has no "
+        "scheduler named 'nightly', so this route would never send (known: force)",
+    ]
+    assert MailRoute("d@example.org", tags=["release"]).unknown_name_errors(known) == []
+    assert MailRoute("d@example.org", tags=["relase"]).unknown_name_errors(known) == [
+        "MailRoute 'relase->d@example.org': tags: no builder in c['builders'] has the tag "
+        "'relase', so this route would never send; did you mean 'release'? (known: release)"
+    ]
+
+
+def test_known_names_read_from_a_config_dict_as_written():
+    from buildbot.plugins import schedulers, util
+
+    factory = util.BuildFactory()
+    config_dict = {
+        "builders": [
+            util.BuilderConfig(name="linux", workernames=["w"], factory=factory, tags=["a"]),
+            {"name": "docs", "workernames": ["w"], "factory": factory, "tags": ["b", "a"]},
+        ],
+        "schedulers": [schedulers.ForceScheduler(name="force", builderNames=["linux"])],
+    }
+    known = KnownNames.from_config_dict(config_dict)
+    assert known == KnownNames(
+        builders=("linux", "docs"), tags=("a", "b"), schedulers=("force",)
+    )
+    assert KnownNames.from_config_dict({"multiMaster": True}).multi_master
 
 
 def test_default_name_is_stable_and_descriptive():
@@ -34,7 +83,19 @@ def test_valid_route_has_no_errors():
         (dict(to="dev@example.org\r\nBcc: x@y.org"), "is not a valid email address"),
         (dict(to="dev@example.org", mode=("failing", "sometimes")), "unknown mode 'sometimes'"),
         (dict(to=[]), "'to' is empty and send_to_interested_users is False"),
-        (dict(to="d@example.org", builders="runtests"), "'builders' must be a list of strings"),
+        (
+            dict(to="d@example.org", builders=5),
+            "MailRoute '5->d@example.org': 'builders' must be a name, a list of names",
+        ),
+        (
+            dict(to="d@example.org", builders=[]),
+            "'builders' is empty, so this route would never send; leave it out (or None) "
+            "to match them all",
+        ),
+        (
+            dict(to="d@example.org", tags=[("linux",)]),
+            "'tags' must be a name, a list of names (strings) or None, got [('linux',)]",
+        ),
         (
             dict(to="d@example.org", builders=["a"], tags=["t"]),
             "give either 'builders' or 'tags', not both",
@@ -105,3 +166,26 @@ def test_mode_shortcuts_match_buildbot():
 )
 def test_wanted_by_results(mode, results, previous, wanted):
     assert wanted_by_results(mode, results, previous) is wanted
+
+
+def test_route_names_are_checked_after_every_configurator_ran():
+    # A configurator listed after the notifier's check may add builders (Buildbot's
+    # JanitorConfigurator does); run Buildbot's own configurator loop on such a list.
+    from buildbot.config.master import MasterConfig
+    from buildbot.interfaces import IConfigurator
+    from zope.interface import implementer
+
+    from buildbot_mailext.masterconfig import _AfterLoadCheck
+
+    @implementer(IConfigurator)
+    class AddsBuilder:
+        def configure(self, config_dict):
+            config_dict["builders"].append({"name": "janitor"})
+
+    seen = []
+    config_dict = {"builders": [{"name": "linux"}]}
+    config_dict["configurators"] = [
+        _AfterLoadCheck(seen.append), AddsBuilder(), _AfterLoadCheck(seen.append)
+    ]
+    MasterConfig().run_configurators("master.cfg", config_dict)
+    assert [known.builders for known in seen] == [("linux", "janitor")] * 2

@@ -4,6 +4,7 @@ escaping and subject collapsing."""
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 
@@ -311,3 +312,29 @@ def test_unfinished_build_renders(name):
     mail = TemplateSet().render(name, ctx)
     assert "None" not in mail.subject and "NONE" not in mail.text
     assert "running" in mail.text.lower()
+
+
+@pytest.mark.parametrize("name", PACKAGED)
+def test_html_summary_carries_every_field_of_the_text_part(name):
+    ctx = sample_context(kind=_kind(name))
+    mail = TemplateSet().render(name, ctx)
+    # "Label:   value" lines of the text part (the summary sentence is a <p> in HTML)
+    labels = [
+        m.group(1)
+        for m in re.finditer(r"^([A-Z][a-z]+(?: [a-z]+)*): +\S", mail.text, re.MULTILINE)
+        if not m.group(0).startswith(ctx.get("summary", "\0")[:10])
+    ]
+    assert len(labels) >= (4 if name == "worker_missing" else 11), labels
+    missing = [label for label in labels if f">{label}</th>" not in mail.html]
+    assert missing == [], f"in the text part but not in the HTML summary: {missing}"
+
+
+@pytest.mark.parametrize("name", ["build_failure", "build_summary"])
+def test_html_log_box_wraps_a_long_line_without_spaces(name):
+    ctx = sample_context()
+    ctx["failed_steps"][0]["log_tail"][0]["entries"].append({"stream": "o", "text": "x" * 900})
+    html = TemplateSet().render(name, ctx).html
+    pre = re.search(r'<pre style="([^"]*)">(?:(?!</pre>).)*' + "x" * 900, html, re.DOTALL)
+    assert pre, "the 900-character line is in a <pre> log box"
+    # pre-wrap alone wraps at spaces only: the line would widen the mail (scrollbar)
+    assert "overflow-wrap: anywhere" in pre.group(1)

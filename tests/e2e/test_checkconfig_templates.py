@@ -58,3 +58,42 @@ def test_block_override_passes(tmp_path):
     proc = master.checkconfig()
     assert proc.returncode == 0, proc.stdout
     assert "Config file is good!" in proc.stdout
+
+
+STOCK_NOTIFIER_WITH_OUR_FORMATTER = '''from buildbot_mailext import MailExtFormatter
+c['services'] = [reporters.MailNotifier(
+    fromaddr="buildbot@example.org", relayhost="127.0.0.1",
+    generators=[reporters.BuildStatusGenerator(
+        mode=("failing",),
+        message_formatter=MailExtFormatter(template="build_failure",
+                                           templates_dir="mytemplates"))])]
+
+'''
+
+
+def stock_notifier_master(tmp_path) -> Master:
+    cfg = example_cfg_text()
+    start, end = cfg.index("c['services'] = ["), cfg.index("####### PROJECT IDENTITY")
+    cfg = cfg[:start] + STOCK_NOTIFIER_WITH_OUR_FORMATTER + cfg[end:]
+    master = Master(tmp_path / "master", cfg)
+    master.create()
+    return master
+
+
+def test_formatter_templates_dir_is_relative_to_the_master_directory(tmp_path):
+    master = stock_notifier_master(tmp_path)
+    folder = master.basedir / "mytemplates"
+    folder.mkdir()
+    (folder / "build_failure.subject.j2").write_text("{{ buildername }} broke\n")
+    proc = master.checkconfig()  # cwd is the test's: "mytemplates" is not here
+    assert proc.returncode == 0, proc.stdout
+    assert "Config file is good!" in proc.stdout
+
+
+def test_formatter_missing_templates_dir_is_reported_once(tmp_path):
+    master = stock_notifier_master(tmp_path)
+    proc = master.checkconfig()
+    print(proc.stdout)
+    assert proc.returncode == 1
+    error = f"templates_dir '{master.basedir}/mytemplates' does not exist or is not a directory"
+    assert proc.stdout.count(error) == 1
