@@ -314,7 +314,8 @@ def test_unfinished_build_renders(name):
     assert "running" in mail.text.lower()
 
 
-@pytest.mark.parametrize("name", PACKAGED)
+# the digest lists builds; it has no summary of "Label: value" fields
+@pytest.mark.parametrize("name", [n for n in PACKAGED if n != "digest"])
 def test_html_summary_carries_every_field_of_the_text_part(name):
     ctx = sample_context(kind=_kind(name))
     mail = TemplateSet().render(name, ctx)
