@@ -315,6 +315,8 @@ def test_first_error_5000_lines_before_the_end(e2e):
     match = re.search(r'First error, line (\d+) of log "stdio":', text)
     assert match and 3001 <= int(match.group(1)) < 3001 + 200, text[:3000]
     excerpt = text[match.end():]
+    print("\n--- first-error excerpt (text part) ---\n"
+          + text[text.index("Failed steps"):text.index("\nSteps\n")])
     assert f"> | {FIRST_ERROR}" in excerpt, excerpt[:600]
     assert "noise line 2998" in excerpt  # context before
     assert "teardown line 1" in excerpt  # context after
