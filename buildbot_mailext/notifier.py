@@ -34,6 +34,7 @@ from twisted.internet import defer
 from twisted.python import log
 
 from buildbot_mailext import message as mime
+from buildbot_mailext import postfix_queue
 from buildbot_mailext import preflight as preflight_mod
 from buildbot_mailext.formatter import MailExtFormatter
 from buildbot_mailext.masterconfig import KnownNames, check_after_load, in_master_dir
@@ -52,7 +53,7 @@ from buildbot_mailext import digest as digest_mod
 from buildbot_mailext.context import culprits_context, previous_build_same_branch, transition_for
 from buildbot_mailext.threads import thread_headers
 from buildbot_mailext.templates import TemplateSet
-from buildbot_mailext.transport import MailTransport
+from buildbot_mailext.transport import Delivery, MailTransport, describe
 
 # Template used when no routes are configured: it must read well for every result,
 # since the stock default modes mail passing builds too.
@@ -86,6 +87,10 @@ def notifier_arguments(
     tls_verify=True,
     allow_plaintext_auth=False,
     worker_missing=True,
+    smtp_cache_time=2.0,
+    smtp_max_sessions=4,
+    track_local_mta=None,
+    postfix_stuck_after=postfix_queue.DEFAULT_STUCK_AFTER,
     exclude_recipients=None,
 ) -> dict[str, Any]:
     """Every argument ``MailExtNotifier`` takes, with its default: stock ``MailNotifier``'s
@@ -103,6 +108,7 @@ STOCK_ARGUMENTS = (
 SMTP_ARGUMENTS = (
     "relayhost", "smtpPort", "useTls", "useSmtps", "smtpUser", "smtpPassword",
     "tls_ca_file", "tls_verify", "allow_plaintext_auth", "smtp_timeout",
+    "smtp_cache_time", "smtp_max_sessions",
 )
 
 
@@ -159,6 +165,7 @@ class MailExtNotifier(MailNotifier):
         smtp = _subset(arguments, SMTP_ARGUMENTS)
         errors.extend(check_smtp_settings(**smtp))
         errors.extend(preflight_mod.check_preflight_mode(preflight))
+        errors.extend(self._tracking_errors(arguments["track_local_mta"], arguments["postfix_stuck_after"]))
         if arguments["exclude_recipients"] is not None:
             errors.extend(
                 exclude_pattern_errors(arguments["exclude_recipients"], "MailExtNotifier")
@@ -222,7 +229,7 @@ class MailExtNotifier(MailNotifier):
         if getattr(self, "transport", None) is None:
             self.transport = MailTransport(settings)
         elif self.transport.settings != settings:
-            # Pending retries go to the new server: that is usually why the config changed.
+            # The next sessions go to the new server: that is usually why the config changed.
             self.transport.settings = settings
         for warning in settings.startup_warnings():
             log.msg(f"{self.name}: {warning}")
@@ -230,13 +237,64 @@ class MailExtNotifier(MailNotifier):
         # when the config-load preflight had to skip AUTH for secrets.)
         recipients = self._probe_recipients(routes, arguments["extraRecipients"])
         preflight_mod.run_at_start(settings, fromaddr, recipients, preflight, self.name)
+        yield self._configure_postfix_tracking(
+            settings, arguments["track_local_mta"], arguments["postfix_stuck_after"]
+        )
 
     @defer.inlineCallbacks
     def stopService(self):
         digest_mod.release_budgets(self.master, self)
         yield super().stopService()
+        if getattr(self, "postfix_tracker", None) is not None:
+            yield self.postfix_tracker.stop()
         if getattr(self, "transport", None) is not None:
             yield self.transport.stop()
+
+    # ------------------------------------------------------------------ Postfix tracking
+
+    @staticmethod
+    def _tracking_errors(track_local_mta, postfix_stuck_after) -> list[str]:
+        errors = []
+        if track_local_mta not in (None, True, False):
+            errors.append(
+                f"MailExtNotifier: track_local_mta={track_local_mta!r}: must be True, False or None "
+                "(None: follow mail in the local Postfix's queue when relayhost is this machine)"
+            )
+        number = isinstance(postfix_stuck_after, (int, float)) and not isinstance(postfix_stuck_after, bool)
+        if not number or not 0 < postfix_stuck_after < float("inf"):
+            errors.append(
+                f"MailExtNotifier: postfix_stuck_after={postfix_stuck_after!r}: must be a positive number of "
+                "seconds (default 300: a mail still in Postfix's queue after 5 minutes is reported)"
+            )
+        return errors
+
+    def _configure_postfix_tracking(self, settings, track_local_mta, stuck_after) -> defer.Deferred:
+        """Follow mail past the local Postfix (``track_local_mta``; None: when the relay is on
+        this machine and has a postqueue). Poll every 60 s, or sooner when ``stuck_after`` is
+        shorter, so that a stuck mail is reported when it becomes stuck."""
+        wanted = postfix_queue.relay_is_local(settings) if track_local_mta is None else track_local_mta
+        tracker = getattr(self, "postfix_tracker", None)
+        if not wanted:
+            self.postfix_tracker = None
+            return tracker.stop() if tracker is not None else defer.succeed(None)
+        interval = min(postfix_queue.DEFAULT_POLL_INTERVAL, float(stuck_after))
+        if tracker is None:
+            self.postfix_tracker = postfix_queue.PostfixQueueTracker(
+                self.name, stuck_after, interval, reactor=self.master.reactor, relay_port=settings.port,
+                explicit=bool(track_local_mta),
+            )
+        else:
+            tracker.stuck_after, tracker.poll_interval = float(stuck_after), interval
+            # A reconfig may point at another relay, or fix what made the queue unreadable.
+            tracker.relay_port, tracker.explicit, tracker.not_postfix = settings.port, bool(track_local_mta), False
+        return defer.succeed(None)
+
+    def _follow_in_postfix(self, delivery: Delivery) -> Delivery:
+        # Postfix said 250 "queued as ID": the mail is Postfix's now; watch it leave.
+        tracker = getattr(self, "postfix_tracker", None)
+        if tracker is not None and delivery.delivered and delivery.queue_id:
+            tracker.track(delivery.queue_id, delivery.label)
+        return delivery
 
     # ------------------------------------------------------------------ config helpers
 
@@ -719,12 +777,22 @@ class MailExtNotifier(MailNotifier):
         return attachments
 
     def sendMail(self, m, recipients, label: str | None = None):
-        """Hand one message to the transport. Never errbacks: the transport logs and
-        retries what it cannot deliver now."""
+        """Hand one message to the transport; fires with its Delivery, never errbacks."""
         data = mime.message_bytes(m) if hasattr(m, "as_bytes") else m.as_string().encode()
         label = label or f"mail {m['Message-ID']}"
         log.msg(f"{self.name}: sending {label} ({len(data)} bytes) to {', '.join(recipients)}")
         if self.dumpMailsToLog:
             log.msg(f"mail data:\n{data.decode('utf-8', 'replace')}")
-        return self.transport.send(mime.bare_address(self.fromaddr), recipients, data, label)
+        d = self.transport.send(mime.bare_address(self.fromaddr), recipients, data, label)
+        d.addCallback(self._log_delivery)
+        return d.addCallback(self._follow_in_postfix)
+
+    @staticmethod
+    def _log_delivery(delivery: Delivery) -> Delivery:
+        # Until the durable outbox (issue 7) takes over: one line per outcome, no retry.
+        line = describe(delivery)
+        if delivery.refused_temporarily or not delivery.delivered:
+            line += "; not retried: mail lost for the recipients not reached"
+        log.msg(line)
+        return delivery
 

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 DEFAULT_SMTP_TIMEOUT = 30.0
+DEFAULT_CACHE_TIME = 2.0  # seconds an idle SMTP connection is kept for the next mail (Postfix: 2s)
+DEFAULT_MAX_SESSIONS = 4  # concurrent SMTP sessions to the relay in a burst
 TLS_MODES = ("none", "starttls", "smtps")
 
 # A DNS name or IPv4 literal: letters, digits, '-', '_', '.'; no scheme, no spaces.
@@ -128,6 +130,8 @@ class SmtpSettings:
     password: Any = field(default=None, repr=False)  # never in logs or reprs
     timeout: float = DEFAULT_SMTP_TIMEOUT
     allow_plaintext_auth: bool = False
+    cache_time: float = DEFAULT_CACHE_TIME  # 0: QUIT as soon as the queue is empty
+    max_sessions: int = DEFAULT_MAX_SESSIONS
 
     @classmethod
     def from_notifier_args(
@@ -142,6 +146,8 @@ class SmtpSettings:
         tls_verify: bool = True,
         allow_plaintext_auth: bool = False,
         smtp_timeout: float = DEFAULT_SMTP_TIMEOUT,
+        smtp_cache_time: float = DEFAULT_CACHE_TIME,
+        smtp_max_sessions: int = DEFAULT_MAX_SESSIONS,
         **_ignored: Any,
     ) -> "SmtpSettings":
         """Build settings from MailNotifier-style keyword arguments.
@@ -165,6 +171,8 @@ class SmtpSettings:
             password=smtpPassword,
             timeout=float(smtp_timeout),
             allow_plaintext_auth=bool(allow_plaintext_auth),
+            cache_time=float(smtp_cache_time),
+            max_sessions=int(smtp_max_sessions),
         )
 
     def endpoint_label(self) -> str:
@@ -221,6 +229,8 @@ def check_smtp_settings(
     tls_verify: bool = True,
     allow_plaintext_auth: bool = False,
     smtp_timeout: float = DEFAULT_SMTP_TIMEOUT,
+    smtp_cache_time: float = DEFAULT_CACHE_TIME,
+    smtp_max_sessions: int = DEFAULT_MAX_SESSIONS,
     **_ignored: Any,
 ) -> list[str]:
     """Return config-error strings (empty list = fine), each naming the setting and the fix."""
@@ -249,6 +259,18 @@ def check_smtp_settings(
         math.isfinite(smtp_timeout) and smtp_timeout > 0
     ):
         errors.append(f"smtp_timeout={smtp_timeout!r}: must be a positive number of seconds (default 30)")
+    if isinstance(smtp_cache_time, bool) or not isinstance(smtp_cache_time, (int, float)) or not (
+        math.isfinite(smtp_cache_time) and smtp_cache_time >= 0
+    ):
+        errors.append(
+            f"smtp_cache_time={smtp_cache_time!r}: must be a number of seconds >= 0 that an idle SMTP "
+            f"connection is kept for the next mail (default {DEFAULT_CACHE_TIME:g}; 0 closes it at once)"
+        )
+    if isinstance(smtp_max_sessions, bool) or not isinstance(smtp_max_sessions, int) or smtp_max_sessions < 1:
+        errors.append(
+            f"smtp_max_sessions={smtp_max_sessions!r}: must be an integer >= 1, the most SMTP sessions "
+            f"opened to the relay at once (default {DEFAULT_MAX_SESSIONS})"
+        )
 
     tls = bool(useTls or useSmtps)
     if tls_ca_file is not None:

@@ -1,28 +1,27 @@
-"""Sending mail: one SMTP relay, Twisted's non-blocking SMTP client, classified failures and
-an in-memory retry with backoff.
+"""Sending mail: one SMTP relay, Twisted's non-blocking SMTP client, classified outcomes.
 
-This module owns :class:`MailTransport` (what the notifier hands finished messages to) and
-:class:`SendFailure` (the classification of everything that can go wrong on the way:
-``refused``, ``dns``, ``timeout``, ``tls``, ``auth``, ``transient`` (4xx) and ``permanent``
-(5xx, per recipient)).
+This module owns :class:`MailTransport` (what finished messages are handed to),
+:class:`Delivery` (the outcome of one attempt to send one message) and :class:`SendFailure`
+(the classification of everything that can go wrong on the way: ``refused``, ``dns``,
+``timeout``, ``tls``, ``auth``, ``transient`` (4xx) and ``permanent`` (5xx)).
 
 Why not stock ``ESMTPSenderFactory``: it retries a refused connection five times within the
 same second, errbacks into nobody's hands ("Unhandled error in Deferred") and sends one
 message per connection. Here a small ``ESMTPClient`` subclass walks a list of messages, so
-that messages due in the same reactor turn share one SMTP session; every failure becomes
-exactly one log line that names the message, the route, ``host:port``, the cause and the
-SMTP reply; the Deferred handed back to the notifier never errbacks.
+that messages due in the same reactor turn share one SMTP session; every attempt ends in one
+:class:`Delivery` (the Deferred handed back never errbacks).
 
-Retries live in memory only (the durable queue is a later issue), and every log line about a
-retry says so.
+The transport does not retry and does not log per message: what happens after an attempt
+(retry later, dead letter) belongs to the caller, which logs one line per outcome with
+:func:`describe` so that the wording lives here, next to the classification.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import re
+from collections import deque
 from dataclasses import dataclass, field
-from io import BytesIO
 from typing import Any, Iterable, Optional, Sequence
 
 from twisted.internet import defer, protocol
@@ -34,28 +33,36 @@ from twisted.python import log
 
 from buildbot_mailext.relay import SmtpSettings
 
-DEFAULT_RETRY_DELAYS = (30, 120, 600, 1800, 3600)
-
-# kinds that may go away by themselves: retried with backoff
+# kinds that may go away by themselves: worth another attempt later
 TRANSIENT_KINDS = frozenset({"refused", "dns", "timeout", "transient"})
 KINDS = ("refused", "dns", "timeout", "tls", "auth", "transient", "permanent")
-
-MEMORY_ONLY_NOTE = "kept in memory only until the durable queue lands: lost if the master stops"
 
 
 class SendFailure(Exception):
     """A classified send failure. ``str()`` is the one-line cause an operator reads."""
 
-    def __init__(self, kind: str, cause: str, reply: Optional[str] = None, recipients: Sequence[str] = ()):
+    def __init__(
+        self,
+        kind: str,
+        cause: str,
+        reply: Optional[str] = None,
+        recipients: Sequence[str] = (),
+        transient: Optional[bool] = None,
+    ):
         assert kind in KINDS, kind
         super().__init__(cause)
         self.kind = kind
         self.cause = cause
         self.reply = reply
         self.recipients = list(recipients)
+        # A TLS handshake cut by the network is worth another attempt; a certificate that
+        # does not verify is not. Other kinds follow TRANSIENT_KINDS.
+        self._transient = transient
 
     @property
     def transient(self) -> bool:
+        if self._transient is not None:
+            return self._transient
         return self.kind in TRANSIENT_KINDS
 
     def __str__(self) -> str:
@@ -169,11 +176,14 @@ def classify(exc: BaseException, settings: SmtpSettings) -> SendFailure:
     if module.startswith("OpenSSL") or module.startswith("service_identity") or "VerificationError" in type(exc).__name__:
         text = _ssl_error_text(exc)
         hint = ""
+        network = False
         if "certificate verify failed" in text or "VerificationError" in type(exc).__name__ or "verif" in text.lower():
             hint = " (private CA? set tls_ca_file=; name mismatch? set relayhost to the name in the certificate)"
-        elif "wrong version number" in text or "packet length too long" in text or "unexpected eof" in text:
+        elif "wrong version number" in text or "packet length too long" in text:
             hint = " (is this really an SMTPS port? for STARTTLS on 587 use useTls=True, not useSmtps)"
-        return SendFailure("tls", f"TLS handshake with {ep} failed: {text}{hint}")
+        elif "unexpected eof" in text or "reset" in text.lower() or "syscall" in text.lower():
+            network = True  # the peer went away mid-handshake: a network error, not a policy one
+        return SendFailure("tls", f"TLS handshake with {ep} failed: {text}{hint}", transient=network)
     if isinstance(exc, (net_error.ConnectionDone, net_error.ConnectionLost)):
         return SendFailure("transient", f"{ep} closed the connection unexpectedly")
     if isinstance(exc, net_error.ConnectError):
@@ -205,37 +215,214 @@ def _tls_creator(settings: SmtpSettings) -> Any:
     return ssl.optionsForClientTLS(settings.host, trustRoot=trust)
 
 
+_QUEUE_ID_PATTERNS = (
+    re.compile(r"\bqueued as ([A-Za-z0-9._-]+)", re.I),  # Postfix, aiosmtpd's examples
+    re.compile(r"\bid=([A-Za-z0-9-]+)"),  # Exim: "250 OK id=1rX2Yz-0004Ab-Cd"
+    re.compile(r"^\d{3} [245]\.\d+\.\d+ ([A-Za-z0-9]{8,}) Message accepted", re.I),  # Sendmail
+    re.compile(r"\bqp (\d+)"),  # qmail: "250 ok 1700000000 qp 1234"
+)
+
+
+def parse_queue_id(reply: Optional[str]) -> Optional[str]:
+    """The relay's queue id in a reply to DATA, for the common MTAs; None when not recognised."""
+    for pattern in _QUEUE_ID_PATTERNS:
+        match = pattern.search(reply or "")
+        if match:
+            return match.group(1)
+    return None
+
+
+@dataclass
+class Delivery:
+    """The outcome of ONE attempt to send ONE message. Never raised, always returned."""
+
+    label: str
+    endpoint: str  # settings.route_label() at the time of the attempt
+    accepted: list[str] = field(default_factory=list)  # accepted, with 250 after DATA
+    refused_permanently: dict[str, str] = field(default_factory=dict)  # recipient -> reply or cause
+    refused_temporarily: dict[str, str] = field(default_factory=dict)  # recipient -> reply or cause
+    failure: Optional[SendFailure] = None  # session/message-level failure; None when DATA was accepted
+    reply: Optional[str] = None  # final reply after DATA
+    queue_id: Optional[str] = None  # parsed from reply, when the relay's wording is known
+
+    @property
+    def delivered(self) -> bool:
+        """At least one recipient accepted after DATA."""
+        return bool(self.accepted)
+
+    @classmethod
+    def failed(cls, label: str, endpoint: str, recipients: Iterable[str], failure: SendFailure) -> "Delivery":
+        """Nothing went out: every recipient refused for the same cause, temporarily or not."""
+        d = cls(label, endpoint, failure=failure)
+        refused = d.refused_temporarily if failure.transient else d.refused_permanently
+        cause = f"{failure.kind}: {failure}" + (f" ({failure.reply})" if failure.reply else "")
+        for r in recipients:
+            refused[r] = cause
+        return d
+
+
+def _recipient_list(refused: dict[str, str]) -> str:
+    return "; ".join(f"{r} ({why})" for r, why in refused.items())
+
+
+def describe(delivery: Delivery) -> str:
+    """The head of the one log line for this outcome, e.g.
+    ``mail LABEL: delivered via relay:25 (plain SMTP) to a, b; SMTP reply: 250 ...``.
+
+    The caller appends what it decided (``; retry in 30s``, ``; dead letter``)."""
+    d = delivery
+    if d.delivered:
+        parts = [f"mail {d.label}: delivered via {d.endpoint} to {', '.join(d.accepted)}", f"SMTP reply: {d.reply or 'none'}"]
+        if d.refused_permanently:
+            parts.append(f"REJECTED permanently: {_recipient_list(d.refused_permanently)}")
+        if d.refused_temporarily:
+            parts.append(f"temporarily refused: {_recipient_list(d.refused_temporarily)}")
+        return "; ".join(parts)
+    f = d.failure or SendFailure("transient", "no outcome")
+    return f"mail {d.label}: NOT delivered via {d.endpoint}: {f.kind}: {f}; SMTP reply: {f.reply or 'none'}"
+
+
+# -- how the message goes on the wire
+
+_BODY_CHUNK = 64 * 1024  # larger bodies are written as the socket drains (and reset the timeout)
+
+
+def wire_form(message: bytes) -> bytes:
+    """The message as it follows DATA: CRLF line ends, dot-stuffed, ending in ``CRLF.CRLF``.
+
+    Built once per message, so that the body and the closing dot leave in ONE write: sent as
+    two small segments, Nagle's algorithm would hold the dot until the server's delayed ACK.
+    """
+    data = message.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    if not data.endswith(b"\r\n"):
+        data += b"\r\n"
+    if data.startswith(b"."):
+        data = b"." + data
+    return data.replace(b"\r\n.", b"\r\n..") + b".\r\n"
+
+
+def _set_no_delay(transport: Any) -> bool:
+    """TCP_NODELAY on the socket under ``transport`` (through a TLS wrapper, if any).
+
+    SMTP is request/response: nothing is gained by coalescing, and a small last segment held
+    back until the peer's delayed ACK costs ~40 ms per command."""
+    t = transport
+    for _ in range(3):
+        if t is None:
+            return False
+        if hasattr(t, "setTcpNoDelay"):
+            try:
+                t.setTcpNoDelay(True)
+                return True
+            except (AttributeError, OSError):  # not a TCP socket (e.g. a test transport)
+                return False
+        t = getattr(t, "transport", None)
+    return False
+
+
 @dataclass(eq=False)
 class _Job:
     envelope_from: str
     recipients: list[str]
-    message: bytes
+    wire: bytes  # wire_form(message)
     label: str
-    deferred: Optional[defer.Deferred]  # None once fired (first outcome); later outcomes only log
-    attempts: int = 0
-    timer: Any = None
-    last_failure: Optional[str] = None
-    delivered_to: list[str] = field(default_factory=list)
+    deferred: Optional[defer.Deferred]  # None once fired
+    requeued: bool = False  # already moved once off a connection the server had closed
 
-    def fire(self, value: bool) -> None:
+    def fire(self, delivery: Delivery) -> None:
         d, self.deferred = self.deferred, None
         if d is not None:
-            d.callback(value)
+            d.callback(delivery)
 
 
-class _SessionProtocol(smtp.ESMTPClient):
-    """One SMTP session that sends every job it was given, one after the other.
+def _outcome(job: _Job, endpoint: str, code: int, resp: bytes, numOk: int, addresses: list) -> Delivery:
+    """One message went through MAIL/RCPT/DATA (maybe only partly): its Delivery."""
+    delivery = Delivery(job.label, endpoint)
+    per_rcpt = [(_text(a), c, _reply(c, r) or "") for a, c, r in addresses]
+    rcpt_ok = [a for a, c, _ in per_rcpt if c in smtp.SUCCESS]
+    for a, c, r in per_rcpt:
+        if c not in smtp.SUCCESS:
+            (delivery.refused_permanently if isinstance(c, int) and c >= 500 else delivery.refused_temporarily)[a] = r
+    reply = _reply(code, resp)
+    permanent = isinstance(code, int) and code >= 500
 
-    Twisted's SMTPClient calls getMailFrom() again after each message and QUITs when it
-    returns None, so a list of jobs is all it takes to share a session.
+    if code in smtp.SUCCESS and numOk > 0:
+        delivery.accepted = rcpt_ok
+        delivery.reply = reply
+        delivery.queue_id = parse_queue_id(reply)
+        return delivery
+    if not addresses and isinstance(code, int) and code > 0:  # MAIL FROM refused
+        failure = SendFailure("permanent" if permanent else "transient", "sender refused", reply, job.recipients)
+        return Delivery.failed(job.label, delivery.endpoint, job.recipients, failure)
+    if rcpt_ok and isinstance(code, int) and code > 0:  # recipients OK, DATA refused
+        failure = SendFailure("permanent" if permanent else "transient", "message refused after DATA", reply, rcpt_ok)
+        refused = delivery.refused_permanently if permanent else delivery.refused_temporarily
+        for a in rcpt_ok:
+            refused[a] = reply or ""
+        delivery.failure = failure
+        return delivery
+    # Every recipient refused.
+    if delivery.refused_temporarily:
+        details = _recipient_list({**delivery.refused_temporarily, **delivery.refused_permanently})
+        delivery.failure = SendFailure("transient", "recipient(s) temporarily refused", details, list(delivery.refused_temporarily))
+    else:
+        details = _recipient_list(delivery.refused_permanently) or _text(resp)
+        delivery.failure = SendFailure("permanent", f"every recipient rejected: {details}", None, list(delivery.refused_permanently))
+    return delivery
+
+
+class _BodyWriter:
+    """Writes a large body as the socket drains (a push producer), so that the wait for the
+    reply is bounded by smtp_timeout per 64 KiB handed to the kernel, not for the whole body."""
+
+    def __init__(self, session: "_Session", data: bytes):
+        self._session = session
+        self._data = data
+        self._offset = 0
+        self._paused = False
+
+    def start(self) -> None:
+        self._session.transport.registerProducer(self, True)
+        self.resumeProducing()
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._session.resetTimeout()
+        transport = self._session.transport
+        while not self._paused and self._offset < len(self._data):
+            chunk = self._data[self._offset : self._offset + _BODY_CHUNK]
+            self._offset += len(chunk)
+            transport.write(chunk)  # may call pauseProducing() before it returns
+        if self._offset >= len(self._data) and self._session.transport is not None:
+            self._offset = len(self._data) + 1  # unregister once
+            transport.unregisterProducer()
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def stopProducing(self) -> None:
+        self._paused = True
+        self._offset = len(self._data) + 1
+
+
+class _Session(smtp.ESMTPClient):
+    """One SMTP connection. Twisted's ESMTPClient does the setup (greeting, EHLO or HELO,
+    STARTTLS, AUTH); the mail transactions are ours, so that a session can:
+
+    - ask its :class:`MailTransport` for the next message whenever it is free (the queue is
+      shared between sessions), and wait in the connection cache when there is none;
+    - pipeline MAIL, RCPT and DATA when the server offers PIPELINING (RFC 2920);
+    - skip RSET after a transaction that ended with the reply to the message (RSET only
+      when a transaction stays open: every RCPT refused, or DATA refused);
+    - write the body and the closing dot in one go (TCP_NODELAY set at connect).
     """
 
     debug = True  # keeps the transcript (in memory) so a timeout can name the last command
 
-    def __init__(self, transport: "MailTransport", jobs: list[_Job], session_done: defer.Deferred):
-        s = transport.settings
+    def __init__(self, owner: "MailTransport", settings: SmtpSettings, generation: int, starttls_context: Any):
+        s = settings
         secret = s.password.encode("utf-8") if isinstance(s.password, str) else s.password
-        super().__init__(secret, transport._starttls_context, smtp.DNSNAME, logsize=20)
+        super().__init__(secret, starttls_context, smtp.DNSNAME, logsize=20)
         user = s.user.encode("utf-8") if isinstance(s.user, str) else s.user
         # most secure first, as Twisted's ESMTPSender does
         self.registerAuthenticator(smtp.CramMD5ClientAuthenticator(user))
@@ -245,88 +432,231 @@ class _SessionProtocol(smtp.ESMTPClient):
         self.requireAuthentication = bool(s.uses_auth)
         self.requireTransportSecurity = s.tls == "starttls"
         self.timeout = s.timeout  # TimeoutMixin: bounds the wait for every server reply
-        self._owner = transport
-        self._jobs = list(jobs)
-        self._current: Optional[_Job] = None
+        self.settings = settings
+        self.generation = generation
+        self._owner = owner
+        self.ready = False  # set up (EHLO, STARTTLS, AUTH done): can carry mail
+        self.idle = False  # in the connection cache
+        self.closed: defer.Deferred = defer.Deferred()  # fires once the connection is gone
+        self.current: Optional[_Job] = None
+        self.transactions = 0  # transactions finished on this connection
+        self.pipelining = False
         self._error: Optional[BaseException] = None
-        self._session_done = session_done
+        self._idle_timer: Any = None
+        self._pending: deque = deque()  # replies still due, in order: (verb, argument)
+        self._unsent: deque = deque()  # commands not yet sent (without PIPELINING)
+        self._got_reply = False  # the current transaction had a reply
+        self._reused = False  # the current transaction is not the first on this connection
+        self._mail_reply: tuple = (-1, b"")
+        self._rcpt: list = []  # (address, code, resp)
 
-    # -- SMTPClient hooks
-    def getMailFrom(self) -> Optional[str]:
-        if not self._jobs:
-            return None
-        self._current = self._jobs.pop(0)
-        return self._current.envelope_from
+    # -- set-up, done by Twisted
+    def connectionMade(self) -> None:
+        _set_no_delay(self.transport)
+        super().connectionMade()
 
-    def getMailTo(self) -> list[str]:
-        return list(self._current.recipients)
+    def esmtpState_serverConfig(self, code: int, resp: bytes) -> None:
+        # EHLO's answer (again after STARTTLS): which extensions the server offers
+        self.pipelining = any(line.split()[:1] == [b"PIPELINING"] for line in resp.upper().splitlines())
+        super().esmtpState_serverConfig(code, resp)
 
-    def getMailData(self) -> BytesIO:
-        # SMTPClient turns "\n" into CRLF itself; feeding it CRLF would double the CR.
-        return BytesIO(self._current.message.replace(b"\r\n", b"\n"))
-
-    def sentMail(self, code: int, resp: bytes, numOk: int, addresses: list, log_: Any) -> None:
-        job, self._current = self._current, None
-        if job is not None:
-            self._owner._message_done(job, code, resp, numOk, addresses)
+    def smtpState_from(self, code: int, resp: bytes) -> None:
+        """Twisted calls this when the session is set up: from here on, replies are ours."""
+        self.ready = True
+        self._expected = range(0, 1000)
+        self._okresponse = self._failresponse = self._on_reply
+        self._owner._session_free(self)
 
     def sendError(self, exc: BaseException) -> None:
         if self._error is None:
             self._error = exc
         super().sendError(exc)
 
+    def timeoutConnection(self) -> None:
+        # No reply within smtp_timeout: nothing more is worth waiting for, not even a QUIT
+        # or a TLS close_notify.
+        if self._error is None:
+            self._error = smtp.SMTPTimeoutError(-1, b"Timeout waiting for SMTP server response", self.log.str())
+        self.transport.abortConnection()
+
+    # -- the transport hands out work
+    def begin(self, job: _Job) -> None:
+        """Start the transaction for ``job``."""
+        self._leave_cache()
+        self.current = job
+        self._reused = self.transactions > 0
+        self._got_reply = False
+        self._mail_reply, self._rcpt = (-1, b""), []
+        commands = [("MAIL", None, b"MAIL FROM:" + smtp.quoteaddr(job.envelope_from))]
+        commands += [("RCPT", r, b"RCPT TO:" + smtp.quoteaddr(r)) for r in job.recipients]
+        commands.append(("DATA", None, b"DATA"))
+        if self.pipelining:
+            for verb, arg, line in commands:
+                self.log.append(b">>> " + line)
+                self._pending.append((verb, arg))
+            self.transport.write(b"\r\n".join(line for _, _, line in commands) + b"\r\n")
+        else:
+            self._unsent.extend(commands)
+            self._send_next()
+
+    def park(self, idle_time: float, reactor: Any) -> None:
+        """Wait in the connection cache for the next message, at most ``idle_time``."""
+        self.idle = True
+        self.setTimeout(None)  # idle is bounded by the cache time, not by smtp_timeout
+        self._idle_timer = reactor.callLater(idle_time, self._owner._cache_expired, self)
+
+    def quit(self) -> None:
+        """Close cleanly with QUIT (the reply is awaited at most smtp_timeout)."""
+        self._leave_cache()
+        if self.transport is None or not self.connected:
+            return
+        self._unsent.clear()
+        self._pending.append(("QUIT", None))
+        self.sendLine(b"QUIT")
+
+    def _leave_cache(self) -> None:
+        self.idle = False
+        if self._idle_timer is not None and self._idle_timer.active():
+            self._idle_timer.cancel()
+        self._idle_timer = None
+        self.setTimeout(self.timeout)
+
+    # -- replies
+    def _send_next(self) -> None:
+        verb, arg, line = self._unsent.popleft()
+        self._pending.append((verb, arg))
+        self.sendLine(line)
+
+    def _on_reply(self, code: int, resp: bytes) -> None:
+        if not self._pending:
+            # Nothing asked: a cached connection hears "421 idle timeout" before the server
+            # closes it. Close our side too; the cache forgets it in connectionLost.
+            self.transport.loseConnection()
+            return
+        verb, arg = self._pending.popleft()
+        first, self._got_reply = not self._got_reply, True
+        if first and self._reused and code == 421 and self.current is not None:
+            # The server is closing this connection (idle too long, too many messages):
+            # the message goes on a new session, without counting as an attempt.
+            self._got_reply = False
+            self.transport.loseConnection()
+            return
+        getattr(self, "_reply_" + verb)(code, resp, arg)
+
+    def _reply_MAIL(self, code: int, resp: bytes, _: Any) -> None:
+        self._mail_reply = (code, resp)
+        if not self.pipelining:
+            if code in smtp.SUCCESS:
+                self._send_next()
+            else:  # no transaction was opened: nothing to reset
+                self._unsent.clear()
+                self._finish(code, resp, rset=False)
+
+    def _reply_RCPT(self, code: int, resp: bytes, address: str) -> None:
+        self._rcpt.append((address, code, resp))
+        if not self.pipelining:
+            if self._unsent[0][0] == "RCPT" or self._accepted():
+                self._send_next()
+            else:  # every recipient refused: DATA is pointless, the transaction is open
+                self._unsent.clear()
+                self._finish(code, resp, rset=True)
+
+    def _reply_DATA(self, code: int, resp: bytes, _: Any) -> None:
+        if code == 354 and self._accepted():
+            self._pending.append(("BODY", None))
+            self.log.append(b">>> .")
+            data = self.current.wire
+            if len(data) <= _BODY_CHUNK:
+                self.transport.write(data)
+            else:
+                _BodyWriter(self, data).start()
+        elif code == 354:
+            # A server that wants data for a refused transaction: end it empty, then reset.
+            self._pending.append(("BODY", "aborted"))
+            self.transport.write(b".\r\n")
+        else:
+            self._finish(code, resp, rset=self._mail_reply[0] in smtp.SUCCESS)
+
+    def _reply_BODY(self, code: int, resp: bytes, aborted: Any) -> None:
+        self._finish(code, resp, rset=bool(aborted))
+
+    def _reply_RSET(self, code: int, resp: bytes, _: Any) -> None:
+        self._owner._session_free(self)
+
+    def _reply_QUIT(self, code: int, resp: bytes, _: Any) -> None:
+        self.transport.loseConnection()
+
+    def _accepted(self) -> bool:
+        return any(c in smtp.SUCCESS for _, c, _ in self._rcpt)
+
+    def _finish(self, code: int, resp: bytes, rset: bool) -> None:
+        """The transaction is over: hand its Delivery back, then go on."""
+        job, self.current = self.current, None
+        self.transactions += 1
+        mail_ok = self._mail_reply[0] in smtp.SUCCESS
+        if mail_ok:
+            accepted = sum(1 for _, c, _ in self._rcpt if c in smtp.SUCCESS)
+            outcome = _outcome(job, self.settings.route_label(), code, resp, accepted, self._rcpt)
+        else:  # with PIPELINING, the RCPT replies only echo the refused MAIL
+            outcome = _outcome(job, self.settings.route_label(), self._mail_reply[0], self._mail_reply[1], 0, [])
+        if rset:
+            self._pending.append(("RSET", None))
+            self.sendLine(b"RSET")
+        job.fire(outcome)
+        if not rset and self.connected and self.current is None and not self._pending:
+            self._owner._session_free(self)
+
     def connectionLost(self, reason: tw_failure.Failure = tw_failure.Failure(net_error.ConnectionDone())) -> None:
         super().connectionLost(reason)
-        unfinished = ([self._current] if self._current else []) + self._jobs
-        self._current, self._jobs = None, []
-        if unfinished:
-            self._owner._session_failed(unfinished, self._error or reason.value)
-        d, self._session_done = self._session_done, None
-        if d is not None:
-            d.callback(None)
+        if self._idle_timer is not None and self._idle_timer.active():
+            self._idle_timer.cancel()
+        job, self.current = self.current, None
+        stale = job is not None and self._reused and not self._got_reply
+        self._owner._session_lost(self, job, self._error or reason.value, stale)
+        self.closed.callback(None)
 
 
 class _SessionFactory(protocol.ClientFactory):
-    # Not "Starting factory ..." / "Stopping factory ..." in twistd.log for every mail:
+    # Not "Starting factory ..." / "Stopping factory ..." in twistd.log for every session:
     # the outcome line says all an operator needs.
     noisy = False
 
-    def __init__(self, transport: "MailTransport", jobs: list[_Job], session_done: defer.Deferred):
-        self._transport = transport
-        self._jobs = jobs
-        self._session_done = session_done
+    def __init__(self, session: _Session):
+        self._session = session
 
-    def buildProtocol(self, addr: Any) -> _SessionProtocol:
-        p = _SessionProtocol(self._transport, self._jobs, self._session_done)
-        p.factory = self
-        return p
+    def buildProtocol(self, addr: Any) -> _Session:
+        self._session.factory = self
+        return self._session
 
 
 class MailTransport:
     """Send messages through one SMTP relay without blocking the reactor.
 
-    ``send()`` returns a Deferred that fires True (delivered to every accepted recipient),
-    or False (handed to the in-memory retry, or permanently failed); it never errbacks.
-    Each outcome is one log line.
+    ``send()`` returns a Deferred that fires with one :class:`Delivery` per call; it never
+    errbacks, never retries and keeps nothing once it fired. It logs nothing per message:
+    the caller logs the outcome (see :func:`describe`).
+
+    Messages wait in one queue shared by at most ``settings.max_sessions`` SMTP sessions;
+    a session that runs out of mail stays open ``settings.cache_time`` seconds for the next
+    one (Postfix's connection cache), then says QUIT.
     """
 
-    def __init__(
-        self,
-        settings: SmtpSettings,
-        reactor: Any = None,
-        retry_delays: Sequence[float] = DEFAULT_RETRY_DELAYS,
-    ):
+    # Another session is opened when the queue holds more than this many messages per
+    # session already open: a few mails share one session, a burst is split between several.
+    SHARE = 4
+
+    def __init__(self, settings: SmtpSettings, reactor: Any = None):
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
             reactor = default_reactor
         self.reactor = reactor
-        self.retry_delays = tuple(retry_delays)
-        self._due: list[_Job] = []
-        self._flush_call: Any = None
-        self._waiting: list[_Job] = []  # jobs with a retry timer
-        self._sessions: set[defer.Deferred] = set()
+        self._queue: deque = deque()
+        self._sessions: set[_Session] = set()  # every open or opening connection
+        self._idle: list[_Session] = []  # the connection cache, most recently used last
+        self._pump_call: Any = None
         self._stopping = False
+        self._generation = 0
         self.settings = settings  # property: also builds the TLS options
         # Start-up warnings (tls_verify=False, plaintext AUTH) are logged by the notifier
         # once per (re)configuration: see SmtpSettings.startup_warnings().
@@ -337,7 +667,8 @@ class MailTransport:
 
     @settings.setter
     def settings(self, settings: SmtpSettings) -> None:
-        """Replace the relay settings (reconfig); pending retries go to the new relay."""
+        """Replace the relay settings (reconfig): the next sessions use the new relay, the
+        cached connections are closed, running sessions finish their message and close."""
         starttls_context = tls_creator = None
         if settings.tls != "none":
             # Built once per configuration: reading tls_ca_file and the platform trust store
@@ -348,76 +679,87 @@ class MailTransport:
         self._settings = settings
         self._tls_creator = tls_creator
         self._starttls_context = starttls_context
+        self._generation += 1
+        self._session_limit = settings.max_sessions
+        self._close_cache()
+        if self._queue:
+            self._schedule_pump()
 
     # -- public API
     def send(self, envelope_from: str, recipients: list[str], message: bytes, label: str) -> defer.Deferred:
+        """Try once to send ``message``; the Deferred fires with a :class:`Delivery`."""
         d: defer.Deferred = defer.Deferred()
         if isinstance(message, str):
             message = message.encode("utf-8")
-        job = _Job(envelope_from, list(recipients), message, label, d)
-        if not job.recipients:
-            self._log(job, "NOT sent: no recipients")
-            job.fire(False)
-            return d
-        if self._stopping:
-            self._log(job, f"NOT sent: the notifier is stopping ({MEMORY_ONLY_NOTE})")
-            job.fire(False)
-            return d
-        self._enqueue(job)
+        recipients = list(recipients)
+        if not recipients:
+            failure = SendFailure("permanent", "no recipients")
+            d.callback(Delivery.failed(label, self.settings.route_label(), [], failure))
+        elif self._stopping:
+            failure = SendFailure("transient", "not sent: the mail transport is stopping")
+            d.callback(Delivery.failed(label, self.settings.route_label(), recipients, failure))
+        else:
+            self._queue.append(_Job(envelope_from, recipients, wire_form(message), label, d))
+            self._schedule_pump()
         return d
-
-    def pending(self) -> int:
-        """Messages waiting for a retry."""
-        return len(self._waiting)
 
     def stop(self) -> defer.Deferred:
-        """Cancel retry timers, let running sessions finish (bounded by smtp_timeout), and
-        log what stays unsent."""
+        """Close the cached connections with QUIT, let running transactions finish (each
+        reply bounded by smtp_timeout), answer what is still queued, and fire."""
         self._stopping = True
-        if self._flush_call is not None and self._flush_call.active():
-            self._flush_call.cancel()
-            self._flush_call = None
-        if self._due:  # due this very turn: still try them once
-            self._start_session(self._due)
-            self._due = []
-        waiting, self._waiting = self._waiting, []
-        for job in waiting:
-            if job.timer is not None and job.timer.active():
-                job.timer.cancel()
-        d = defer.DeferredList(list(self._sessions), consumeErrors=True)
+        if self._pump_call is not None and self._pump_call.active():
+            self._pump_call.cancel()
+        self._pump_call = None
+        self._fail_queue(SendFailure("transient", "not sent: the mail transport is stopping"))
+        self._close_cache()
+        d = defer.DeferredList([s.closed for s in self._sessions])
 
-        def report(_: Any) -> None:
-            unsent = waiting + self._waiting
-            self._waiting = []
+        def stopped(_: Any) -> None:
             self._stopping = False  # stopped: a restarted service may use this transport again
-            if unsent:
-                log.msg(
-                    f"mailext: {len(unsent)} mails still unsent, kept in memory only: lost at shutdown until "
-                    "the durable queue lands"
-                )
-                for job in unsent:
-                    log.msg(
-                        f"mailext: unsent at shutdown: {job.label} to {', '.join(job.recipients)} via "
-                        f"{self.settings.endpoint_label()} after {job.attempts} attempt(s); last error: "
-                        f"{job.last_failure or 'none'}"
-                    )
 
-        d.addCallback(report)
-        return d
+        return d.addCallback(stopped)
 
-    # -- scheduling
-    def _enqueue(self, job: _Job) -> None:
-        self._due.append(job)
-        if self._flush_call is None:
+    # -- sessions
+    def _schedule_pump(self) -> None:
+        if self._pump_call is None:
             # Messages queued in the same reactor turn (e.g. several routes for one build)
-            # leave together in one SMTP session.
-            self._flush_call = self.reactor.callLater(0, self._flush)
+            # are split between sessions together.
+            self._pump_call = self.reactor.callLater(0, self._pump)
 
-    def _flush(self) -> None:
-        self._flush_call = None
-        jobs, self._due = self._due, []
-        if jobs:
-            self._start_session(jobs)
+    def _pump(self) -> None:
+        self._pump_call = None
+        while self._queue and self._idle:
+            self._idle.pop().begin(self._queue.popleft())
+        if not self._queue:
+            return
+        busy = len(self._sessions) - len(self._idle)
+        wanted = -(-len(self._queue) // self.SHARE)  # ceil
+        for _ in range(min(self._session_limit - busy, wanted - busy)):
+            self._open_session()
+
+    def _session_free(self, session: _Session) -> None:
+        """``session`` is set up, or finished a message: give it the next one, cache it, or close it."""
+        if session.generation != self._generation or self._stopping:
+            session.quit()
+        elif self._queue:
+            session.begin(self._queue.popleft())
+        elif self.settings.cache_time > 0:
+            session.park(self.settings.cache_time, self.reactor)
+            self._idle.append(session)
+        else:
+            session.quit()
+        if not self._queue:
+            self._session_limit = self.settings.max_sessions
+
+    def _cache_expired(self, session: _Session) -> None:
+        if session in self._idle:
+            self._idle.remove(session)
+        session.quit()
+
+    def _close_cache(self) -> None:
+        idle, self._idle = self._idle, []
+        for session in idle:
+            session.quit()
 
     def _endpoint(self) -> Any:
         s = self.settings
@@ -432,15 +774,11 @@ class MailTransport:
             endpoint = wrapClientTLS(self._tls_creator, endpoint)
         return endpoint
 
-    def _start_session(self, jobs: list[_Job]) -> None:
-        for job in jobs:
-            job.attempts += 1
-        session_done: defer.Deferred = defer.Deferred()
-        self._sessions.add(session_done)
-        session_done.addBoth(self._forget_session, session_done)
-        factory = _SessionFactory(self, jobs, session_done)
+    def _open_session(self) -> None:
+        session = _Session(self, self.settings, self._generation, self._starttls_context)
+        self._sessions.add(session)
         try:
-            connecting = self._endpoint().connect(factory)
+            connecting = self._endpoint().connect(_SessionFactory(session))
         except Exception as e:  # e.g. an unreadable tls_ca_file, checked at config time
             connecting = defer.fail(e)
         # HostnameEndpoint bounds each TCP attempt, but not name resolution; this bounds both.
@@ -454,124 +792,40 @@ class MailTransport:
         def failed(f: tw_failure.Failure) -> None:
             if watchdog.active():
                 watchdog.cancel()
-            self._session_failed(jobs, f.value)
-            if not session_done.called:
-                session_done.callback(None)
+            self._session_lost(session, None, f.value, False)
+            session.closed.callback(None)
 
         connecting.addCallbacks(connected, failed)
 
-    def _forget_session(self, result: Any, d: defer.Deferred) -> Any:
-        self._sessions.discard(d)
-        return result
+    def _session_lost(self, session: _Session, job: Optional[_Job], exc: BaseException, stale: bool) -> None:
+        """A connection is gone (or never came): account for the message it carried."""
+        self._sessions.discard(session)
+        if session in self._idle:
+            self._idle.remove(session)
+        if job is not None:
+            if stale and not job.requeued:
+                # A reused connection the server had closed meanwhile: not an attempt.
+                job.requeued = True
+                self._queue.appendleft(job)
+            else:
+                self._fail([job], classify(exc, session.settings), session.settings.route_label())
+        if not session.ready and session.generation == self._generation:
+            others = [s for s in self._sessions if s.generation == self._generation]
+            if not others:
+                # Nobody can reach the relay: every queued message gets this outcome.
+                self._fail_queue(classify(exc, self.settings))
+            else:
+                # The relay takes fewer sessions than we tried: carry on with those open.
+                self._session_limit = max(1, len(others))
+        if self._queue and not self._stopping:
+            self._schedule_pump()
 
     # -- outcomes
-    def _message_done(self, job: _Job, code: int, resp: bytes, numOk: int, addresses: list) -> None:
-        """One message went through MAIL/RCPT/DATA (maybe only partly)."""
-        ep = self.settings.endpoint_label()
-        per_rcpt = [(_text(a), c, _reply(c, r)) for a, c, r in addresses]
-        accepted = [a for a, c, _ in per_rcpt if c in smtp.SUCCESS]
-        rejected_perm = [(a, r) for a, c, r in per_rcpt if isinstance(c, int) and c >= 500]
-        rejected_temp = [(a, r) for a, c, r in per_rcpt if isinstance(c, int) and 400 <= c < 500]
-        data_ok = code in smtp.SUCCESS and numOk > 0
-        perm_text = "; ".join(f"{a} ({r})" for a, r in rejected_perm)
-
-        if data_ok:
-            job.delivered_to.extend(accepted)
-            parts = [f"mail {job.label}: delivered via {self.settings.route_label()} to {', '.join(accepted)}"]
-            if rejected_perm:
-                parts.append(f"REJECTED permanently (not retried): {perm_text}")
-            retry: Optional[SendFailure] = None
-            if rejected_temp:
-                retry = SendFailure(
-                    "transient",
-                    "recipient(s) temporarily refused",
-                    "; ".join(f"{a} ({r})" for a, r in rejected_temp),
-                    [a for a, _ in rejected_temp],
-                )
-                parts.append(f"temporarily refused: {retry.reply}")
-            parts.insert(1, f"SMTP reply: {_reply(code, resp)}")
-            if retry is None:
-                log.msg("; ".join(parts))
-                job.fire(True)
-                return
-            # One line for this outcome, then the retry bookkeeping for the 4xx recipients.
-            retry_job = _Job(job.envelope_from, retry.recipients, job.message, job.label, job.deferred, job.attempts)
-            job.deferred = None
-            self._retry_or_give_up(retry_job, retry, prefix="; ".join(parts))
-            return
-
-        # Nothing delivered in this attempt.
-        if not addresses and isinstance(code, int) and code > 0:  # MAIL FROM refused, or DATA refused
-            what = "sender or message refused"
-            failure = SendFailure(
-                "transient" if 400 <= code < 500 else "permanent", what, _reply(code, resp), job.recipients
-            )
-            self._retry_or_give_up(job, failure)
-            return
-        if accepted and isinstance(code, int) and code > 0:  # recipients OK, DATA (end of data) refused
-            failure = SendFailure(
-                "transient" if 400 <= code < 500 else "permanent", "message refused after DATA", _reply(code, resp)
-            )
-            self._retry_or_give_up(job, failure)
-            return
-        # Every recipient refused.
-        if rejected_temp:
-            if rejected_perm:
-                log.msg(
-                    f"mail {job.label}: REJECTED permanently via {ep} (not retried): {perm_text}"
-                )
-            failure = SendFailure(
-                "transient",
-                "recipient(s) temporarily refused",
-                "; ".join(f"{a} ({r})" for a, r in rejected_temp),
-                [a for a, _ in rejected_temp],
-            )
-            job.recipients = failure.recipients
-            self._retry_or_give_up(job, failure)
-            return
-        failure = SendFailure(
-            "permanent", f"every recipient rejected: {perm_text or _text(resp)}", None, [a for a, _ in rejected_perm]
-        )
-        self._retry_or_give_up(job, failure)
-
-    def _session_failed(self, jobs: Iterable[_Job], exc: BaseException) -> None:
-        failure = classify(exc, self.settings)
+    def _fail(self, jobs: Iterable[_Job], failure: SendFailure, endpoint: Optional[str] = None) -> None:
+        endpoint = endpoint or self.settings.route_label()
         for job in jobs:
-            self._retry_or_give_up(job, failure)
+            job.fire(Delivery.failed(job.label, endpoint, job.recipients, failure))
 
-    def _retry_or_give_up(self, job: _Job, failure: SendFailure, prefix: Optional[str] = None) -> None:
-        """Log ONE line for this outcome and either schedule a retry or give up.
-
-        ``prefix`` replaces the usual "NOT delivered" head when part of the message did go
-        out (some recipients accepted, others answered 4xx).
-        """
-        ep = self.settings.endpoint_label()
-        job.last_failure = f"{failure.kind}: {failure}"  # for the shutdown report
-        if prefix is None:
-            line = f"mail {job.label}: NOT delivered via {ep}: {failure.kind}: {failure}; SMTP reply: {failure.reply or 'none'}"
-        else:
-            line = prefix
-        if failure.transient and not self._stopping and job.attempts <= len(self.retry_delays):
-            delay = self.retry_delays[job.attempts - 1]
-            log.msg(f"{line}; retry {job.attempts}/{len(self.retry_delays)} in {delay:g}s ({MEMORY_ONLY_NOTE})")
-            job.timer = self.reactor.callLater(delay, self._retry_now, job)
-            self._waiting.append(job)
-            job.fire(False)
-            return
-        if failure.transient and self._stopping:
-            log.msg(f"{line}; not retried: the notifier is stopping ({MEMORY_ONLY_NOTE})")
-            self._waiting.append(job)  # reported by stop()
-        elif failure.transient:
-            log.msg(f"{line}; giving up after {job.attempts} attempts: mail lost")
-        else:
-            log.msg(f"{line}; not retried (a retry cannot fix this): mail lost")
-        job.fire(False)
-
-    def _retry_now(self, job: _Job) -> None:
-        job.timer = None
-        if job in self._waiting:
-            self._waiting.remove(job)
-        self._enqueue(job)
-
-    def _log(self, job: _Job, what: str) -> None:
-        log.msg(f"mail {job.label}: {what} (via {self.settings.endpoint_label()})")
+    def _fail_queue(self, failure: SendFailure) -> None:
+        jobs, self._queue = list(self._queue), deque()
+        self._fail(jobs, failure)

@@ -18,15 +18,23 @@ Reusable by every test module::
     with SmtpServer(data_reply="451 4.3.0 queue full") ...
     with SmtpServer(mail_reply="553 5.7.1 <x@y>: Sender address rejected") ...
 
+    with SmtpServer(pipelining=True) ...            # advertise PIPELINING (aiosmtpd reads commands in order anyway)
+    with SmtpServer(idle_timeout=0.3) ...           # close a connection silent for 0.3 s, as MTAs do
+    with SmtpServer(messages_per_connection=1) ...  # drop the connection, unanswered, at the next MAIL
+    with SmtpServer(delays={"DATA": 2.0}) ...       # answer these commands late ("*": every one)
+
     with closed_port() as port: ...                 # connecting is refused at once
     with BlackHole() as bh: ...bh.port...           # TCP connects, no greeting ever comes
 
 Each server records what it received in ``messages`` (thread-safe list of
-:class:`Received`) and the whole session transcript in ``transcript``.
+:class:`Received`) and, in ``commands``, each command as ``(client address, VERB)`` in
+order (EHLO, HELO, MAIL, RCPT, DATA, RSET, QUIT): ``len({peer for peer, _ in commands})`` is
+the number of SMTP sessions.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime
 import ipaddress
@@ -62,7 +70,39 @@ class _Handler:
     def __init__(self, server: "SmtpServer"):
         self.server = server
 
+    async def _saw(self, session, verb: str) -> None:
+        with self.server._lock:
+            self.server.commands.append((session.peer, verb))
+        delays = self.server.delays
+        delay = delays.get(verb, delays.get("*", 0))
+        if delay:
+            await asyncio.sleep(delay)
+
+    async def handle_EHLO(self, srv, session, envelope, hostname, responses):
+        await self._saw(session, "EHLO")
+        session.host_name = hostname  # what aiosmtpd does when there is no hook
+        if self.server.pipelining:
+            responses.insert(len(responses) - 1, "250-PIPELINING")
+        return responses
+
+    async def handle_HELO(self, srv, session, envelope, hostname):
+        await self._saw(session, "HELO")
+        session.host_name = hostname
+        return f"250 {srv.hostname}"
+
+    async def handle_RSET(self, srv, session, envelope):
+        await self._saw(session, "RSET")
+        return "250 OK"
+
+    async def handle_QUIT(self, srv, session, envelope):
+        await self._saw(session, "QUIT")
+        return "221 Bye"
+
     async def handle_MAIL(self, srv, session, envelope, address, mail_options):
+        await self._saw(session, "MAIL")
+        limit = self.server.messages_per_connection
+        if limit is not None and sum(1 for peer, verb in self.server.commands if peer == session.peer and verb == "DATA") >= limit:
+            srv.transport.close()  # as if the server had closed it while the client was not looking
         if self.server.mail_reply:
             return self.server.mail_reply
         envelope.mail_from = address
@@ -70,6 +110,7 @@ class _Handler:
         return "250 OK"
 
     async def handle_RCPT(self, srv, session, envelope, address, rcpt_options):
+        await self._saw(session, "RCPT")
         replies = self.server.rcpt_replies
         reply = replies.get(address) or replies.get(address.lower()) or replies.get("*")
         if reply:
@@ -78,6 +119,7 @@ class _Handler:
         return "250 OK"
 
     async def handle_DATA(self, srv, session, envelope):
+        await self._saw(session, "DATA")
         if self.server.data_reply:
             return self.server.data_reply
         with self.server._lock:
@@ -102,10 +144,18 @@ class SmtpServer:
         data_reply: Optional[str] = None,
         mail_reply: Optional[str] = None,  # answer to every MAIL FROM (e.g. "553 5.7.1 not yours")
         server_hostname: str = "smtp-test.localdomain",
+        pipelining: bool = False,  # advertise PIPELINING in the EHLO reply
+        idle_timeout: Optional[float] = None,  # close a connection idle this long (aiosmtpd: 300 s)
+        messages_per_connection: Optional[int] = None,
+        delays: Optional[dict[str, float]] = None,  # verb (or "*") -> seconds before the reply
     ):
         self.host = host
         self.port = 0
         self.messages: list[Received] = []
+        self.commands: list[tuple[object, str]] = []
+        self.pipelining = pipelining
+        self.messages_per_connection = messages_per_connection
+        self.delays = dict(delays or {})
         self.auth_attempts: list[tuple[str, bool]] = []
         self.rcpt_replies = dict(rcpt_replies or {})
         self.data_reply = data_reply
@@ -113,6 +163,8 @@ class SmtpServer:
         self._lock = threading.Lock()
         self._auth = auth
         kwargs: dict = {"server_hostname": server_hostname}  # never getfqdn(): no DNS in tests
+        if idle_timeout is not None:
+            kwargs["timeout"] = idle_timeout
         if tls is not None:
             kwargs.update(tls_context=tls, require_starttls=require_starttls)
         if smtps is not None:
@@ -133,6 +185,15 @@ class SmtpServer:
             self.auth_attempts.append((user, ok))
         # handled=False: aiosmtpd then answers 235 / 535 itself
         return AuthResult(success=ok, handled=False)
+
+    def sessions(self) -> int:
+        """How many SMTP sessions (client connections that said EHLO/HELO) the server saw."""
+        with self._lock:
+            return len({peer for peer, _ in self.commands})
+
+    def verbs(self) -> list[str]:
+        with self._lock:
+            return [verb for _, verb in self.commands]
 
     @property
     def endpoint(self) -> str:

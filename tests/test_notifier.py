@@ -21,6 +21,7 @@ from twisted.internet import defer
 from twisted.trial import unittest
 
 from buildbot_mailext import MailExtNotifier, MailRoute
+from buildbot_mailext.transport import Delivery
 
 
 class RecordingTransport:
@@ -40,7 +41,7 @@ class RecordingTransport:
                 "label": label,
             }
         )
-        return defer.succeed(True)
+        return defer.succeed(Delivery(label, "recorder", accepted=list(recipients), reply="250 recorded"))
 
     def stop(self):
         return defer.succeed(None)
@@ -139,7 +140,7 @@ class NotifierTestCase(NotifierMixin, unittest.TestCase):
         sibling = MailExtNotifier(**config())
         self.assertEqual(sibling.name, notifier.name)
         yield notifier.reconfigServiceWithSibling(sibling)
-        self.assertIs(notifier.transport, transport)  # retries in memory survive reconfig
+        self.assertIs(notifier.transport, transport)  # one transport across reconfig: its settings change
         yield notifier.stopService()
 
     @defer.inlineCallbacks
@@ -242,6 +243,46 @@ class NotifierTestCase(NotifierMixin, unittest.TestCase):
         self.assertIn("Builder0", sent["msg"].get_content())
 
 
+    # Every "queued as" id the local MTA gives goes to the Postfix queue tracker (which
+    # tests/test_postfix.py runs against the real Postfix).
+    @defer.inlineCallbacks
+    def notifier_with_queue_ids(self, **kwargs):
+        notifier = yield self.make_notifier(
+            routes=[MailRoute("dev@example.org", name="dev")], relayhost="[127.0.0.1]:2525", **kwargs
+        )
+        recording_send = self.transport.send
+
+        def send(*args):
+            d = recording_send(*args)
+            return d.addCallback(lambda delivery: setattr(delivery, "queue_id", "E63B916209A") or delivery)
+
+        self.transport.send = send
+        return notifier
+
+    @defer.inlineCallbacks
+    def test_queue_id_is_tracked(self):
+        notifier = yield self.notifier_with_queue_ids(track_local_mta=True, postfix_stuck_after=5)
+        self.addCleanup(notifier.postfix_tracker.stop)
+        yield self.finish_build(notifier, FAILURE)
+        (mail,) = notifier.postfix_tracker.outstanding()
+        self.assertEqual(mail.queue_id, "E63B916209A")
+        self.assertIn("route 'dev' build 'Builder0'", mail.label)
+        self.assertEqual(notifier.postfix_tracker.stuck_after, 5)
+        self.assertEqual(notifier.postfix_tracker.poll_interval, 5)  # never slower than stuck_after
+
+    @defer.inlineCallbacks
+    def test_tracking_off(self):
+        notifier = yield self.notifier_with_queue_ids(track_local_mta=False)
+        yield self.finish_build(notifier, FAILURE)
+        self.assertIsNone(notifier.postfix_tracker)
+        self.assertEqual(len(self.transport.sent), 1)
+
+    @defer.inlineCallbacks
+    def test_not_tracked_for_a_remote_relay(self):
+        notifier = yield self.make_notifier(relayhost="[relay.example.org]:587")
+        self.assertIsNone(notifier.postfix_tracker)
+
+
 class ConfigTestCase(unittest.TestCase):
     def config_errors(self, **kwargs):
         kwargs.setdefault("fromaddr", "buildbot@example.org")
@@ -325,6 +366,11 @@ class ConfigTestCase(unittest.TestCase):
     def test_missing_templates_dir(self):
         errors = self.config_errors(templates_dir="/nonexistent/mail-templates")
         self.assertIn("templates_dir '/nonexistent/mail-templates' is not a directory", errors[0])
+
+    def test_tracking_options_are_checked(self):
+        errors = self.config_errors(track_local_mta="yes", postfix_stuck_after=0)
+        self.assertIn("track_local_mta='yes': must be True, False or None", errors[0])
+        self.assertIn("postfix_stuck_after=0: must be a positive number of seconds", errors[1])
 
     def test_bad_route_subject_template(self):
         errors = self.config_errors(routes=[MailRoute("a@example.org", subject="{{ oops ")])

@@ -119,3 +119,22 @@ def test_ca_file_checks(tmp_path):
 def test_port_conflict_and_bad_port():
     assert "one place only" in check_smtp_settings(relayhost="relay:587", smtpPort=2525)[0]
     assert "1..65535" in check_smtp_settings(smtpPort=0)[0]
+
+
+def test_connection_cache_and_session_options():
+    s = SmtpSettings.from_notifier_args()
+    assert (s.cache_time, s.max_sessions) == (2.0, 4)
+    s = SmtpSettings.from_notifier_args(smtp_cache_time=0, smtp_max_sessions=1)
+    assert (s.cache_time, s.max_sessions) == (0.0, 1)
+    assert check_smtp_settings(smtp_cache_time=0, smtp_max_sessions=1) == []
+    for kwargs, words in (
+        ({"smtp_cache_time": -1}, ["smtp_cache_time=-1", ">= 0", "default 2"]),
+        ({"smtp_cache_time": float("inf")}, ["smtp_cache_time=inf"]),
+        ({"smtp_cache_time": "2"}, ["smtp_cache_time='2'"]),
+        ({"smtp_max_sessions": 0}, ["smtp_max_sessions=0", ">= 1", "default 4"]),
+        ({"smtp_max_sessions": 2.5}, ["smtp_max_sessions=2.5"]),
+        ({"smtp_max_sessions": True}, ["smtp_max_sessions=True"]),
+    ):
+        (error,) = check_smtp_settings(**kwargs)
+        for w in words:
+            assert w in error, (kwargs, error)

@@ -2,7 +2,9 @@
 and a black-hole listener. Assertions are on what the server received and on the one log
 line the operator reads."""
 
+import os
 import shutil
+import socket
 import tempfile
 import time
 
@@ -13,8 +15,13 @@ from twisted.python import log
 from twisted.trial import unittest
 
 from buildbot_mailext.relay import SmtpSettings
-from buildbot_mailext.transport import MailTransport, SendFailure, classify
+from buildbot_mailext.transport import Delivery, MailTransport, SendFailure, classify, describe, parse_queue_id
 from smtp_servers import BlackHole, SmtpServer, TestCA, closed_port
+
+
+def closed_port_number():
+    with closed_port() as port:
+        return port
 
 MSG = (
     b"From: Buildbot <bb@example.org>\nTo: dev@example.org\nSubject: build #12 failed\n"
@@ -22,7 +29,7 @@ MSG = (
 )
 
 
-class TransportTestCase(unittest.TestCase):
+class _RealServersTestCase(unittest.TestCase):
     def setUp(self):
         self.lines = []
 
@@ -44,6 +51,9 @@ class TransportTestCase(unittest.TestCase):
         def stop_servers(_):
             for s in self.servers:
                 s.stop()
+            # The transport reports outcomes; it logs nothing per message, and nothing
+            # reaches Twisted's "Unhandled error" path.
+            self.assertEqual(self.lines, [])
 
         return d.addCallback(stop_servers)
 
@@ -58,33 +68,44 @@ class TransportTestCase(unittest.TestCase):
         self.servers.append(s)
         return s
 
-    def transport(self, port, host="127.0.0.1", retry_delays=(30, 120), **kw):
+    def transport(self, port, host="127.0.0.1", **kw):
         kw.setdefault("timeout", 5)
-        t = MailTransport(SmtpSettings(host=host, port=port, **kw), reactor=reactor, retry_delays=retry_delays)
+        t = MailTransport(SmtpSettings(host=host, port=port, **kw), reactor=reactor)
         self.transports.append(t)
         return t
 
-    def assertOneLine(self, label, *words):
-        mine = [line for line in self.lines if label in line]
-        self.assertEqual(len(mine), 1, mine)
+    def assertDescribed(self, delivery, *words):
+        line = describe(delivery)
+        self.assertNotIn("\n", line)
         for w in words:
-            self.assertIn(w, mine[0])
-        self.assertFalse([line for line in self.lines if line.startswith("ERROR")])
-        return mine[0]
+            self.assertIn(w, line)
+        return line
 
+
+class TransportTestCase(_RealServersTestCase):
     # -- success paths
     @defer.inlineCallbacks
-    def test_plain_delivery_bytes_and_log_line(self):
+    def test_plain_delivery_bytes_and_outcome(self):
         srv = self.server()
         t = self.transport(srv.port)
-        ok = yield t.send("bb@example.org", ["dev@example.org", "qa@example.org"], MSG, "route 'dev' build 'runtests' #12 <12@bb>")
-        self.assertIs(ok, True)
+        d = yield t.send("bb@example.org", ["dev@example.org", "qa@example.org"], MSG, "route 'dev' build 'runtests' #12 <12@bb>")
+        self.assertIsInstance(d, Delivery)
+        self.assertTrue(d.delivered)
+        self.assertEqual(d.accepted, ["dev@example.org", "qa@example.org"])
+        self.assertEqual((d.refused_permanently, d.refused_temporarily, d.failure), ({}, {}, None))
+        self.assertEqual(d.reply, "250 OK queued as 1")
+        self.assertEqual(d.queue_id, "1")
+        self.assertEqual(d.endpoint, f"127.0.0.1:{srv.port} (plain SMTP)")
         (m,) = srv.messages
         self.assertEqual(m.mail_from, "bb@example.org")
         self.assertEqual(m.rcpt_tos, ["dev@example.org", "qa@example.org"])
         # CRLF on the wire, dot-stuffing undone by the server: the message arrives unchanged
         self.assertEqual(m.data, MSG.replace(b"\n", b"\r\n"))
-        self.assertOneLine("route 'dev'", "delivered", f"127.0.0.1:{srv.port}", "dev@example.org, qa@example.org", "250")
+        self.assertEqual(
+            describe(d),
+            f"mail route 'dev' build 'runtests' #12 <12@bb>: delivered via 127.0.0.1:{srv.port} (plain SMTP) "
+            "to dev@example.org, qa@example.org; SMTP reply: 250 OK queued as 1",
+        )
 
     @defer.inlineCallbacks
     def test_crlf_input_is_not_doubled(self):
@@ -97,174 +118,208 @@ class TransportTestCase(unittest.TestCase):
     def test_messages_due_together_share_one_session(self):
         srv = self.server()
         t = self.transport(srv.port)
-        connects = []
-        orig = t._start_session
-        t._start_session = lambda jobs: (connects.append(len(jobs)), orig(jobs))[1]
         results = yield defer.gatherResults([
             t.send("bb@example.org", ["a@example.org"], MSG, "m1"),
             t.send("bb@example.org", ["b@example.org"], MSG, "m2"),
             t.send("bb@example.org", ["c@example.org"], MSG, "m3"),
         ])
-        self.assertEqual(results, [True, True, True])
-        self.assertEqual(connects, [3])  # one SMTP session for three messages
+        self.assertEqual([r.delivered for r in results], [True, True, True])
+        self.assertEqual([r.label for r in results], ["m1", "m2", "m3"])
+        self.assertEqual(srv.sessions(), 1)  # one SMTP session for three messages
         self.assertEqual([m.rcpt_tos for m in srv.messages], [["a@example.org"], ["b@example.org"], ["c@example.org"]])
+        # and no RSET between messages: each transaction ended with the reply to its data
+        self.assertEqual(srv.verbs(), ["EHLO"] + ["MAIL", "RCPT", "DATA"] * 3)
+
+    @defer.inlineCallbacks
+    def test_no_recipients_is_a_permanent_failure(self):
+        t = self.transport(closed_port_number())
+        d = yield t.send("bb@example.org", [], MSG, "nobody")
+        self.assertFalse(d.delivered)
+        self.assertEqual(d.failure.kind, "permanent")
+        self.assertDescribed(d, "nobody", "NOT delivered", "no recipients")
 
     @defer.inlineCallbacks
     def test_starttls_with_test_ca(self):
         ca = TestCA(self.tempdir())
         srv = self.server(tls=ca.server_context(), require_starttls=True)
         t = self.transport(srv.port, tls="starttls", tls_ca_file=ca.ca_file)
-        ok = yield t.send("bb@example.org", ["dev@example.org"], MSG, "tls-ok")
-        self.assertIs(ok, True)
+        d = yield t.send("bb@example.org", ["dev@example.org"], MSG, "tls-ok")
+        self.assertTrue(d.delivered)
         self.assertEqual(len(srv.messages), 1)
-        self.assertOneLine("tls-ok", "STARTTLS", "delivered")
+        self.assertDescribed(d, "tls-ok", "STARTTLS", "delivered")
 
     @defer.inlineCallbacks
     def test_starttls_without_ca_file_fails_verification(self):
         ca = TestCA(self.tempdir())
         srv = self.server(tls=ca.server_context())
         t = self.transport(srv.port, tls="starttls")
-        ok = yield t.send("bb@example.org", ["dev@example.org"], MSG, "tls-bad")
-        self.assertIs(ok, False)
+        d = yield t.send("bb@example.org", ["dev@example.org"], MSG, "tls-bad")
+        self.assertFalse(d.delivered)
         self.assertEqual(srv.messages, [])
-        self.assertOneLine("tls-bad", "tls:", "certificate verify failed", "tls_ca_file", "not retried")
-        self.assertEqual(t.pending(), 0)
+        self.assertEqual(d.failure.kind, "tls")
+        self.assertFalse(d.failure.transient)
+        self.assertEqual(list(d.refused_permanently), ["dev@example.org"])  # the outbox's dead letter
+        self.assertEqual(d.refused_temporarily, {})
+        self.assertDescribed(d, "tls-bad", "tls:", "certificate verify failed", "tls_ca_file")
 
     @defer.inlineCallbacks
     def test_hostname_mismatch_fails(self):
         ca = TestCA(self.tempdir(), server_names=("mail.example.test",))
         srv = self.server(tls=ca.server_context())
         t = self.transport(srv.port, tls="starttls", tls_ca_file=ca.ca_file)
-        ok = yield t.send("bb@example.org", ["dev@example.org"], MSG, "mismatch")
-        self.assertIs(ok, False)
+        d = yield t.send("bb@example.org", ["dev@example.org"], MSG, "mismatch")
+        self.assertFalse(d.delivered)
         self.assertEqual(srv.messages, [])
-        self.assertOneLine("mismatch", "tls:")
+        self.assertEqual(d.failure.kind, "tls")
+        self.assertDescribed(d, "mismatch", "tls:")
 
     @defer.inlineCallbacks
     def test_smtps_with_test_ca(self):
         ca = TestCA(self.tempdir())
         srv = self.server(smtps=ca.server_context())
         t = self.transport(srv.port, tls="smtps", tls_ca_file=ca.ca_file)
-        ok = yield t.send("bb@example.org", ["dev@example.org"], MSG, "smtps")
-        self.assertIs(ok, True)
+        d = yield t.send("bb@example.org", ["dev@example.org"], MSG, "smtps")
+        self.assertTrue(d.delivered)
         self.assertEqual(len(srv.messages), 1)
+        self.assertIn("SMTPS", d.endpoint)
 
     @defer.inlineCallbacks
     def test_tls_verify_false_escape_hatch(self):
         ca = TestCA(self.tempdir())
         srv = self.server(tls=ca.server_context())
         t = self.transport(srv.port, tls="starttls", tls_verify=False)
-        ok = yield t.send("bb@example.org", ["dev@example.org"], MSG, "noverify")
-        self.assertIs(ok, True)
-        self.assertOneLine("noverify", "UNVERIFIED")
+        d = yield t.send("bb@example.org", ["dev@example.org"], MSG, "noverify")
+        self.assertTrue(d.delivered)
+        self.assertDescribed(d, "noverify", "UNVERIFIED")
 
     @defer.inlineCallbacks
     def test_starttls_not_offered(self):
         srv = self.server()
         t = self.transport(srv.port, tls="starttls")
-        ok = yield t.send("bb@example.org", ["dev@example.org"], MSG, "nostarttls")
-        self.assertIs(ok, False)
+        d = yield t.send("bb@example.org", ["dev@example.org"], MSG, "nostarttls")
+        self.assertFalse(d.delivered)
         self.assertEqual(srv.messages, [])  # never in clear text
-        self.assertOneLine("nostarttls", "STARTTLS not offered", "not retried")
+        self.assertEqual(d.failure.kind, "tls")
+        self.assertEqual(list(d.refused_permanently), ["dev@example.org"])
+        self.assertDescribed(d, "nostarttls", "STARTTLS not offered")
 
     @defer.inlineCallbacks
     def test_auth_right_and_wrong_password(self):
         srv = self.server(auth={"bb": "s3cret"})
         good = self.transport(srv.port, user="bb", password="s3cret", allow_plaintext_auth=True)
-        ok = yield good.send("bb@example.org", ["dev@example.org"], MSG, "auth-good")
-        self.assertIs(ok, True)
+        d = yield good.send("bb@example.org", ["dev@example.org"], MSG, "auth-good")
+        self.assertTrue(d.delivered)
         bad = self.transport(srv.port, user="bb", password="wrong", allow_plaintext_auth=True)
-        ok = yield bad.send("bb@example.org", ["dev@example.org"], MSG, "auth-bad")
-        self.assertIs(ok, False)
+        d = yield bad.send("bb@example.org", ["dev@example.org"], MSG, "auth-bad")
+        self.assertFalse(d.delivered)
         self.assertEqual(srv.auth_attempts, [("bb", True), ("bb", False)])
         self.assertEqual(len(srv.messages), 1)
-        line = self.assertOneLine("auth-bad", "auth:", "AUTH rejected", "535")
+        self.assertEqual(d.failure.kind, "auth")
+        self.assertEqual(list(d.refused_permanently), ["dev@example.org"])
+        line = self.assertDescribed(d, "auth-bad", "auth:", "AUTH rejected", "535")
         self.assertNotIn("wrong", line)  # the password never reaches the log
+        self.assertNotIn("wrong", repr(d))
 
     # -- per-recipient and transient replies
     @defer.inlineCallbacks
     def test_550_for_one_recipient_delivers_to_the_others(self):
         srv = self.server(rcpt_replies={"gone@example.org": "550 5.1.1 <gone@example.org>: User unknown"})
         t = self.transport(srv.port)
-        ok = yield t.send("bb@example.org", ["dev@example.org", "gone@example.org"], MSG, "partial")
-        self.assertIs(ok, True)
+        d = yield t.send("bb@example.org", ["dev@example.org", "gone@example.org"], MSG, "partial")
+        self.assertTrue(d.delivered)
+        self.assertIsNone(d.failure)
+        self.assertEqual(d.accepted, ["dev@example.org"])
+        self.assertEqual(d.refused_permanently, {"gone@example.org": "550 5.1.1 <gone@example.org>: User unknown"})
         self.assertEqual(srv.messages[0].rcpt_tos, ["dev@example.org"])
-        self.assertOneLine("partial", "delivered", "REJECTED permanently", "gone@example.org", "550 5.1.1")
-        self.assertEqual(t.pending(), 0)
+        self.assertDescribed(d, "partial", "delivered", "REJECTED permanently", "gone@example.org", "550 5.1.1")
+
+    @defer.inlineCallbacks
+    def test_451_for_one_recipient_550_for_another_250_for_the_third(self):
+        srv = self.server(rcpt_replies={
+            "later@example.org": "451 4.3.0 Try again later",
+            "gone@example.org": "550 5.1.1 User unknown",
+        })
+        t = self.transport(srv.port)
+        d = yield t.send("bb@example.org", ["dev@example.org", "later@example.org", "gone@example.org"], MSG, "mixed")
+        self.assertTrue(d.delivered)
+        self.assertEqual(d.accepted, ["dev@example.org"])
+        self.assertEqual(d.refused_temporarily, {"later@example.org": "451 4.3.0 Try again later"})
+        self.assertEqual(d.refused_permanently, {"gone@example.org": "550 5.1.1 User unknown"})
+        self.assertDescribed(d, "temporarily refused: later@example.org (451 4.3.0")
 
     @defer.inlineCallbacks
     def test_550_for_every_recipient_is_permanent(self):
         srv = self.server(rcpt_replies={"*": "550 5.7.1 Relay access denied"})
         t = self.transport(srv.port)
-        ok = yield t.send("bb@example.org", ["x@example.com"], MSG, "allbad")
-        self.assertIs(ok, False)
-        self.assertOneLine("allbad", "permanent", "x@example.com", "Relay access denied", "not retried")
-        self.assertEqual(t.pending(), 0)
+        d = yield t.send("bb@example.org", ["x@example.com"], MSG, "allbad")
+        self.assertFalse(d.delivered)
+        self.assertEqual(d.failure.kind, "permanent")
+        self.assertEqual(d.refused_permanently, {"x@example.com": "550 5.7.1 Relay access denied"})
+        self.assertDescribed(d, "allbad", "permanent", "x@example.com", "Relay access denied")
 
     @defer.inlineCallbacks
-    def test_451_is_retried_with_backoff_then_delivered(self):
+    def test_451_for_every_recipient_is_transient_and_not_retried_here(self):
         srv = self.server(rcpt_replies={"*": "451 4.3.0 Try again later"})
-        t = self.transport(srv.port, retry_delays=(0.3, 5))
-        ok = yield t.send("bb@example.org", ["dev@example.org"], MSG, "greylisted")
-        self.assertIs(ok, False)
-        self.assertEqual(t.pending(), 1)
-        self.assertOneLine("greylisted", "transient", "451 4.3.0", "retry 1/2 in 0.3s", "kept in memory only")
-        srv.rcpt_replies.clear()  # the relay recovers
-        yield task.deferLater(reactor, 1.0, lambda: None)
-        self.assertEqual(t.pending(), 0)
+        t = self.transport(srv.port)
+        d = yield t.send("bb@example.org", ["dev@example.org"], MSG, "greylisted")
+        self.assertFalse(d.delivered)
+        self.assertTrue(d.failure.transient)
+        self.assertEqual(d.refused_temporarily, {"dev@example.org": "451 4.3.0 Try again later"})
+        self.assertDescribed(d, "greylisted", "transient", "451 4.3.0")
+        srv.rcpt_replies.clear()  # the relay recovers: the transport keeps nothing to resend
+        d2 = yield t.send("bb@example.org", ["dev@example.org"], MSG, "again")
+        self.assertTrue(d2.delivered)
         self.assertEqual(len(srv.messages), 1)
-        self.assertIn("delivered", [line for line in self.lines if "greylisted" in line][-1])
-
-    @defer.inlineCallbacks
-    def test_refused_then_relay_comes_back_mail_is_delivered(self):
-        # The site guide's scenario: no MTA listening when the build fails. The mail is
-        # kept and goes out once something listens there again.
-        srv = self.server()
-        port = srv.port
-        srv.stop()
-        t = self.transport(port, retry_delays=(0.5, 5))
-        ok = yield t.send("bb@example.org", ["dev@example.org"], MSG, "down-then-up")
-        self.assertIs(ok, False)
-        self.assertEqual(t.pending(), 1)
-        self.assertOneLine("down-then-up", "refused", "retry 1/2 in 0.5s")
-        srv.start(port=port)
-        for _ in range(50):  # the retry fires after 0.5 s; allow a slow machine 5 s
-            if srv.messages:
-                break
-            yield task.deferLater(reactor, 0.1, lambda: None)
-        self.assertEqual(len(srv.messages), 1)
-        self.assertIn(b"Subject: build #12 failed", srv.messages[0].data)
-        self.assertEqual(t.pending(), 0)
-        self.assertIn("delivered", [line for line in self.lines if "down-then-up" in line][-1])
 
     @defer.inlineCallbacks
     def test_451_after_data(self):
         srv = self.server(data_reply="451 4.3.0 Queue file write error")
         t = self.transport(srv.port)
-        ok = yield t.send("bb@example.org", ["dev@example.org"], MSG, "datafail")
-        self.assertIs(ok, False)
-        self.assertOneLine("datafail", "transient", "451 4.3.0 Queue file write error", "retry 1/2")
+        d = yield t.send("bb@example.org", ["dev@example.org"], MSG, "datafail")
+        self.assertFalse(d.delivered)
+        self.assertEqual(d.failure.kind, "transient")
+        self.assertEqual(d.refused_temporarily, {"dev@example.org": "451 4.3.0 Queue file write error"})
+        self.assertDescribed(d, "datafail", "transient", "451 4.3.0 Queue file write error")
+
+    @defer.inlineCallbacks
+    def test_554_after_data_is_permanent(self):
+        srv = self.server(data_reply="554 5.6.0 Message content rejected")
+        t = self.transport(srv.port)
+        d = yield t.send("bb@example.org", ["dev@example.org"], MSG, "datafail5")
+        self.assertFalse(d.delivered)
+        self.assertEqual(d.failure.kind, "permanent")
+        self.assertEqual(d.refused_permanently, {"dev@example.org": "554 5.6.0 Message content rejected"})
+
+    @defer.inlineCallbacks
+    def test_sender_refused(self):
+        srv = self.server(mail_reply="553 5.7.1 <bb@example.org>: Sender address rejected")
+        t = self.transport(srv.port)
+        d = yield t.send("bb@example.org", ["dev@example.org"], MSG, "badsender")
+        self.assertFalse(d.delivered)
+        self.assertEqual(d.failure.kind, "permanent")
+        self.assertEqual(list(d.refused_permanently), ["dev@example.org"])
+        self.assertDescribed(d, "sender refused", "553 5.7.1")
 
     # -- connection-level failures
     @defer.inlineCallbacks
-    def test_refused_is_one_line_and_quick(self):
+    def test_refused_is_classified_and_every_recipient_temporarily_refused(self):
         with closed_port() as port:
             t = self.transport(port)
-            t0 = time.monotonic()
-            ok = yield t.send("bb@example.org", ["dev@example.org"], MSG, "route 'dev' #1")
-            print(f"\nrefused verdict after {time.monotonic() - t0:.3f}s")
-        self.assertIs(ok, False)
-        self.assertOneLine("route 'dev' #1", f"127.0.0.1:{port}", "refused", "nothing is listening", "retry 1/2 in 30s")
-        self.assertEqual(t.pending(), 1)
-        self.assertFalse([line for line in self.lines if "retrying server" in line])
+            d = yield t.send("bb@example.org", ["dev@example.org", "qa@example.org"], MSG, "route 'dev' #1")
+        self.assertFalse(d.delivered)
+        self.assertEqual(d.failure.kind, "refused")
+        self.assertEqual(sorted(d.refused_temporarily), ["dev@example.org", "qa@example.org"])
+        self.assertEqual(d.refused_permanently, {})
+        self.assertDescribed(d, "route 'dev' #1", f"127.0.0.1:{port}", "refused", "nothing is listening")
 
     @defer.inlineCallbacks
     def test_black_hole_times_out(self):
         with BlackHole() as bh:
             t = self.transport(bh.port, timeout=0.5)
-            ok = yield t.send("bb@example.org", ["dev@example.org"], MSG, "hole")
-        self.assertIs(ok, False)
-        self.assertOneLine("hole", "timeout", "no greeting", "0.5s")
+            d = yield t.send("bb@example.org", ["dev@example.org"], MSG, "hole")
+        self.assertFalse(d.delivered)
+        self.assertEqual(d.failure.kind, "timeout")
+        self.assertDescribed(d, "hole", "timeout", "no greeting", "0.5s")
 
     @defer.inlineCallbacks
     def test_dns_failure(self):
@@ -273,45 +328,186 @@ class TransportTestCase(unittest.TestCase):
         previous = reactor.installNameResolver(_NoSuchHostResolver())
         self.addCleanup(reactor.installNameResolver, previous)
         t = self.transport(25, host="relay.does-not-exist.invalid", timeout=5)
-        ok = yield t.send("bb@example.org", ["dev@example.org"], MSG, "nodns")
-        self.assertIs(ok, False)
-        self.assertOneLine("nodns", "relay.does-not-exist.invalid:25", "dns:", "cannot resolve", "retry 1/2")
+        d = yield t.send("bb@example.org", ["dev@example.org"], MSG, "nodns")
+        self.assertFalse(d.delivered)
+        self.assertEqual(d.failure.kind, "dns")
+        self.assertEqual(list(d.refused_temporarily), ["dev@example.org"])
+        self.assertDescribed(d, "nodns", "relay.does-not-exist.invalid:25", "dns:", "cannot resolve")
 
     @defer.inlineCallbacks
     def test_ipv6_loopback(self):
         try:
             srv = self.server(host="::1")
-        except Exception as e:  # pragma: no cover - host without IPv6
-            raise unittest.SkipTest(f"no IPv6 loopback here: {e}")
+        except Exception as e:
+            reason = f"no IPv6 loopback here ({type(e).__name__}: {e})"
+            if os.environ.get("CI") == "true":
+                self.fail(f"{reason}: under CI=true the IPv6 path must be tested; enable ::1 on the CI host")
+            raise unittest.SkipTest(reason)
         t = self.transport(srv.port, host="::1")
-        ok = yield t.send("bb@example.org", ["dev@example.org"], MSG, "v6")
-        self.assertIs(ok, True)
-        self.assertOneLine("v6", f"[::1]:{srv.port}")
+        d = yield t.send("bb@example.org", ["dev@example.org"], MSG, "v6")
+        self.assertTrue(d.delivered)
+        self.assertDescribed(d, "v6", f"[::1]:{srv.port}")
+
+class SessionTestCase(_RealServersTestCase):
+    """Connection handling (issue 8): TCP_NODELAY, the connection cache, bounded
+    parallelism, no avoidable round trips, and a bound on every wait."""
 
     @defer.inlineCallbacks
-    def test_gives_up_after_last_retry(self):
-        with closed_port() as port:
-            t = self.transport(port, retry_delays=(0.1,))
-            yield t.send("bb@example.org", ["dev@example.org"], MSG, "doomed")
-            yield task.deferLater(reactor, 0.5, lambda: None)
-        lines = [line for line in self.lines if "doomed" in line]
-        self.assertEqual(len(lines), 2)
-        self.assertIn("giving up after 2 attempts", lines[1])
-        self.assertEqual(t.pending(), 0)
+    def poll(self, condition, what, bound=10.0):
+        """Wait until ``condition()`` holds, at most ``bound`` seconds (a slow machine gets
+        the whole bound; a fast one does not wait for it)."""
+        deadline = time.monotonic() + bound
+        while not condition():
+            if time.monotonic() > deadline:
+                self.fail(f"not within {bound:g}s: {what}")
+            yield task.deferLater(reactor, 0.02, lambda: None)
+
+    def cached_sockets(self, t):
+        socks = []
+        for session in t._idle:
+            tr = session.transport
+            while not hasattr(tr, "getHandle") or not isinstance(tr.getHandle(), socket.socket):
+                tr = tr.transport
+            socks.append(tr.getHandle())
+        return socks
 
     @defer.inlineCallbacks
-    def test_stop_reports_unsent_mail(self):
-        with closed_port() as port:
-            t = self.transport(port)
-            yield t.send("bb@example.org", ["dev@example.org"], MSG, "m-a")
-            yield t.send("bb@example.org", ["qa@example.org"], MSG, "m-b")
-            self.assertEqual(t.pending(), 2)
-            yield t.stop()
-        self.assertEqual(t.pending(), 0)
-        summary = [line for line in self.lines if "still unsent" in line]
-        self.assertEqual(len(summary), 1)
-        self.assertIn("2 mails still unsent, kept in memory only: lost at shutdown", summary[0])
-        self.assertEqual(len([line for line in self.lines if line.startswith("mailext: unsent at shutdown")]), 2)
+    def test_tcp_nodelay_on_plain_and_smtps_connections(self):
+        ca = TestCA(self.tempdir())
+        for kw, tkw in (({}, {}), ({"smtps": ca.server_context()}, {"tls": "smtps", "tls_ca_file": ca.ca_file})):
+            srv = self.server(**kw)
+            t = self.transport(srv.port, **tkw)
+            d = yield t.send("bb@example.org", ["dev@example.org"], MSG, "nodelay")
+            self.assertTrue(d.delivered, describe(d))
+            yield self.poll(lambda: t._idle, "the session waits in the cache")
+            (sock,) = self.cached_sockets(t)
+            self.assertEqual(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY), 1, tkw)
+
+    @defer.inlineCallbacks
+    def test_cache_reuses_the_session_then_quits_after_the_idle_time(self):
+        srv = self.server()
+        t = self.transport(srv.port, cache_time=0.3)
+        for n in range(3):  # one after another, as failing builds come
+            d = yield t.send("bb@example.org", ["dev@example.org"], MSG, f"one-by-one {n}")
+            self.assertTrue(d.delivered)
+        self.assertEqual(srv.sessions(), 1)
+        self.assertEqual(srv.verbs(), ["EHLO"] + ["MAIL", "RCPT", "DATA"] * 3)  # no RSET, no QUIT yet
+        yield self.poll(lambda: "QUIT" in srv.verbs(), "QUIT after the cache time")
+        yield self.poll(lambda: not t._sessions, "the connection closed")
+        d = yield t.send("bb@example.org", ["dev@example.org"], MSG, "later")
+        self.assertTrue(d.delivered)
+        self.assertEqual(srv.sessions(), 2)  # the cache had let it go
+
+    @defer.inlineCallbacks
+    def test_cache_time_zero_quits_at_once(self):
+        srv = self.server()
+        t = self.transport(srv.port, cache_time=0)
+        d = yield t.send("bb@example.org", ["dev@example.org"], MSG, "no-cache")
+        self.assertTrue(d.delivered)
+        yield self.poll(lambda: srv.verbs()[-1:] == ["QUIT"], "QUIT right after the message")
+
+    @defer.inlineCallbacks
+    def test_cached_connection_closed_by_the_server_is_not_a_failure(self):
+        srv = self.server(idle_timeout=0.2)  # the server hangs up long before our cache time
+        t = self.transport(srv.port, cache_time=30)
+        d = yield t.send("bb@example.org", ["dev@example.org"], MSG, "first")
+        self.assertTrue(d.delivered)
+        yield self.poll(lambda: not t._sessions, "the server closed the cached connection")
+        d = yield t.send("bb@example.org", ["dev@example.org"], MSG, "second")
+        self.assertTrue(d.delivered, describe(d))
+        self.assertEqual(len(srv.messages), 2)
+        self.assertEqual(srv.sessions(), 2)
+
+    @defer.inlineCallbacks
+    def test_connection_dropped_under_the_next_mail_goes_on_a_new_session(self):
+        # The race the cache must survive: the server has closed the connection, the client
+        # has not noticed yet and sends MAIL into it. Provoked for real: the server drops
+        # the connection, unanswered, at the second MAIL of a session.
+        srv = self.server(messages_per_connection=1)
+        t = self.transport(srv.port)
+        results = yield defer.gatherResults(
+            [t.send("bb@example.org", [f"u{n}@example.org"], MSG, f"m{n}") for n in range(3)]
+        )
+        self.assertEqual([r.delivered for r in results], [True, True, True], [describe(r) for r in results])
+        self.assertEqual(sorted(m.rcpt_tos[0] for m in srv.messages), ["u0@example.org", "u1@example.org", "u2@example.org"])
+        self.assertEqual(srv.sessions(), 3)
+
+    @defer.inlineCallbacks
+    def test_burst_is_split_between_at_most_max_sessions(self):
+        srv = self.server()
+        t = self.transport(srv.port, max_sessions=3)
+        n = 60
+        results = yield defer.gatherResults(
+            [t.send("bb@example.org", [f"u{i}@example.org"], MSG, f"burst {i}") for i in range(n)]
+        )
+        self.assertTrue(all(r.delivered for r in results))
+        got = sorted(m.rcpt_tos[0] for m in srv.messages)
+        self.assertEqual(got, sorted(f"u{i}@example.org" for i in range(n)))  # none lost, none twice
+        self.assertEqual(srv.sessions(), 3)  # split, never one connection per mail
+        per_session = {}
+        for peer, verb in srv.commands:
+            if verb == "DATA":
+                per_session[peer] = per_session.get(peer, 0) + 1
+        self.assertTrue(all(count >= 5 for count in per_session.values()), per_session)
+
+    @defer.inlineCallbacks
+    def test_pipelining_when_offered(self):
+        srv = self.server(pipelining=True, rcpt_replies={"gone@example.org": "550 5.1.1 User unknown"})
+        t = self.transport(srv.port)
+        results = yield defer.gatherResults([
+            t.send("bb@example.org", ["a@example.org", "gone@example.org"], MSG, "p1"),
+            t.send("bb@example.org", ["gone@example.org"], MSG, "p2"),
+            t.send("bb@example.org", ["c@example.org"], MSG, "p3"),
+        ])
+        self.assertEqual([r.delivered for r in results], [True, False, True])
+        self.assertEqual(results[0].refused_permanently, {"gone@example.org": "550 5.1.1 User unknown"})
+        self.assertEqual(results[1].failure.kind, "permanent")
+        self.assertEqual([m.rcpt_tos for m in srv.messages], [["a@example.org"], ["c@example.org"]])
+        self.assertEqual(srv.messages[1].data, MSG.replace(b"\n", b"\r\n"))
+        # p2's transaction stayed open after DATA was refused: reset before p3
+        self.assertEqual(
+            srv.verbs(),
+            ["EHLO", "MAIL", "RCPT", "RCPT", "DATA", "MAIL", "RCPT", "RSET", "MAIL", "RCPT", "DATA"],
+        )
+
+    @defer.inlineCallbacks
+    def test_sender_refused_with_pipelining_is_not_blamed_on_recipients(self):
+        srv = self.server(pipelining=True, mail_reply="553 5.7.1 Sender address rejected")
+        t = self.transport(srv.port)
+        d = yield t.send("bb@example.org", ["dev@example.org"], MSG, "p-sender")
+        self.assertEqual(d.failure.kind, "permanent")
+        self.assertIn("sender refused", str(d.failure))
+        self.assertEqual(d.refused_permanently, {"dev@example.org": "permanent: sender refused (553 5.7.1 Sender address rejected)"})
+
+    @defer.inlineCallbacks
+    def test_a_late_reply_to_the_data_is_bounded_by_smtp_timeout(self):
+        srv = self.server(delays={"DATA": 3.0})
+        t = self.transport(srv.port, timeout=0.5)
+        d = yield t.send("bb@example.org", ["dev@example.org"], MSG, "slow-data")
+        self.assertFalse(d.delivered)
+        self.assertEqual(d.failure.kind, "timeout")
+        self.assertDescribed(d, "slow-data", "server gave no answer to end of DATA within 0.5s")
+        self.assertEqual(list(d.refused_temporarily), ["dev@example.org"])
+
+    @defer.inlineCallbacks
+    def test_reconfig_quits_the_cached_connection_and_uses_the_new_relay(self):
+        old, new = self.server(), self.server()
+        t = self.transport(old.port, cache_time=30)
+        yield t.send("bb@example.org", ["dev@example.org"], MSG, "to-old")
+        t.settings = SmtpSettings(host="127.0.0.1", port=new.port, timeout=5)
+        yield self.poll(lambda: "QUIT" in old.verbs(), "QUIT to the old relay at reconfig")
+        d = yield t.send("bb@example.org", ["dev@example.org"], MSG, "to-new")
+        self.assertTrue(d.delivered)
+        self.assertEqual((len(old.messages), len(new.messages)), (1, 1))
+
+    @defer.inlineCallbacks
+    def test_stop_quits_cached_connections(self):
+        srv = self.server()
+        t = self.transport(srv.port, cache_time=30)
+        yield t.send("bb@example.org", ["dev@example.org"], MSG, "before-stop")
+        yield t.stop()
+        self.assertEqual(t._sessions, set())
+        yield self.poll(lambda: "QUIT" in srv.verbs(), "QUIT at stop")
 
 
 @implementer(IHostResolution)
@@ -355,3 +551,23 @@ class ClassifyTestCase(unittest.TestCase):
         f = SendFailure("permanent", "cause", "550 no", ["a@x"])
         self.assertEqual(str(f), "cause")
         self.assertFalse(f.transient)
+
+    def test_tls_network_error_is_transient(self):
+        from OpenSSL import SSL
+
+        s = SmtpSettings(host="relay", port=465, tls="smtps")
+        cut = classify(SSL.Error([("SSL routines", "", "unexpected eof while reading")]), s)
+        self.assertEqual(cut.kind, "tls")
+        self.assertTrue(cut.transient)
+        bad_cert = classify(SSL.Error([("SSL routines", "", "certificate verify failed")]), s)
+        self.assertFalse(bad_cert.transient)
+
+
+class QueueIdTestCase(unittest.TestCase):
+    def test_common_mta_replies(self):
+        self.assertEqual(parse_queue_id("250 2.0.0 Ok: queued as E63B916209A"), "E63B916209A")
+        self.assertEqual(parse_queue_id("250 OK id=1rX2Yz-0004Ab-Cd"), "1rX2Yz-0004Ab-Cd")
+        self.assertEqual(parse_queue_id("250 2.0.0 4AQ1x2Yz012345 Message accepted for delivery"), "4AQ1x2Yz012345")
+        self.assertEqual(parse_queue_id("250 ok 1700000000 qp 1234"), "1234")
+        self.assertIsNone(parse_queue_id("250 OK"))
+        self.assertIsNone(parse_queue_id(None))

@@ -6,10 +6,11 @@
 # trying the docs' recipes by hand. Needs root and apt (Debian/Ubuntu).
 #
 #   postfix-relay.sh install                    apt-get install postfix + base config (idempotent)
-#   postfix-relay.sh start SINK_PORT|none [LISTEN]
+#   postfix-relay.sh start SINK_PORT|none|RELAYHOST [LISTEN]
 #                                               (re)start on 127.0.0.1:LISTEN (default 25);
 #                                               "none": empty relayhost; outside mail then
-#                                               stays deferred in the queue (defer_transports)
+#                                               stays deferred in the queue (defer_transports);
+#                                               RELAYHOST: taken verbatim ('name.invalid')
 #   postfix-relay.sh stop                       stop Postfix (no-op if not running)
 #   postfix-relay.sh status                     exit 0 if running; prints listen/relayhost
 #   postfix-relay.sh queue                      postqueue -p
@@ -34,7 +35,7 @@ PROG="$(basename "$0")"
 
 die() { echo "$PROG: $*" >&2; exit 1; }
 log() { echo "$PROG: $*" >&2; }
-usage() { sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
+usage() { sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
 
 [[ "$RETRY_S" =~ ^[1-9][0-9]*$ ]] || die "RETRY_S must be a positive integer"
 need_root() { [ "$(id -u)" = 0 ] || die "must run as root"; }
@@ -149,10 +150,14 @@ cmd_start() {
     local sink="${1:-}" listen="${2:-25}" relay
     if [ "$sink" = none ]; then
         relay=""
-    else
+    elif [[ "$sink" =~ ^[0-9]+$ ]]; then
         valid_port "$sink" || usage
         [ "$sink" != "$listen" ] || die "SINK_PORT and LISTEN must differ"
         relay="[127.0.0.1]:$sink"
+    else
+        [[ "$sink" =~ ^[][A-Za-z0-9.:_-]+$ ]] || die "bad RELAYHOST: $sink"
+        relay="$sink"
+        sink=""
     fi
     valid_port "$listen" || die "bad LISTEN port: $listen"
     is_installed || die "postfix is not installed; run: $PROG install"
@@ -165,7 +170,7 @@ cmd_start() {
     postfix check
     postfix start >/dev/null 2>&1 || { tail -20 "$POSTFIX_LOG" >&2; die "postfix start failed"; }
     wait_port "$listen" open 100 || { tail -20 "$POSTFIX_LOG" >&2; die "postfix is not listening on 127.0.0.1:$listen"; }
-    if [ -n "$relay" ] && ! port_open "$sink"; then
+    if [ -n "$sink" ] && [ -n "$relay" ] && ! port_open "$sink"; then
         log "warning: nothing listens on 127.0.0.1:$sink yet; mail stays queued until it does"
     fi
     echo "postfix listening on 127.0.0.1:$listen, relayhost '${relay}', log $POSTFIX_LOG"
