@@ -2,6 +2,7 @@
 #
 #   make demo   real master + worker + SMTP sink on loopback, one failing build, one mail
 #   make test   the whole test suite (unit, end-to-end, install)
+#   make fuzz   the hostile-input property test, long profile (1000 random examples)
 #
 # Both create .venv when it is absent and install this checkout into it
 # (editable, with the [test] extra).  The stamp file makes repeated runs skip the
@@ -13,7 +14,7 @@ VENV ?= .venv
 STAMP := $(VENV)/.buildbot-mailext-installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test venv clean-venv
+.PHONY: demo test fuzz venv clean-venv
 
 venv: $(STAMP)
 
@@ -29,6 +30,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -ra tests $(PYTEST_ARGS)
+
+fuzz: $(STAMP)
+	HYPOTHESIS_PROFILE=long $(VENV)/bin/python -m pytest -q -ra tests/test_hostile.py $(PYTEST_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

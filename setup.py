@@ -37,6 +37,7 @@ setup(
             "buildbot-www>=4.0,<5",
             "cryptography",
             "docutils",
+            "hypothesis",
         ],
     },
     entry_points={

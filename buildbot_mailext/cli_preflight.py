@@ -18,6 +18,7 @@ import sys
 from typing import Any, Optional
 
 from buildbot_mailext import preflight
+from buildbot_mailext.addresses import address_errors
 from buildbot_mailext.relay import SmtpSettings, check_smtp_settings
 
 
@@ -66,6 +67,14 @@ def run(args: argparse.Namespace) -> int:
     elif args.relayhost:
         if not args.fromaddr:
             print("preflight: --from ADDR is required with --relayhost", file=sys.stderr)
+            return 2
+        # The same strict address gate as master.cfg's fromaddr and MailRoute(to=...).
+        address_problems = address_errors(args.fromaddr, "preflight", "--from") + [
+            error for to in args.to for error in address_errors(to, "preflight", "--to")
+        ]
+        if address_problems:
+            for problem in address_problems:
+                print(problem, file=sys.stderr)
             return 2
         password = os.environ.get(args.password_env) if args.password_env else None
         if args.password_env and password is None:
@@ -139,7 +148,7 @@ def _notifier_targets(notifier: Any) -> tuple[SmtpSettings, str, list[str]]:
         settings, fromaddr, recipients = targets()
         return settings, fromaddr, list(recipients)
     # Stock MailNotifier's signature is the start of ours, positional order included.
-    from buildbot_mailext.message import envelope_recipients
+    from buildbot_mailext.addresses import envelope_recipients
     from buildbot_mailext.notifier import SMTP_ARGUMENTS, notifier_arguments
 
     try:

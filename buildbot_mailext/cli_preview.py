@@ -12,6 +12,7 @@ import os
 import sys
 
 from buildbot_mailext import message as mime
+from buildbot_mailext.addresses import address_errors
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -35,6 +36,13 @@ def run(args: argparse.Namespace) -> int:
     from buildbot_mailext.samples import sample_context
     from buildbot_mailext.templates import TemplateSet
 
+    # The same address gate as master.cfg's fromaddr and MailRoute(to=...).
+    bad = address_errors(args.fromaddr, "preview", "--from") + [
+        error for to in args.to or [] for error in address_errors(to, "preview", "--to")
+    ]
+    if bad:
+        print("\n".join(bad), file=sys.stderr)
+        return 2
     templates = TemplateSet(args.templates_dir)
     problems = templates.validate(args.template)
     if problems:

@@ -59,12 +59,20 @@ _PASSING = (SUCCESS, WARNINGS)
 # Size limits that keep megabytes of build output out of a mail.
 MAX_LINE_CHARS = 500
 MAX_TAIL_CHARS_PER_LOG = 64 * 1024
-MAX_TAIL_CHARS_PER_MAIL = 256 * 1024
+MAX_TAIL_CHARS_PER_MAIL = 128 * 1024  # both parts of one mail must fit message.MAX_PART_BYTES
 MAX_FAILED_STEPS_WITH_TAIL = 5
 MAX_LOGS_PER_STEP = 3
 MAX_CHANGES = 50
 MAX_FILES_PER_CHANGE = 50
 MAX_COMMENT_CHARS = 4000
+# Every other value from a build (property values, tags, the raw build dict handed to
+# templates): strings capped, containers cut, nesting cut. Keeps one event's rendering fast
+# and the mail within message.MAX_MAIL_BYTES whatever the build holds.
+MAX_VALUE_CHARS = 1000
+MAX_ITEMS = 100
+MAX_DEPTH = 5
+MAX_STEPS = 200
+MAX_USERS = 100
 # Extra lines read before the tail so that dropping the command preamble (environment
 # dump) still leaves n lines of output.
 HEADER_SLACK_LINES = 200
@@ -223,31 +231,77 @@ def _safe_str(value: Any) -> str:
 _SURROGATE_RE = re.compile("[\ud800-\udfff]")
 
 
+# Cleaning only removes characters, so looking at a few times the cap is enough: a
+# megabyte value costs no more than a short one.
+_SCAN_FACTOR = 4
+
+
+def _head(value: Any, max_chars: int) -> tuple[str, bool]:
+    """The start of ``value`` worth cleaning for a result of ``max_chars``, as a safe str,
+    and whether anything was cut off."""
+    limit = max_chars * _SCAN_FACTOR + 64
+    if isinstance(value, bytes):
+        return _safe_str(value[: limit * 4])[:limit], len(value) > limit
+    text = value if isinstance(value, str) else _safe_str(value)
+    return _safe_str(text[:limit]), len(text) > limit
+
+
 def _clean_field(value: Any, max_chars: int = 200) -> str:
     """A one-line field (names, branches, authors): CR/LF/TAB become spaces, then as a log line."""
-    return _clean_line(re.sub(r"[\r\n\t]+", " ", _safe_str(value)), max_chars)
+    text, cut = _head(value, max_chars)
+    return _clean_line_text(re.sub(r"[\r\n\t]+", " ", text), max_chars, cut)
 
 
 def _clean_line(line: str, max_chars: int = MAX_LINE_CHARS) -> str:
-    text = _safe_str(line).rstrip("\r\n")
+    text, cut = _head(line, max_chars)
+    return _clean_line_text(text, max_chars, cut)
+
+
+def _clean_line_text(text: str, max_chars: int, cut: bool) -> str:
+    text = text.rstrip("\r\n")
     # a CR inside a line is a progress-bar redraw: only the last redraw is what a terminal shows
     if "\r" in text:
         text = text.rsplit("\r", 1)[-1] or text.replace("\r", "")
     text = _ANSI_RE.sub("", text)
     text = _LINE_CONTROL_RE.sub("", text)
-    if len(text) > max_chars:
+    if cut or len(text) > max_chars:
         text = text[:max_chars] + " [... line truncated]"
     return text
 
 
 def _clean_text(value: Any, max_chars: int) -> str:
     """Multi-line text (commit messages): keep newlines, drop other control chars, cap length."""
-    text = _safe_str(value).replace("\r\n", "\n").replace("\r", "\n")
+    text, cut = _head(value, max_chars)
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
     text = _ANSI_RE.sub("", text)
     text = re.sub("[\x00-\x08\x0b-\x1f\x7f-\x9f]", "", text)
-    if len(text) > max_chars:
+    if cut or len(text) > max_chars:
         text = text[:max_chars] + "\n[... truncated]"
     return text
+
+
+def bounded_value(value: Any, depth: int = 0) -> Any:
+    """A copy of ``value`` (a property value, the build dict, ...) with every string cleaned
+    and capped at ``MAX_VALUE_CHARS``, every list or dict cut at ``MAX_ITEMS`` entries and
+    nesting cut at ``MAX_DEPTH``; numbers, booleans and None are kept as they are."""
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    if isinstance(value, (str, bytes)):
+        return _clean_text(value, MAX_VALUE_CHARS)
+    if depth >= MAX_DEPTH:
+        return "[...]"
+    if isinstance(value, dict):
+        return {
+            _clean_field(k, 200) if isinstance(k, (str, bytes)) else k: bounded_value(v, depth + 1)
+            for k, v in list(value.items())[:MAX_ITEMS]
+        }
+    if isinstance(value, tuple):
+        return tuple(bounded_value(v, depth + 1) for v in value[:MAX_ITEMS])
+    if isinstance(value, (list, set, frozenset)):
+        return [bounded_value(v, depth + 1) for v in list(value)[:MAX_ITEMS]]
+    if isinstance(value, datetime.datetime):
+        return value
+    return _clean_text(str(value), MAX_VALUE_CHARS)
 
 
 def _fmt_time(value: Any) -> str | None:
@@ -443,7 +497,7 @@ def _revision(properties: dict, sourcestamps: list) -> str | None:
 
 
 def _summary(build: dict, results: int | None) -> str:
-    state = build.get("state_string") or ""
+    state = _clean_field(build.get("state_string") or "", 300)
     if results == SUCCESS:
         return "Build succeeded"
     if results == WARNINGS:
@@ -455,7 +509,7 @@ def _summary(build: dict, results: int | None) -> str:
     return f"Build failed: {state}" if state else "Build failed"
 
 
-def _build_line(build: dict) -> dict:
+def build_line(build: dict) -> dict:
     """A short description of one build, used for the ``builds`` list."""
     builder = build.get("builder") or {}
     return {
@@ -497,6 +551,7 @@ async def build_context(
     failed_steps = []
     patterns = excerpts.compile_patterns(error_patterns)
     budget = MAX_TAIL_CHARS_PER_MAIL
+    steps = list(steps)[:MAX_STEPS]
     for step in steps:
         if step.get("results") not in _FAILING:
             continue
@@ -539,9 +594,9 @@ async def build_context(
     reason = _prop(properties, "reason") or buildset.get("reason")
 
     ctx = {
-        "build": build,
+        "build": bounded_value(build),
         "buildername": _clean_field(builder.get("name", ""), 200),
-        "builder_tags": list(builder.get("tags") or []),
+        "builder_tags": [_clean_field(t, 100) for t in list(builder.get("tags") or [])[:MAX_ITEMS]],
         "buildnumber": build["number"],
         "results": results,
         "result": result_name(results),
@@ -556,25 +611,25 @@ async def build_context(
         "failed_steps": failed_steps,
         "steps": [_step_summary(s, build_url) for s in steps],
         "changes": changes,
-        "blamelist": [_clean_field(u, 200) for u in (users or [])],
+        "blamelist": [_clean_field(u, 200) for u in list(users or [])[:MAX_USERS]],
         "worker": _clean_field(worker, 200),
-        "properties": {name: _prop(properties, name) for name in properties},
+        "properties": {
+            _clean_field(name, 200): bounded_value(_prop(properties, name))
+            for name in list(properties)[:MAX_ITEMS]
+        },
         "branch": _clean_field(branch, 300) if branch is not None else None,
         "revision": _revision(properties, sourcestamps),
         "sourcestamps": [
             {
-                "branch": ss.get("branch"),
-                "revision": ss.get("revision"),
-                "repository": ss.get("repository"),
-                "project": ss.get("project"),
-                "codebase": ss.get("codebase"),
+                key: _clean_field(ss[key], 300) if ss.get(key) is not None else None
+                for key in ("branch", "revision", "repository", "project", "codebase")
             }
-            for ss in sourcestamps
+            for ss in sourcestamps[:MAX_ITEMS]
         ],
         "build_url": build_url,
         "buildbot_url": master.config.buildbotURL,
         "title": master.config.title,
-        "project": get_projects_text(sourcestamps, master),
+        "project": _clean_field(get_projects_text(sourcestamps[:MAX_ITEMS], master), 300),
         "reason": _clean_field(reason, 500) if reason is not None else None,
         "started_at": _fmt_time(build.get("started_at")),
         "complete_at": _fmt_time(build.get("complete_at")),
@@ -583,7 +638,7 @@ async def build_context(
         "is_buildset": False,
         "template_error": None,
     }
-    ctx["builds"] = [dict(_build_line(build), buildername=ctx["buildername"], url=build_url)]
+    ctx["builds"] = [dict(build_line(build), buildername=ctx["buildername"], url=build_url)]
     ctx.update(await culprits_context(master, build, properties))
     ctx.update(await failed_tests_context(master, build))
     return ctx
@@ -751,9 +806,9 @@ def worker_context(master, worker: dict) -> dict:
         "workerid": worker.get("workerid"),
         "worker_admin": _clean_field(info.get("admin"), 300) if info.get("admin") else None,
         "worker_host": _clean_field(info.get("host"), 300) if info.get("host") else None,
-        "workerinfo": info,
+        "workerinfo": bounded_value(info),
         "last_connection": _safe_str(worker.get("last_connection")) or None,
-        "notify": list(worker.get("notify") or []),
+        "notify": [_clean_field(a, 300) for a in list(worker.get("notify") or [])[:MAX_USERS]],
         "buildbot_url": master.config.buildbotURL,
         "title": master.config.title,
         "template_error": None,

@@ -25,7 +25,9 @@ from buildbot import config
 from buildbot.reporters.message import MessageFormatterBase
 from buildbot.util.twisted import async_to_deferred
 
+from buildbot_mailext.context import MAX_ITEMS
 from buildbot_mailext.context import build_context
+from buildbot_mailext.context import build_line
 from buildbot_mailext.context import result_name
 from buildbot_mailext.samples import sample_context
 from buildbot_mailext.context import worker_context
@@ -218,7 +220,9 @@ class MailExtFormatter(MessageFormatterBase):
         if not builds:
             return {"body": None, "type": self.template_type, "subject": None, "extra_info": None}
         # Every build gets its full context (failed steps, excerpts, culprits): a buildset
-        # mail names what broke in each of them.
+        # mail names what broke in each of them. Names and state strings are bounded like
+        # every other value from a build (build_line).
+        builds = list(builds)[:MAX_ITEMS]
         contexts = [
             await build_context(master, b, mode, users or [], self.log_tail_lines,
                                 self.error_patterns)
@@ -227,7 +231,7 @@ class MailExtFormatter(MessageFormatterBase):
         context = dict(contexts[0])
         summaries = []
         for build, build_ctx in zip(builds, contexts):
-            line = dict(build_ctx["builds"][0])
+            line = dict(build_line(build), url=build_ctx["build_url"])
             for key in ("transition", "failed_steps", "culprits", "culprits_more",
                         "culprits_more_unknown", "culprits_since", "test_results", "branch",
                         "revision", "summary"):

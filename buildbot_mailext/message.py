@@ -1,25 +1,58 @@
-"""Message building: MIME assembly and header hygiene.
+"""Message building: MIME assembly, header and body hygiene, size bounds.
 
 This module owns turning rendered text into the bytes that go over SMTP:
 ``multipart/alternative`` (text/plain + text/html, UTF-8), optional attachments
-(``multipart/mixed``), and every header we set. Header values come from hostile places
-(builder names, branches, commit authors, properties): each one is reduced to a single
-line with no control characters before it reaches the message, so no header can be
-injected, whatever the input.
+(``multipart/mixed``), every header we set, and the checks on the finished bytes.
+
+Values in headers come from hostile places (builder names, branches, commit authors,
+properties). The ``email`` package decodes RFC 2047 encoded words (``=?utf-8?q?...?=``) in
+any value it is handed, and Pythons 3.9-3.12 then write a decoded CR LF raw: a branch could
+add a ``Bcc:`` line. So no value from a build is handed to the header machinery of the
+``email`` package: :func:`header_text` reduces it to one line (:func:`one_line`) and
+writes it itself, as plain ASCII when that is unambiguous, otherwise as our own encoded
+words, which a reader decodes exactly once back to the literal text. The result is stored
+with ``set_raw`` and flattened verbatim, the same bytes on every Python.
+
+:func:`message_bytes` then checks the finished bytes: the header set parsed back must be
+the one built (else the offending value is replaced and one line logged: the mail still
+goes), every line at most 998 bytes, no control character but TAB and the CR LF line ends
+(else the text parts are re-sent as base64). Bodies get C0 controls replaced by visible
+symbols (U+2400...), a size bound per part, and the transfer encoding chosen from their
+final bytes. One mail is at most :data:`MAX_MAIL_BYTES` whatever the build holds.
 """
 
 from __future__ import annotations
 
 import re
 from email import policy
-from email.headerregistry import Address
 from email.message import EmailMessage
-from email.utils import formatdate, make_msgid, parseaddr
+from email.parser import BytesHeaderParser
+from email.utils import formatdate, make_msgid
 from typing import Iterable, Mapping, Sequence
 
-# RFC 5322 2.1.1: 998 characters per line; we keep header values well below.
+from twisted.python import log
+
+from buildbot_mailext.addresses import (  # noqa: F401  (bare_address, envelope_recipients: re-exported)
+    MailAddress,
+    bare_address,
+    envelope_recipients,
+    parse_address,
+    split_recipients,
+)
+
+# RFC 5322 2.1.1: 998 characters per line; header values are capped well below.
+MAX_LINE_BYTES = 998
 MAX_HEADER_VALUE = 900
 MAX_SUBJECT = 200
+# The documented bound on one mail (README: "What is guaranteed"). The parts below add up
+# to less: two bodies of MAX_PART_BYTES (base64 at worst: x4/3 plus line ends), the
+# attachments, To and Cc, and room for the fixed headers and extraHeaders.
+MAX_MAIL_BYTES = 1_000_000
+MAX_PART_BYTES = 240 * 1024  # UTF-8 bytes of one body part before transfer encoding
+MAX_ATTACHMENT_BYTES = 128 * 1024  # all attachments of one mail together
+MAX_ADDRESS_HEADER = 16 * 1024  # characters of To, of Cc (the envelope still has everyone)
+# A header name and its value must fit on one line (RFC 5322 2.1.1): names are capped.
+MAX_HEADER_NAME = 76
 # RFC 5322 3.6.8 field name: printable ASCII except colon.
 HEADER_NAME = re.compile(r"^[!-9;-~]+$")
 # Headers the message structure depends on: extraHeaders may not replace them.
@@ -39,16 +72,38 @@ STRUCTURAL_HEADERS = frozenset(
         "Content-Disposition",
     )
 )
+# What a header value that did not survive encoding is replaced with (never expected: the
+# check in message_bytes is the net under header_text).
+REPLACED_VALUE = "[value removed: it could not be sent safely]"
+REPLACED_ADDRESSES = "undisclosed-recipients:;"
+
 # C0/C1 control characters; removed after whitespace runs (CR, LF, TAB...) became spaces,
 # so "a\r\nb" gives "a b".
 _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 _SPACES = re.compile(r"\s+")
-# CRLF on the wire. Bodies are encoded with a 76-column policy (quoted-printable lines
-# stay within RFC 2045's 76). Headers are written with the 998 one: values are capped
-# (MAX_HEADER_VALUE) and single-line, and folding at 78 put long subjects on a
-# continuation line of their own, which some clients show with a leading space.
+_SURROGATES = re.compile("[\ud800-\udfff]")
+# In bodies: C0 controls but TAB and LF (CR was made a line end), and DEL.
+_BODY_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f]")
+# A header value written as is: printable ASCII that no reader takes for an encoded word.
+_PLAIN_VALUE = re.compile(r"[\x20-\x7e]*\Z")
+# A display name written as is: RFC 5322 atoms and spaces.
+_PLAIN_PHRASE = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~ -]+\Z")
+# Characters left as is inside our Q encoded words: RFC 2047 5(3), valid in any position.
+_Q_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789!*+/-")
+_EW_PREFIX, _EW_SUFFIX = "=?utf-8?q?", "?="
+_EW_TEXT_MAX = 75 - len(_EW_PREFIX) - len(_EW_SUFFIX)  # RFC 2047 2: a word is <= 75 chars
+_FOLD = "\r\n "
+_FOLD_AT = 76
+# Bytes quoted-printable writes as =XX (three bytes for one).
+_QP_ESCAPED = re.compile(rb"[^\t\n\x20-\x3c\x3e-\x7e]")
+# One wire line: printable ASCII and TAB only (CR LF is the separator).
+_WIRE_LINE_BAD = re.compile(rb"[^\t\x20-\x7e]")
+
+# CRLF on the wire. Bodies are encoded with a 76-column policy (quoted-printable and base64
+# lines stay within RFC 2045's 76). Headers are written as stored (refold_source="none"):
+# header_text() folds its own encoded words and caps plain values (MAX_HEADER_VALUE).
 BODY_POLICY = policy.SMTP.clone(max_line_length=76)
-SMTP_POLICY = policy.SMTP.clone(max_line_length=998)
+SMTP_POLICY = policy.SMTP.clone(max_line_length=MAX_LINE_BYTES, refold_source="none")
 
 
 def one_line(value: object, limit: int = MAX_HEADER_VALUE) -> str:
@@ -56,26 +111,111 @@ def one_line(value: object, limit: int = MAX_HEADER_VALUE) -> str:
     space, control characters and line separators go, and the result is capped at ``limit``.
     Every header value we set, the rendered subject included, goes through here."""
     text = "" if value is None else str(value)
+    # Only the start can survive the cap: a megabyte value costs what a short one does.
+    text = text[: limit * 4 + 64]
     text = _SPACES.sub(" ", text)
     text = _CONTROL.sub("", text)
     # \s does not match U+2028/U+2029 everywhere; some mail clients break lines on them.
     text = text.replace("\u2028", " ").replace("\u2029", " ")
     text = _SPACES.sub(" ", text).strip()
     # Lone surrogates (from undecodable bytes) cannot be encoded into a header.
-    text = text.encode("utf-8", "replace").decode("utf-8")
+    text = _SURROGATES.sub("\ufffd", text)
     if len(text) > limit:
         text = text[: limit - 1].rstrip() + "…"
     return text
 
 
-def envelope_recipients(addresses: Iterable[str]) -> list[str]:
-    """Bare addresses for RCPT TO, each once, in the order given."""
-    unique: list[str] = []
+# --------------------------------------------------------------------------- headers
+
+
+def _encoded_words(text: str) -> list[str]:
+    """``text`` as RFC 2047 Q encoded words (UTF-8), each at most 75 characters. A reader
+    decodes them once, to ``text`` itself, even when ``text`` looks like an encoded word."""
+    words, current = [], ""
+    for char in text:
+        piece = "".join(
+            "_" if b == 0x20 else chr(b) if b in _Q_SAFE else f"={b:02X}"
+            for b in char.encode("utf-8")
+        )
+        if current and len(current) + len(piece) > _EW_TEXT_MAX:
+            words.append(current)
+            current = ""
+        current += piece
+    words.append(current)
+    return [_EW_PREFIX + w + _EW_SUFFIX for w in words]
+
+
+def _plain(text: str) -> bool:
+    # Printable ASCII that no reader takes for (part of) an encoded word.
+    return _PLAIN_VALUE.match(text) is not None and "=?" not in text
+
+
+def header_text(value: object, limit: int = MAX_HEADER_VALUE) -> str:
+    """The raw header value for ``value`` (from a build or not): one line; then plain
+    printable ASCII as it is, and every run of other words (non-ASCII, or anything a
+    reader could take for an encoded word: ``=?``) as our own encoded words, folded at
+    spaces. "hostile on =?utf-8?q?...?= failure" keeps its plain words readable."""
+    text = one_line(value, limit)
+    if _plain(text):
+        return text  # never folded: a long subject stays on its line (<= 998 with the name)
+    tokens: list[str] = []
+    run: list[str] = []
+    for word in text.split(" ") + [None]:
+        if word is not None and not _plain(word):
+            run.append(word)
+            continue
+        if run:  # the spaces between encoded words are encoded too, so they survive
+            tokens.extend(_encoded_words(" ".join(run)))
+            run = []
+        if word is not None:
+            tokens.append(word)
+    lines = [""]
+    for token in tokens:
+        if lines[-1] and len(lines[-1]) + 1 + len(token) > _FOLD_AT:
+            lines.append(token)  # unfolding keeps the space: "a CRLF SP b" reads "a b"
+        else:
+            lines[-1] = f"{lines[-1]} {token}" if lines[-1] else token
+    return _FOLD.join(lines)
+
+
+def _phrase(name: str) -> str:
+    name = one_line(name)
+    if _PLAIN_PHRASE.match(name) and "=?" not in name:
+        return name
+    if _plain(name):
+        return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return _FOLD.join(_encoded_words(name))
+
+
+def _mailbox(address: MailAddress) -> str:
+    if address.display_name:
+        return f"{_phrase(address.display_name)} <{address.addr_spec}>"
+    return address.addr_spec
+
+
+def address_header(name: str, addresses: Sequence[MailAddress]) -> str:
+    """The raw value of header ``name`` (From, To, Cc): every address, folded between
+    addresses within 78 columns; past
+    ``MAX_ADDRESS_HEADER`` characters the rest is counted in an empty group ("N more
+    recipients:;"): they are still on the envelope."""
+    items: list[str] = []
+    used = 0
     for address in addresses:
-        bare = bare_address(address)
-        if bare and bare not in unique:
-            unique.append(bare)
-    return unique
+        item = _mailbox(address)
+        if used + len(item) > MAX_ADDRESS_HEADER:
+            items.append(f"{len(addresses) - len(items)} more recipients:;")
+            break
+        items.append(item)
+        used += len(item) + 2
+    lines = [""]
+    for i, item in enumerate(items):
+        piece = item + ("," if i < len(items) - 1 else "")
+        used = len(lines[-1]) + (len(name) + 2 if len(lines) == 1 else 1)
+        if lines[-1] and used + 1 + len(piece) > _FOLD_AT:
+            lines.append(piece)
+        else:
+            lines[-1] = f"{lines[-1]} {piece}" if lines[-1] else piece
+    return _FOLD.join(lines)
 
 
 def buildbot_headers(builder: str, result: str, url: str) -> dict[str, str]:
@@ -83,49 +223,91 @@ def buildbot_headers(builder: str, result: str, url: str) -> dict[str, str]:
     return {"X-Buildbot-Builder": builder, "X-Buildbot-Result": result, "X-Buildbot-URL": url}
 
 
-def bare_address(address: str) -> str:
-    """``Name <user@example.org>`` -> ``user@example.org`` (for the SMTP envelope)."""
-    return parseaddr(one_line(address))[1]
-
-
-def address_domain(address: str) -> str:
-    addr = bare_address(address)
-    return addr.rpartition("@")[2] or "buildbot.localdomain"
-
-
-def _format_addresses(addresses: Iterable[str]) -> str:
-    rendered = []
-    for raw in addresses:
-        name, addr = parseaddr(one_line(raw))
-        if not addr:
-            continue
-        try:
-            rendered.append(str(Address(display_name=name, addr_spec=addr)))
-        except (ValueError, IndexError):
-            # An address the header registry cannot represent: keep its bare form.
-            rendered.append(addr)
-    return ", ".join(rendered)
-
-
-# Public name: the notifier's processRecipients() sets To/Cc on a composed message.
-format_addresses = _format_addresses
+def set_recipients(msg: EmailMessage, name: str, addresses: Sequence[object]) -> list[str]:
+    """Set ``To`` or ``Cc`` of a composed message (``MailNotifier.processRecipients`` does
+    it after ``createEmail``) through the address gate; returns the bare addresses set."""
+    parsed = split_recipients(addresses)[0]
+    if name in msg:
+        del msg[name]
+    if parsed:
+        _set(msg, name, address_header(name, parsed))
+    return [a.addr_spec for a in parsed]
 
 
 def valid_header_name(name: object) -> bool:
-    return isinstance(name, str) and HEADER_NAME.match(name) is not None
+    return isinstance(name, str) and len(name) <= MAX_HEADER_NAME and HEADER_NAME.match(name) is not None
 
 
-def _body_cte(text: str) -> str:
-    # 7bit when it really is 7bit with short lines, else quoted-printable: it survives
-    # relays without 8BITMIME and keeps the text readable in a raw dump.
-    if text.isascii() and all(len(line) <= 990 for line in text.splitlines()):
+def _set(msg: EmailMessage, name: str, raw: str) -> None:
+    # Stored as written and flattened verbatim (SMTP_POLICY has refold_source="none"): the
+    # email package never parses, decodes or refolds it.
+    if name in msg:
+        del msg[name]
+    msg.set_raw(name, raw)
+
+
+# --------------------------------------------------------------------------- bodies
+
+
+def clean_body(text: str) -> str:
+    """A body as it may travel: lone surrogates -> U+FFFD, CR LF and lone CR -> LF, other C0
+    controls and DEL -> their visible symbols (NUL -> U+2400, BEL -> U+2407, DEL -> U+2421)."""
+    text = _SURROGATES.sub("\ufffd", text)
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return _BODY_CONTROL.sub(lambda m: chr(0x2421 if m.group() == "\x7f" else 0x2400 + ord(m.group())), text)
+
+
+def bounded_body(text: str, html: bool, limit: int = MAX_PART_BYTES) -> str:
+    """``text`` cut to ``limit`` UTF-8 bytes, with a line saying how much was left out."""
+    data = text.encode("utf-8")
+    if len(data) <= limit:
+        return text
+    kept = data[:limit].decode("utf-8", "ignore")
+    note = (
+        f"[... {len(data) - len(kept.encode('utf-8')):,} more bytes not shown: one mail is at "
+        f"most {MAX_MAIL_BYTES:,} bytes; the build page has everything]"
+    )
+    # Markup from the data is escaped (&lt;), so a cut never makes a tag out of it.
+    return kept + (f"\n<p>{note}</p>\n" if html else f"\n\n{note}\n")
+
+
+def body_cte(text: str) -> str:
+    """The transfer encoding for these final body bytes: 7bit when they are ASCII with short
+    lines; otherwise the shorter of quoted-printable (readable when mostly ASCII) and base64
+    (never more than 4/3 of the bytes: the size bound relies on it)."""
+    data = text.encode("utf-8")
+    if data.isascii() and all(len(line) <= 990 for line in data.split(b"\n")):
         return "7bit"
-    return "quoted-printable"
+    escaped = len(_QP_ESCAPED.findall(data))
+    qp = (len(data) + 2 * escaped) * 77 // 75
+    b64 = (len(data) + 2) // 3 * 4 * 78 // 76
+    return "quoted-printable" if qp <= b64 else "base64"
 
 
-def _clean_body(text: str) -> str:
-    # Lone surrogates (undecodable bytes from logs) would make the encoder fail.
-    return text.encode("utf-8", "replace").decode("utf-8")
+def _attachment_name(filename: str) -> str:
+    # A parameter value the email package writes as plain ASCII (no RFC 2231, no encoded
+    # words a reader would decode): letters, digits, dot, dash, underscore and space.
+    return re.sub(r"[^A-Za-z0-9._ -]", "_", one_line(filename, 200)) or "attachment"
+
+
+def _bounded_attachments(attachments: Sequence[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
+    out, budget = [], MAX_ATTACHMENT_BYTES
+    for filename, payload in attachments:
+        name = _attachment_name(filename)
+        if len(payload) <= budget:
+            budget -= len(payload)
+            out.append((name, payload))
+            continue
+        noun = "patch" if "patch" in name.lower() else "attachment"
+        note = (
+            f"{noun} of {len(payload):,} bytes not attached: one mail carries at most "
+            f"{MAX_ATTACHMENT_BYTES:,} bytes of attachments ({name}); the build page has it\n"
+        )
+        out.append((name, note.encode("utf-8")))
+    return out
+
+
+# --------------------------------------------------------------------------- the message
 
 
 def build_email(
@@ -143,59 +325,164 @@ def build_email(
 ) -> EmailMessage:
     """Assemble one mail.
 
-    ``headers`` are ours (X-Buildbot-*, ...); ``extra_headers`` are the user's
-    (``extraHeaders``): they may not replace a structural header. Returns the message;
-    ``message_bytes()`` turns it into what goes over SMTP.
+    ``to`` and ``cc`` may hold anything: only values that pass the address gate
+    (:mod:`buildbot_mailext.addresses`) are written, each once (the notifier logs the
+    others). ``from_addr`` must pass it (``AddressError`` otherwise: checkConfig refuses
+    such a ``fromaddr``). ``headers`` are ours (X-Buildbot-*, ...); ``extra_headers`` are the
+    user's (``extraHeaders``): they may not replace a structural header. Returns the
+    message; :func:`message_bytes` turns it into what goes over SMTP.
     """
+    sender = parse_address(from_addr)
     if text is None and html is None:
         text = ""
     msg = EmailMessage(policy=BODY_POLICY)
-    msg["Date"] = formatdate(localtime=True)
-    msg["From"] = _format_addresses([from_addr])
-    if to:
-        msg["To"] = _format_addresses(to)
-    if cc:
-        msg["Cc"] = _format_addresses(cc)
-    msg["Subject"] = one_line(subject, MAX_SUBJECT)
-    msg["Message-ID"] = make_msgid(domain=address_domain(from_addr))
-    msg["Auto-Submitted"] = "auto-generated"
-    # Outlook/Exchange: no out-of-office or read receipts back to the build mail
-    msg["X-Auto-Response-Suppress"] = "All"
-    if reply_to:
-        msg["Reply-To"] = _format_addresses([reply_to])
+    _set(msg, "Date", formatdate(localtime=True))
+    _set(msg, "From", address_header("From", [sender]))
+    to_addresses = split_recipients(to)[0]
+    if to_addresses:
+        _set(msg, "To", address_header("To", to_addresses))
+    cc_keys = {a.key for a in to_addresses}
+    cc_addresses = [a for a in split_recipients(cc)[0] if a.key not in cc_keys]
+    if cc_addresses:
+        _set(msg, "Cc", address_header("Cc", cc_addresses))
+    _set(msg, "Subject", header_text(subject, MAX_SUBJECT))
+    _set(msg, "Message-ID", make_msgid(domain=sender.addr_spec.rpartition("@")[2]))
+    _set(msg, "Auto-Submitted", "auto-generated")
+    # Outlook/Exchange: no out-of-office replies or read receipts back to the build mail
+    _set(msg, "X-Auto-Response-Suppress", "All")
+    reply_addresses = split_recipients([reply_to])[0] if reply_to else []
+    if reply_addresses:
+        _set(msg, "Reply-To", address_header("Reply-To", reply_addresses[:1]))
     for name, value in (headers or {}).items():
-        msg[name] = one_line(value)
+        _set(msg, name, header_text(value))
     for name, value in (extra_headers or {}).items():
         if not valid_header_name(name) or name.lower() in STRUCTURAL_HEADERS:
             continue  # rejected at checkConfig; never reaches here from master.cfg
-        if name in msg:
-            del msg[name]
-        msg[name] = one_line(value)
+        _set(msg, name, header_text(value))
 
     if text is not None:
-        text = _clean_body(text)
-        msg.set_content(text, subtype="plain", charset="utf-8", cte=_body_cte(text))
+        text = bounded_body(clean_body(text), html=False)
+        msg.set_content(text, subtype="plain", charset="utf-8", cte=body_cte(text))
         if html is not None:
-            html = _clean_body(html)
-            msg.add_alternative(html, subtype="html", charset="utf-8", cte=_body_cte(html))
+            html = bounded_body(clean_body(html), html=True)
+            msg.add_alternative(html, subtype="html", charset="utf-8", cte=body_cte(html))
     else:
-        html = _clean_body(html or "")
-        msg.set_content(html, subtype="html", charset="utf-8", cte=_body_cte(html))
+        html = bounded_body(clean_body(html or ""), html=True)
+        msg.set_content(html, subtype="html", charset="utf-8", cte=body_cte(html))
 
-    for filename, payload in attachments:
-        msg.add_attachment(
-            payload,
-            maintype="text",
-            subtype="plain",
-            filename=one_line(filename, 200),
-            params={"charset": "utf-8"},  # patches and logs are UTF-8 text
-        )
+    for filename, payload in _bounded_attachments(attachments):
+        # patches and logs are UTF-8 text
+        msg.add_attachment(payload, maintype="text", subtype="plain", filename=filename,
+                           params={"charset": "utf-8"})
     return msg
 
 
-def message_bytes(msg: EmailMessage) -> bytes:
-    """The message as sent: CRLF line ends, every line within SMTP's limit."""
-    return msg.as_bytes(policy=SMTP_POLICY)
+# --------------------------------------------------------------------------- the bytes
+
+
+def _unfold(value: str) -> str:
+    return re.sub(r"\r?\n(?=[ \t])", "", value)
+
+
+def _raw_value_ok(name: str, raw: str) -> bool:
+    """Printable ASCII lines, folded with CR LF + space, each within the line limit."""
+    lines = raw.split(_FOLD)
+    lines[0] = f"{name}: {lines[0]}"
+    return all(_PLAIN_VALUE.match(line) and len(line) <= MAX_LINE_BYTES for line in lines)
+
+
+def _decoded_ok(name: str, raw: str) -> bool:
+    # What a reader sees once encoded words are decoded: still one line, no controls.
+    try:
+        value = str(policy.default.header_factory(name, _unfold(raw)))
+    except Exception:
+        return False
+    return _CONTROL.search(value) is None and "\r" not in value and "\n" not in value
+
+
+def _ours(value: object) -> bool:
+    # A value we stored with set_raw (a str), not a MIME header object of the email package.
+    return isinstance(value, str) and not hasattr(value, "name")
+
+
+def _header_problems(msg: EmailMessage, data: bytes) -> list[int]:
+    """Indexes of the headers we stored whose value did not come back as built."""
+    built = list(msg.raw_items())
+    head = data.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n"
+    parsed = list(BytesHeaderParser(policy=policy.compat32).parsebytes(head).raw_items())
+    problems = []
+    for i, (name, value) in enumerate(built):
+        if i >= len(parsed) or parsed[i][0].lower() != name.lower():
+            # An extra or missing header: the value before it spilled over.
+            problems.append(max(i - 1, 0))
+            break
+        if _ours(value) and (
+            _unfold(parsed[i][1]) != _unfold(value) or not _decoded_ok(name, value)
+        ):
+            problems.append(i)
+    if not problems and len(parsed) != len(built):
+        problems.append(len(built) - 1)
+    return problems
+
+
+def _replace_values(msg: EmailMessage, indexes: Sequence[int]) -> list[str]:
+    if not indexes:
+        return []
+    items = list(msg.raw_items())
+    names = []
+    for index in indexes:
+        name = items[index][0]
+        names.append(name)
+        items[index] = (name, REPLACED_ADDRESSES if name.lower() in ("to", "cc") else REPLACED_VALUE)
+    for name in set(msg.keys()):
+        del msg[name]
+    for name, value in items:
+        msg.set_raw(name, value)
+    return names
+
+
+def _wire_ok(data: bytes) -> bool:
+    return all(
+        len(line) <= MAX_LINE_BYTES and not _WIRE_LINE_BAD.search(line)
+        for line in data.split(b"\r\n")
+    )
+
+
+def _text_parts_as_base64(msg: EmailMessage) -> None:
+    for part in msg.walk():
+        if part.get_content_maintype() == "text" and not part.is_multipart() and not part.get_filename():
+            part.set_content(
+                part.get_content(), subtype=part.get_content_subtype(), charset="utf-8", cte="base64"
+            )
+
+
+def message_bytes(msg: EmailMessage, label: str = "") -> bytes:
+    """The message as sent: CRLF line ends, every line within SMTP's limit, printable ASCII,
+    and the header set parsed back exactly the one built. A header value that does not come
+    back as built is replaced (one log line, naming ``label``): the mail is never lost for it."""
+    # Values that cannot be written as they are (not printable ASCII, a line too long, a
+    # CR or LF that is not folding) would make the flattening fail or write them raw.
+    replaced = _replace_values(
+        msg, [i for i, (n, v) in enumerate(msg.raw_items()) if _ours(v) and not _raw_value_ok(n, v)]
+    )
+    for _ in range(len(msg.keys()) + 1):
+        data = msg.as_bytes(policy=SMTP_POLICY)
+        problems = _header_problems(msg, data)
+        if not problems:
+            break
+        replaced += _replace_values(msg, problems)
+    if replaced:
+        log.msg(
+            f"buildbot-mailext: {label or 'mail ' + str(msg.get('Message-ID', ''))}: header "
+            f"{', '.join(sorted(set(replaced)))} did not come back as built; sent with its "
+            "value replaced (a bug in buildbot-mailext: please report it)"
+        )
+    if not _wire_ok(data):
+        # Never expected (bodies are encoded from their final bytes); base64 always fits.
+        _text_parts_as_base64(msg)
+        data = msg.as_bytes(policy=SMTP_POLICY)
+        log.msg(f"buildbot-mailext: {label or 'mail'}: a body line was not valid SMTP; sent as base64")
+    return data
 
 
 def extra_header_errors(extra_headers: object) -> list[str]:
@@ -206,7 +493,12 @@ def extra_header_errors(extra_headers: object) -> list[str]:
         return ["extraHeaders must be a dictionary of header name -> value"]
     errors = []
     for name in extra_headers:
-        if not valid_header_name(name):
+        if isinstance(name, str) and len(name) > MAX_HEADER_NAME:
+            errors.append(
+                f"extraHeaders: {name[:40]!r}... is longer than {MAX_HEADER_NAME} characters; "
+                "use a shorter header name"
+            )
+        elif not valid_header_name(name):
             errors.append(
                 f"extraHeaders: {name!r} is not a valid header name (printable ASCII, no "
                 "spaces or colons), e.g. 'X-Project'"

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-from types import SimpleNamespace
 from email.message import EmailMessage
 from typing import Any, Sequence
 
@@ -36,6 +35,7 @@ from twisted.python import log
 from buildbot_mailext import message as mime
 from buildbot_mailext import postfix_queue
 from buildbot_mailext import preflight as preflight_mod
+from buildbot_mailext.addresses import address_errors, is_valid_address, split_recipients
 from buildbot_mailext.formatter import MailExtFormatter
 from buildbot_mailext.masterconfig import KnownNames, check_after_load, in_master_dir
 from buildbot_mailext.relay import SmtpSettings, check_smtp_settings
@@ -44,7 +44,6 @@ from buildbot_mailext.routes import (
     MailRoute,
     exclude_pattern_errors,
     excluded,
-    is_valid_address,
     list_id_header,
     route_generator,
 )
@@ -130,12 +129,8 @@ class MailExtNotifier(MailNotifier):
         fromaddr = arguments["fromaddr"]
         routes, generators = arguments["routes"], arguments["generators"]
         extraHeaders, preflight = arguments["extraHeaders"], arguments["preflight"]
-        errors: list[str] = []
-        if not is_valid_address(fromaddr):
-            errors.append(
-                f"MailExtNotifier: fromaddr {fromaddr!r} is not a valid email address; "
-                "write it as 'buildbot@example.org' or 'Buildbot <buildbot@example.org>'"
-            )
+        errors: list[str] = address_errors(fromaddr, "MailExtNotifier", "fromaddr")
+        errors.extend(self._extra_recipient_errors(arguments["extraRecipients"]))
         routes = self._route_list(routes, errors)
         templates_dir = self._resolve_templates_dir(arguments["templates_dir"])
         if generators is not None and not isinstance(generators, list):
@@ -185,6 +180,9 @@ class MailExtNotifier(MailNotifier):
         stock = _subset(arguments, STOCK_ARGUMENTS)
         if not isinstance(extraHeaders, dict):
             stock["extraHeaders"] = None  # reported above, in our words
+        # Checked above with the strict gate (stock's unanchored check would both miss
+        # "a@x.org, b@x.org" and refuse buildbot@localhost).
+        stock["extraRecipients"] = None
         super().checkConfig(fromaddr, generators=built, **stock)
         if errors:
             return
@@ -314,6 +312,21 @@ class MailExtNotifier(MailNotifier):
                     f"MailExtNotifier: routes must contain MailRoute(...) objects, got {route!r}"
                 )
         return good
+
+    @staticmethod
+    def _extra_recipient_errors(extra_recipients) -> list[str]:
+        if extra_recipients is None:
+            return []
+        if not isinstance(extra_recipients, (list, tuple)):
+            return [
+                f"MailExtNotifier: extraRecipients must be a list of addresses, got "
+                f"{extra_recipients!r}; write extraRecipients=['ops@example.org']"
+            ]
+        return [
+            error
+            for address in extra_recipients
+            for error in address_errors(address, "MailExtNotifier", "extraRecipients")
+        ]
 
     @staticmethod
     def _check_route_names(routes: list[MailRoute], known: KnownNames) -> None:
@@ -610,7 +623,7 @@ class MailExtNotifier(MailNotifier):
             # Worker-missing mail goes to the worker's notify addresses, as in stock.
             all_recipients = self._without_excluded(list(users))
             if isinstance(m, EmailMessage) and "To" not in m:
-                m["To"] = mime.format_addresses(all_recipients)
+                mime.set_recipients(m, "To", all_recipients)
         all_recipients = self._without_excluded(all_recipients)
         if not all_recipients:
             what = self._label("generator", builds or [], m) if isinstance(m, EmailMessage) else "mail"
@@ -645,26 +658,72 @@ class MailExtNotifier(MailNotifier):
             return super().processRecipients(blamelist, m)
         to, cc = self._stock_to_cc(blamelist)
         to, cc = self._without_excluded(to), self._without_excluded(cc)
-        for name, addresses in (("To", to), ("Cc", cc)):
-            del m[name]
-            if addresses:
-                m[name] = mime.format_addresses(addresses)
-        return list(to) + [a for a in cc if a not in to]
+        # through the address gate: only valid addresses are written and mailed
+        to = mime.set_recipients(m, "To", to)
+        cc = [a for a in mime.set_recipients(m, "Cc", cc) if a not in to]
+        return to + cc
+
+    @defer.inlineCallbacks
+    def findInterrestedUsersEmails(self, users):
+        """Stock's hook, with ``lookup`` as stock uses it (a lookup that fails leaves that
+        user out, logged) and the address gate instead of stock's loose check."""
+        if not self.sendToInterestedUsers:
+            return set()
+        found = yield self._interested_addresses(list(users))
+        kept = set()
+        for address in found:
+            if is_valid_address(address):
+                kept.add(address)
+            else:
+                log.msg(f"{self.name}: interested user {mime.one_line(repr(address), 200)} "
+                        "left out: not a valid address")
+        return kept
 
     def _stock_to_cc(self, interested) -> tuple[list[str], list[str]]:
         # Same rule as stock processRecipients(): extras go to Cc when mailing
-        # interested users, so they can tell they are copied.
-        to = sorted(set(interested))
+        # interested users, so they can tell they are copied. Only interested users that
+        # pass the address gate count: when none does, the extras are the To, as in stock
+        # with nobody interested. (The others stay in To so the compose step logs them.)
+        rejected = [a for a in interested if not is_valid_address(a)]
+        to = sorted({a for a in interested if is_valid_address(a)}, key=str)
         extras = list(self.extraRecipients or [])
         if self.sendToInterestedUsers and to:
-            return to, [e for e in extras if e not in to]
-        return sorted(set(to) | set(extras)), []
+            return to + rejected, [e for e in extras if e not in to]
+        return sorted(set(to) | set(extras)) + rejected, []
 
+    @defer.inlineCallbacks
     def _interested_addresses(self, users):
-        # Stock's lookup and address clean-up, applied whatever the notifier-wide
-        # sendToInterestedUsers says: the route asked for interested users.
-        stand_in = SimpleNamespace(sendToInterestedUsers=True, lookup=self.lookup)
-        return MailNotifier.findInterrestedUsersEmails(stand_in, list(users))
+        """Stock's lookup and "two @" repair (findInterrestedUsersEmails), minus its loose
+        address check: what comes out goes through the address gate when the mail is
+        composed. A lookup that fails or answers something that is not text leaves that
+        user out (one log line), never the mail."""
+        addresses = []
+        for user in users:
+            address = user
+            if self.lookup:
+                try:
+                    address = yield defer.maybeDeferred(self.lookup.getAddress, user)
+                except Exception as e:
+                    log.msg(
+                        f"{self.name}: lookup of {mime.one_line(repr(user), 200)} failed "
+                        f"({mime.one_line(e, 200)}); that user is left out"
+                    )
+                    continue
+            if isinstance(address, bytes):
+                address = address.decode("utf-8", "replace")
+            if address is None or (isinstance(address, str) and not address.strip()):
+                continue  # stock: getAddress did not like this user; or no one (anonymous)
+            if not isinstance(address, str):
+                log.msg(
+                    f"{self.name}: lookup of {mime.one_line(repr(user), 200)} gave "
+                    f"{type(address).__name__}, not an address; that user is left out"
+                )
+                continue
+            # Git can give 'User' <user@foo.com>@foo.com: stock chops the last @.
+            if address.count("@") > 1:
+                address = address[: address.rindex("@")]
+            addresses.append(address)
+        return addresses
 
     # ------------------------------------------------------------------ composing
 
@@ -698,7 +757,7 @@ class MailExtNotifier(MailNotifier):
             props = Properties.fromDict(builds[0]["properties"])
             props.master = self.master
             extra = yield props.render(extra)
-        return mime.build_email(
+        msg = mime.build_email(
             subject=subject,
             from_addr=self.fromaddr,
             to=to,
@@ -710,6 +769,7 @@ class MailExtNotifier(MailNotifier):
             attachments=attachments,
             reply_to=route.reply_to if route is not None else None,
         )
+        return msg
 
     @defer.inlineCallbacks
     def _compose_and_send(self, reports, to: Sequence[str], cc: Sequence[str], what: str,
@@ -725,8 +785,17 @@ class MailExtNotifier(MailNotifier):
             ),
             route=route,
         )
+        # The address gate: build_email and envelope_recipients write only the values that
+        # are one valid address each; the others are left out alone (logged below) and the
+        # mail goes to everyone else.
+        rejected = split_recipients([*to, *cc])[1]
         recipients = mime.envelope_recipients([*to, *cc])
         label = self._label(what, builds, msg)
+        for value, reason in rejected:
+            log.msg(
+                f"{self.name}: {label}: recipient {mime.one_line(repr(value), 300)} left out: "
+                f"not a valid address ({reason}); the mail goes to the others"
+            )
         if not recipients:
             log.msg(f"{self.name}: {label}: no recipients (nobody to mail), nothing sent")
             return
@@ -778,8 +847,8 @@ class MailExtNotifier(MailNotifier):
 
     def sendMail(self, m, recipients, label: str | None = None):
         """Hand one message to the transport; fires with its Delivery, never errbacks."""
-        data = mime.message_bytes(m) if hasattr(m, "as_bytes") else m.as_string().encode()
         label = label or f"mail {m['Message-ID']}"
+        data = mime.message_bytes(m, label) if hasattr(m, "as_bytes") else m.as_string().encode()
         log.msg(f"{self.name}: sending {label} ({len(data)} bytes) to {', '.join(recipients)}")
         if self.dumpMailsToLog:
             log.msg(f"mail data:\n{data.decode('utf-8', 'replace')}")

@@ -27,9 +27,9 @@ from buildbot.reporters import utils
 from buildbot.reporters.generators.build import BuildStatusGenerator
 from buildbot.reporters.generators.buildset import BuildSetStatusGenerator
 from buildbot.reporters.generators.worker import WorkerMissingGenerator
-from buildbot.reporters.mail import VALID_EMAIL
 from twisted.internet import defer
 
+from buildbot_mailext.addresses import address_errors, is_valid_address
 from buildbot_mailext.context import previous_build_same_branch, transition_for
 from buildbot_mailext.excerpts import error_pattern_errors
 from buildbot_mailext.masterconfig import KnownNames
@@ -125,26 +125,6 @@ def closest(name: str, known: Sequence[str]) -> str:
         return hint + " (this configuration defines none)"
     listed = ", ".join(sorted(known)[:20]) + (", ..." if len(known) > 20 else "")
     return f"{hint} (known: {listed})"
-
-
-# local@domain, where domain is a host name (one label is fine: root@localhost is a real
-# local-delivery address) or an address literal such as [192.0.2.1].
-_ADDR_SPEC = re.compile(r"^[^\s@<>()\[\],;:\"]+@(?:[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.?|\[[0-9A-Fa-f:.]+\])$")
-
-
-def is_valid_address(address: Any) -> bool:
-    """``user@example.org`` or ``Name <user@example.org>``; never CR/LF or other control
-    characters (an address ends up in a header and in RCPT TO). Buildbot's own check
-    (VALID_EMAIL) also demands a dot in the domain; we accept ``buildbot@localhost``,
-    which works with stock MailNotifier and is common for local delivery."""
-    if not isinstance(address, str) or re.search(r"[\x00-\x1f\x7f]", address):
-        return False
-    if VALID_EMAIL.search(address):
-        return True
-    _, addr = parseaddr(address)
-    # parseaddr repairs some damage ("a@exa mple.org" -> "a@example.org"): the address
-    # must stand in the text as written.
-    return bool(addr) and addr in address and _ADDR_SPEC.match(addr) is not None
 
 
 class MailRoute(util.ComparableMixin):
@@ -247,11 +227,7 @@ class MailRoute(util.ComparableMixin):
                 "send_to_interested_users=True"
             )
         for address in self.to:
-            if not is_valid_address(address):
-                errors.append(
-                    f"{where}: {address!r} in 'to' is not a valid email address; write it as "
-                    "'user@example.org' or 'Name <user@example.org>'"
-                )
+            errors.extend(address_errors(address, where, "to"))
         for mode in self.mode:
             if mode not in KNOWN_MODES:
                 errors.append(

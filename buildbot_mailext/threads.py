@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any, Sequence
 
-from buildbot_mailext.message import address_domain
+from buildbot_mailext.addresses import bare_address
 
 __all__ = ["build_branch", "thread_headers", "thread_root_id"]
 
@@ -40,7 +40,8 @@ def thread_root_id(builder: str, branch: Any, fromaddr: str) -> str:
     ``branch`` from ``fromaddr``; the hash keeps hostile names out of the header."""
     key = f"{builder}\x00{'' if branch is None else branch}".encode("utf-8", "replace")
     digest = hashlib.sha256(key).hexdigest()[:24]
-    return f"<buildbot.thread.{digest}@{address_domain(fromaddr)}>"
+    domain = bare_address(fromaddr).rpartition("@")[2] or "buildbot.localdomain"
+    return f"<buildbot.thread.{digest}@{domain}>"
 
 
 def thread_headers(builds: Sequence[dict], fromaddr: str) -> dict[str, str]:

@@ -296,7 +296,7 @@ class BuildContextTests(FakeBuildMixin, unittest.TestCase):
 
     def test_values(self):
         ctx = self.ctx
-        self.assertIs(ctx["build"], self.build)
+        self.assertEqual(ctx["build"], self.build)  # a bounded copy (context.bounded_value)
         self.assertEqual(ctx["buildername"], "linux")
         self.assertEqual(ctx["buildnumber"], 0)
         self.assertEqual(ctx["results"], FAILURE)

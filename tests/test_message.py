@@ -1,6 +1,7 @@
 """MIME assembly and header hygiene (buildbot_mailext.message)."""
 
 import email
+import re
 from email import policy
 
 import pytest
@@ -71,7 +72,7 @@ def test_non_ascii_and_undecodable_text_survive():
     received = parse(sample(subject="échec ☠", text="café " + lone_surrogate, html="<p>café</p>"))
     assert received["Subject"] == "échec ☠"
     body = received.get_body(("plain",)).get_content()
-    assert "café" in body and "bad byte: ?" in body
+    assert "café" in body and "bad byte: \ufffd" in body
 
 
 def test_long_lines_are_encoded_within_smtp_limit():
@@ -106,4 +107,161 @@ def test_extra_headers_validation():
 
 def test_bare_address_and_domain():
     assert mime.bare_address("Dev List <dev@example.org>") == "dev@example.org"
-    assert mime.address_domain("Buildbot <bb@ci.example.org>") == "ci.example.org"
+    assert parse(sample(from_addr="Buildbot <bb@ci.example.org>"))["Message-ID"].endswith(
+        "@ci.example.org>"
+    )
+
+
+# --------------------------------------------------------------------------- issue 6
+
+ENCODED_WORD = "=?utf-8?q?a=0D=0ABcc:_x@evil.example?="
+
+
+def header_block(raw):
+    return raw.split(b"\r\n\r\n", 1)[0]
+
+
+def test_issue_reproduction_encoded_word_in_subject_adds_no_header():
+    # The issue's reproduction, through build_email: on 3.11/3.12 the email package used
+    # to decode the word and write "Bcc: x@evil.example failed" as a header line.
+    raw = mime.message_bytes(sample(subject=f"main {ENCODED_WORD} failed"))
+    assert not re.search(rb"(?im)^bcc\s*:", header_block(raw))
+    received = email.message_from_bytes(raw, policy=policy.default)
+    assert "Bcc" not in received
+    assert str(received["Subject"]) == f"main {ENCODED_WORD} failed"  # literal, decoded once
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        ENCODED_WORD,
+        "=?utf-8?b?YQ0KQmNjOiB4QGV2aWwuZXhhbXBsZQ==?=",
+        "=?iso-8859-1?q?=0D=0AReply-To:_evil@evil.example?=",
+        "plain =? and ?= apart",
+        "émoji 💥 \u202e rtl \u200b zero-width",
+        "x" * 5000,
+    ],
+)
+@pytest.mark.parametrize("where", ["subject", "header", "extra"])
+def test_header_values_come_back_literally(value, where):
+    overrides = {
+        "subject": {"subject": value},
+        "header": {"headers": {"X-Buildbot-Builder": value}},
+        "extra": {"extra_headers": {"X-Project": value}},
+    }[where]
+    name = {"subject": "Subject", "header": "X-Buildbot-Builder", "extra": "X-Project"}[where]
+    raw = mime.message_bytes(sample(**overrides))
+    assert all(len(line) <= 998 for line in raw.split(b"\r\n"))
+    assert raw.isascii()
+    received = email.message_from_bytes(raw, policy=policy.default)
+    limit = mime.MAX_SUBJECT if where == "subject" else mime.MAX_HEADER_VALUE
+    assert str(received[name]) == mime.one_line(value, limit)
+
+
+def test_plain_ascii_values_stay_readable_for_list_filters():
+    raw = mime.message_bytes(sample(headers={"X-Buildbot-Builder": "linux-x86_64"}))
+    assert b"\r\nX-Buildbot-Builder: linux-x86_64\r\n" in raw
+    assert b"\r\nSubject: Build failed\r\n" in raw
+
+
+def test_net_replaces_a_header_value_that_would_inject(monkeypatch):
+    lines = []
+    monkeypatch.setattr(mime.log, "msg", lambda text: lines.append(text))
+    msg = sample()
+    # What header_text never produces: a raw CR LF, and an encoded word that decodes to one.
+    msg.set_raw("X-Raw", "a\r\nBcc: victim@example.net")
+    msg.set_raw("X-Word", ENCODED_WORD)
+    raw = mime.message_bytes(msg, label="route 'x' build 'linux' #7")
+    received = email.message_from_bytes(raw, policy=policy.default)
+    assert "Bcc" not in received
+    assert received["X-Raw"] == received["X-Word"] == mime.REPLACED_VALUE
+    assert received.get_body(("plain",)).get_content().strip() == "plain body"  # still sent
+    (line,) = lines
+    assert "route 'x' build 'linux' #7" in line and "X-Raw, X-Word" in line
+
+
+def test_net_catches_a_spilled_header_line(monkeypatch):
+    monkeypatch.setattr(mime.log, "msg", lambda text: None)
+    msg = sample()
+    msg.set_raw("X-Folded", "a\r\n Bcc: victim@example.net")  # folding: one header
+    msg.set_raw("X-Spill", "b\r\n\r\nbody text")  # an empty line: ends the header block
+    raw = mime.message_bytes(msg)
+    received = email.message_from_bytes(raw, policy=policy.default)
+    assert received["X-Spill"] == mime.REPLACED_VALUE
+    assert received.get_content_type() == "multipart/alternative"
+
+
+def test_body_controls_are_replaced_visibly_and_line_ends_normalised():
+    received = parse(sample(text="a\x00b\x07c\x1bd\x7fe\tf\r\ng\rh", html="<p>x\x00y</p>"))
+    text = received.get_body(("plain",)).get_content()
+    assert text.replace("\r\n", "\n") == "a\u2400b\u2407c\u241bd\u2421e\tf\ng\nh\n"
+    assert "x\u2400y" in received.get_body(("html",)).get_content()
+
+
+@pytest.mark.parametrize(
+    "text, cte",
+    [
+        ("plain ascii\n", "7bit"),
+        ("x" * 2000, "quoted-printable"),  # a long line: QP keeps it readable
+        ("café, mostly ascii\n" * 20, "quoted-printable"),
+        ("中文" * 500, "base64"),  # QP would triple it
+        ("\U0001f4a5" * 500, "base64"),
+    ],
+)
+def test_transfer_encoding_is_chosen_from_the_final_bytes(text, cte):
+    assert mime.body_cte(text) == cte
+    raw = mime.message_bytes(sample(text=text, html=None))
+    assert f"Content-Transfer-Encoding: {cte}".encode() in raw
+    assert all(len(line) <= 998 for line in raw.split(b"\r\n"))
+    assert parse(sample(text=text, html=None)).get_content().replace("\r\n", "\n").rstrip("\n") == text.rstrip("\n")
+
+
+def test_bodies_and_attachments_are_bounded():
+    huge = "\U0001f4a5<" * 1_000_000  # 5 MB of UTF-8, the worst case for every encoding
+    raw = mime.message_bytes(
+        sample(text=huge, html=huge, attachments=[("source patch 0", b"+" * 4_000_000), ("log", b"ok\n")])
+    )
+    assert len(raw) <= mime.MAX_MAIL_BYTES
+    received = email.message_from_bytes(raw, policy=policy.default)
+    assert "more bytes not shown" in received.get_body(("plain",)).get_content()
+    notes = {a.get_filename(): a.get_content() for a in received.iter_attachments()}
+    assert "patch of 4,000,000 bytes not attached" in notes["source patch 0"]
+    assert notes["log"] in ("ok\n", b"ok\n", "ok\r\n")
+
+
+def test_attachment_names_are_plain():
+    received = parse(sample(attachments=[(f"a/{ENCODED_WORD}\r\nb.log", b"x")]))
+    (attachment,) = list(received.iter_attachments())
+    assert attachment.get_filename() == "a___utf-8_q_a_0D_0ABcc__x_evil.example__ b.log"
+
+
+def test_addresses_in_headers():
+    msg = sample(
+        from_addr="Buildbot CI <buildbot@localhost>",
+        to=["Jörg Müller <jm@example.org>", '"Doe, John" <john@example.org>', "=?utf-8?q?a=0D=0A?= <e@example.org>",
+            "root@[127.0.0.1]", "üser@example.org", "bad\x07@example.org", "JM <jm@EXAMPLE.org>"],
+        cc=["john@example.org", "ops@example.org"],
+    )
+    raw = mime.message_bytes(msg)
+    received = email.message_from_bytes(raw, policy=policy.default)
+    assert [(a.display_name, a.addr_spec) for a in received["To"].addresses] == [
+        ("Jörg Müller", "jm@example.org"),
+        ("Doe, John", "john@example.org"),
+        ("=?utf-8?q?a=0D=0A?=", "e@example.org"),  # literally: decoded once, from ours
+        ("", "root@[127.0.0.1]"),
+    ]
+    assert [a.addr_spec for a in received["Cc"].addresses] == ["ops@example.org"]
+    assert str(received["From"]) == "Buildbot CI <buildbot@localhost>"
+    assert received["Message-ID"].endswith("@localhost>")
+
+
+def test_a_long_recipient_list_is_folded_and_capped():
+    to = [f"user{i}@example.org" for i in range(2000)]
+    raw = mime.message_bytes(sample(to=to))
+    head = header_block(raw).split(b"\r\n")
+    to_lines = [line for line in head if line.startswith((b"To:", b" "))]
+    assert len(to_lines) > 100 and max(len(line) for line in to_lines) <= 78
+    received = email.message_from_bytes(raw, policy=policy.default)
+    value = str(received["To"])
+    assert "user0@example.org" in value and value.endswith("more recipients:;")
+    assert len(value) < mime.MAX_ADDRESS_HEADER + 100

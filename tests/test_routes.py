@@ -3,8 +3,9 @@
 import pytest
 from buildbot.process.results import EXCEPTION, FAILURE, SUCCESS, WARNINGS
 
+from buildbot_mailext.addresses import is_valid_address
 from buildbot_mailext.masterconfig import KnownNames
-from buildbot_mailext.routes import MailRoute, expand_modes, is_valid_address, wanted_by_results
+from buildbot_mailext.routes import MailRoute, expand_modes, wanted_by_results
 
 
 def test_lone_string_is_one_recipient_not_characters():

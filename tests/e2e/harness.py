@@ -19,6 +19,7 @@ by name.
 
 from __future__ import annotations
 
+import contextlib
 import email
 import email.policy
 import importlib.util
@@ -449,3 +450,30 @@ def repo_root() -> Path:
 
 def example_cfg_text() -> str:
     return (repo_root() / "master.cfg.example").read_text()
+
+
+@contextlib.contextmanager
+def running_site(
+    tmp: Path,
+    cfg_text: str,
+    worker: tuple[str, str],
+    master_env: dict[str, str] | None = None,
+    worker_env: dict[str, str] | None = None,
+):
+    """A sink, a master running ``cfg_text`` (its ``MAILEXT_RELAYHOST`` is the sink) and a
+    connected worker ``(name, password)``; yields ``(sink, master, worker)`` and stops all
+    three afterwards, whatever happened."""
+    sink = SmtpSink().start()
+    master = Master(tmp / "master", cfg_text, env={"MAILEXT_RELAYHOST": sink.relayhost, **(master_env or {})})
+    site_worker = Worker(tmp / "worker", master.pb_port, *worker, env=worker_env)
+    try:
+        master.create()
+        master.start()
+        site_worker.create()
+        site_worker.start()
+        master.wait_worker(worker[0])
+        yield sink, master, site_worker
+    finally:
+        site_worker.stop()
+        master.stop()
+        sink.stop()

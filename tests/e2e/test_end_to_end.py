@@ -31,7 +31,7 @@ import time
 
 import pytest
 
-from harness import Master, SmtpSink, Worker, example_cfg_text
+from harness import Master, SmtpSink, Worker, example_cfg_text, running_site
 
 pytest.importorskip("aiosmtpd")
 
@@ -159,23 +159,12 @@ class Env:
 
 @pytest.fixture(scope="module")
 def e2e(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("e2e")
-    sink = SmtpSink().start()
-    master = Master(tmp / "master", CFG, env={"MAILEXT_RELAYHOST": sink.relayhost,
-                                              "MAILEXT_PREFLIGHT": "fail"})
-    worker = Worker(tmp / "worker", master.pb_port, *WORKER,
-                    env={"MAILEXT_E2E_WORKER_SECRET": WORKER_SECRET})
-    try:
-        master.create()
-        master.start()
-        worker.create()
-        worker.start()
-        master.wait_worker(WORKER[0])
-        yield Env(sink, master, worker)
-    finally:
-        worker.stop()
-        master.stop()
-        sink.stop()
+    with running_site(
+        tmp_path_factory.mktemp("e2e"), CFG, WORKER,
+        master_env={"MAILEXT_PREFLIGHT": "fail"},
+        worker_env={"MAILEXT_E2E_WORKER_SECRET": WORKER_SECRET},
+    ) as site:
+        yield Env(*site)
 
 
 def header_block(raw: bytes) -> str:
