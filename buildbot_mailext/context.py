@@ -698,11 +698,9 @@ async def culprits_context(master, build: dict, properties: dict) -> dict:
     }
     if build.get("results") not in _FAILING:
         return section
-    if culprits_mod.CULPRITS_KEY not in build:
-        build[culprits_mod.CULPRITS_KEY] = await culprits_mod.find_culprits(
-            master, build, earlier_builds_same_branch(master, build)
-        )
-    found = build[culprits_mod.CULPRITS_KEY]
+    found = await culprits_mod.find_culprits(
+        master, build, earlier_builds_same_branch(master, build)
+    )
 
     def build_ref(b: dict) -> dict:
         return {

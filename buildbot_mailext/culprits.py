@@ -34,8 +34,6 @@ __all__ = ["author_address", "author_login", "find_culprits", "MAX_CULPRITS", "M
 MAX_CULPRITS = 50
 # Changes walked (and counted) at most per codebase: bounds the DB reads of one mail.
 MAX_CULPRIT_WALK = 200
-# Where find_culprits caches its answer in the build dict (the notifier reads it back).
-CULPRITS_KEY = "mailext_culprits"
 
 _FAILING = (FAILURE, EXCEPTION)
 _PASSING = (SUCCESS, WARNINGS)

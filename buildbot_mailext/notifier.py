@@ -625,6 +625,12 @@ class MailExtNotifier(MailNotifier):
             if isinstance(m, EmailMessage) and "To" not in m:
                 mime.set_recipients(m, "To", all_recipients)
         all_recipients = self._without_excluded(all_recipients)
+        if isinstance(all_recipients, (list, tuple, set)):
+            # the address gate for the envelope too, whatever a hook returned
+            for value, reason in split_recipients(list(all_recipients))[1]:
+                log.msg(f"{self.name}: recipient {mime.one_line(repr(value), 300)} left out: "
+                        f"not a valid address ({reason}); the mail goes to the others")
+            all_recipients = mime.envelope_recipients(list(all_recipients))
         if not all_recipients:
             what = self._label("generator", builds or [], m) if isinstance(m, EmailMessage) else "mail"
             log.msg(f"{self.name}: {what}: no recipients (nobody to mail), nothing sent")
