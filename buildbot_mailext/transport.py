@@ -7,9 +7,13 @@ This module owns :class:`MailTransport` (what finished messages are handed to),
 
 Why not stock ``ESMTPSenderFactory``: it retries a refused connection five times within the
 same second, errbacks into nobody's hands ("Unhandled error in Deferred") and sends one
-message per connection. Here a small ``ESMTPClient`` subclass walks a list of messages, so
-that messages due in the same reactor turn share one SMTP session; every attempt ends in one
-:class:`Delivery` (the Deferred handed back never errbacks).
+message per connection, with Nagle's algorithm holding every closing dot ~40 ms. Here
+messages wait in one queue shared by at most ``max_sessions`` SMTP sessions (an
+``ESMTPClient`` subclass, :class:`_Session`, that runs the mail transactions itself:
+PIPELINING, no RSET after success, TCP_NODELAY); a session without work waits
+``cache_time`` in a connection cache, as Postfix's. Every attempt ends in one
+:class:`Delivery` (the Deferred handed back never errbacks, and every wait is bounded by
+``smtp_timeout``).
 
 The transport does not retry and does not log per message: what happens after an attempt
 (retry later, dead letter) belongs to the caller, which logs one line per outcome with
@@ -244,6 +248,7 @@ class Delivery:
     failure: Optional[SendFailure] = None  # session/message-level failure; None when DATA was accepted
     reply: Optional[str] = None  # final reply after DATA
     queue_id: Optional[str] = None  # parsed from reply, when the relay's wording is known
+    tls: Optional[str] = None  # e.g. "TLSv1.3 (TLS_AES_256_GCM_SHA384), certificate verified for relay"
 
     @property
     def delivered(self) -> bool:
@@ -586,6 +591,19 @@ class _Session(smtp.ESMTPClient):
     def _reply_QUIT(self, code: int, resp: bytes, _: Any) -> None:
         self.transport.loseConnection()
 
+    def _tls_facts(self) -> Optional[str]:
+        """What protected this session, for the CLI's send-test (None in clear text)."""
+        if not self._tlsMode:
+            return None
+        try:
+            conn = self.transport.getHandle()  # the OpenSSL connection under STARTTLS or SMTPS
+            facts = f"{conn.get_protocol_version_name()} ({conn.get_cipher_name()})"
+        except Exception:  # not an OpenSSL connection: say what we know
+            facts = "TLS"
+        if self.settings.tls_verify:
+            return f"{facts}, certificate verified for {self.settings.host}"
+        return f"{facts}, certificate NOT verified (tls_verify=False)"
+
     def _accepted(self) -> bool:
         return any(c in smtp.SUCCESS for _, c, _ in self._rcpt)
 
@@ -599,6 +617,7 @@ class _Session(smtp.ESMTPClient):
             outcome = _outcome(job, self.settings.route_label(), code, resp, accepted, self._rcpt)
         else:  # with PIPELINING, the RCPT replies only echo the refused MAIL
             outcome = _outcome(job, self.settings.route_label(), self._mail_reply[0], self._mail_reply[1], 0, [])
+        outcome.tls = self._tls_facts()
         if rset:
             self._pending.append(("RSET", None))
             self.sendLine(b"RSET")

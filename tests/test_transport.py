@@ -10,12 +10,14 @@ import time
 
 from twisted.internet import defer, reactor, task
 from twisted.internet.interfaces import IHostnameResolver, IHostResolution
+from twisted.internet.testing import StringTransport
+from twisted.mail import smtp
 from zope.interface import implementer
 from twisted.python import log
 from twisted.trial import unittest
 
 from buildbot_mailext.relay import SmtpSettings
-from buildbot_mailext.transport import Delivery, MailTransport, SendFailure, classify, describe, parse_queue_id
+from buildbot_mailext.transport import _Session, Delivery, MailTransport, SendFailure, classify, describe, parse_queue_id
 from smtp_servers import BlackHole, SmtpServer, TestCA, closed_port
 
 
@@ -96,6 +98,7 @@ class TransportTestCase(_RealServersTestCase):
         self.assertEqual(d.reply, "250 OK queued as 1")
         self.assertEqual(d.queue_id, "1")
         self.assertEqual(d.endpoint, f"127.0.0.1:{srv.port} (plain SMTP)")
+        self.assertIsNone(d.tls)
         (m,) = srv.messages
         self.assertEqual(m.mail_from, "bb@example.org")
         self.assertEqual(m.rcpt_tos, ["dev@example.org", "qa@example.org"])
@@ -147,6 +150,7 @@ class TransportTestCase(_RealServersTestCase):
         self.assertTrue(d.delivered)
         self.assertEqual(len(srv.messages), 1)
         self.assertDescribed(d, "tls-ok", "STARTTLS", "delivered")
+        self.assertRegex(d.tls, r"^TLSv1\.[23] \(\S+\), certificate verified for 127\.0\.0\.1$")
 
     @defer.inlineCallbacks
     def test_starttls_without_ca_file_fails_verification(self):
@@ -182,6 +186,7 @@ class TransportTestCase(_RealServersTestCase):
         self.assertTrue(d.delivered)
         self.assertEqual(len(srv.messages), 1)
         self.assertIn("SMTPS", d.endpoint)
+        self.assertRegex(d.tls, r"^TLSv1\.[23] \(\S+\), certificate verified for 127\.0\.0\.1$")
 
     @defer.inlineCallbacks
     def test_tls_verify_false_escape_hatch(self):
@@ -191,6 +196,7 @@ class TransportTestCase(_RealServersTestCase):
         d = yield t.send("bb@example.org", ["dev@example.org"], MSG, "noverify")
         self.assertTrue(d.delivered)
         self.assertDescribed(d, "noverify", "UNVERIFIED")
+        self.assertIn("certificate NOT verified (tls_verify=False)", d.tls)
 
     @defer.inlineCallbacks
     def test_starttls_not_offered(self):
@@ -272,23 +278,17 @@ class TransportTestCase(_RealServersTestCase):
         self.assertEqual(len(srv.messages), 1)
 
     @defer.inlineCallbacks
-    def test_451_after_data(self):
-        srv = self.server(data_reply="451 4.3.0 Queue file write error")
-        t = self.transport(srv.port)
-        d = yield t.send("bb@example.org", ["dev@example.org"], MSG, "datafail")
-        self.assertFalse(d.delivered)
-        self.assertEqual(d.failure.kind, "transient")
-        self.assertEqual(d.refused_temporarily, {"dev@example.org": "451 4.3.0 Queue file write error"})
-        self.assertDescribed(d, "datafail", "transient", "451 4.3.0 Queue file write error")
-
-    @defer.inlineCallbacks
-    def test_554_after_data_is_permanent(self):
-        srv = self.server(data_reply="554 5.6.0 Message content rejected")
-        t = self.transport(srv.port)
-        d = yield t.send("bb@example.org", ["dev@example.org"], MSG, "datafail5")
-        self.assertFalse(d.delivered)
-        self.assertEqual(d.failure.kind, "permanent")
-        self.assertEqual(d.refused_permanently, {"dev@example.org": "554 5.6.0 Message content rejected"})
+    def test_reply_to_the_data_decides_transient_or_permanent(self):
+        for reply, kind, refused in (
+            ("451 4.3.0 Queue file write error", "transient", "refused_temporarily"),
+            ("554 5.6.0 Message content rejected", "permanent", "refused_permanently"),
+        ):
+            srv = self.server(data_reply=reply)
+            d = yield self.transport(srv.port).send("bb@example.org", ["dev@example.org"], MSG, f"data {kind}")
+            self.assertFalse(d.delivered)
+            self.assertEqual(d.failure.kind, kind)
+            self.assertEqual(getattr(d, refused), {"dev@example.org": reply})
+            self.assertDescribed(d, f"data {kind}", kind, reply)
 
     @defer.inlineCallbacks
     def test_sender_refused(self):
@@ -490,6 +490,18 @@ class SessionTestCase(_RealServersTestCase):
         self.assertEqual(list(d.refused_temporarily), ["dev@example.org"])
 
     @defer.inlineCallbacks
+    def test_megabyte_message_with_dots_arrives_unchanged(self):
+        # Past 64 KiB the body is written as the socket drains; the bytes must not change.
+        srv = self.server()
+        t = self.transport(srv.port)
+        body = b"".join(b".line %d starting with a dot\n" % i if i % 7 == 0 else b"line %d\n" % i for i in range(80000))
+        msg = b".first line is a dot too\nSubject: big\n\n" + body
+        d = yield t.send("bb@example.org", ["dev@example.org"], msg, "big")
+        self.assertTrue(d.delivered, describe(d))
+        self.assertGreater(len(msg), 1_000_000)
+        self.assertEqual(srv.messages[0].data, msg.replace(b"\n", b"\r\n"))
+
+    @defer.inlineCallbacks
     def test_reconfig_quits_the_cached_connection_and_uses_the_new_relay(self):
         old, new = self.server(), self.server()
         t = self.transport(old.port, cache_time=30)
@@ -508,6 +520,72 @@ class SessionTestCase(_RealServersTestCase):
         yield t.stop()
         self.assertEqual(t._sessions, set())
         yield self.poll(lambda: "QUIT" in srv.verbs(), "QUIT at stop")
+
+
+class _Writes(StringTransport):
+    """StringTransport that keeps each write() apart: one write is one send() on a socket."""
+
+    def __init__(self):
+        super().__init__()
+        self.writes = []
+
+    def write(self, data):
+        self.writes.append(data)
+        super().write(data)
+
+    def clear(self):
+        super().clear()
+        self.writes = []
+
+
+class PipeliningWritesTestCase(unittest.TestCase):
+    """What leaves in one write cannot be seen through a real socket (the kernel may merge
+    or split segments), so these tests drive one session over Twisted's StringTransport."""
+
+    def session_with_one_job(self, ehlo_reply):
+        t = MailTransport(SmtpSettings(host="127.0.0.1", port=25, cache_time=0), reactor=reactor)
+        outcomes = []
+        d = t.send("bb@example.org", ["a@example.org", "b@example.org"], b"Subject: x\n\nbody\n", "pipe")
+        d.addCallback(outcomes.append)
+        t._pump_call.cancel()  # the session below takes the job instead of a real connection
+        t._pump_call = None
+        session = _Session(t, t.settings, t._generation, None)
+        wire = _Writes()
+        session.makeConnection(wire)
+        self.addCleanup(session.setTimeout, None)
+        session.dataReceived(b"220 relay ESMTP\r\n")
+        self.assertEqual(wire.value(), b"EHLO " + smtp.DNSNAME + b"\r\n")
+        wire.clear()
+        session.dataReceived(ehlo_reply)
+        return session, wire, outcomes
+
+    def test_mail_rcpt_and_data_leave_together_when_offered(self):
+        session, wire, outcomes = self.session_with_one_job(b"250-relay\r\n250-PIPELINING\r\n250 8BITMIME\r\n")
+        self.assertEqual(
+            wire.writes, [b"MAIL FROM:<bb@example.org>\r\nRCPT TO:<a@example.org>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n"]
+        )
+        wire.clear()
+        session.dataReceived(b"250 ok\r\n250 ok\r\n250 ok\r\n354 go ahead\r\n")
+        self.assertEqual(wire.writes, [b"Subject: x\r\n\r\nbody\r\n.\r\n"])  # body and dot: one write
+        wire.clear()
+        session.dataReceived(b"250 2.0.0 Ok: queued as E63B916209A\r\n")
+        (d,) = outcomes
+        self.assertEqual((d.accepted, d.queue_id), (["a@example.org", "b@example.org"], "E63B916209A"))
+        self.assertEqual(wire.value(), b"QUIT\r\n")  # cache_time=0; and no RSET before it
+
+    def test_one_command_at_a_time_without_pipelining(self):
+        session, wire, outcomes = self.session_with_one_job(b"250-relay\r\n250 8BITMIME\r\n")
+        self.assertEqual(wire.value(), b"MAIL FROM:<bb@example.org>\r\n")
+        for reply, expected in ((b"250 ok", b"RCPT TO:<a@example.org>"), (b"250 ok", b"RCPT TO:<b@example.org>"),
+                                (b"550 no", b"DATA")):
+            wire.clear()
+            session.dataReceived(reply + b"\r\n")
+            self.assertEqual(wire.value(), expected + b"\r\n")
+        wire.clear()
+        session.dataReceived(b"354 go\r\n")
+        session.dataReceived(b"250 queued\r\n")
+        (d,) = outcomes
+        self.assertEqual((d.accepted, d.refused_permanently), (["a@example.org"], {"b@example.org": "550 no"}))
 
 
 @implementer(IHostResolution)
