@@ -19,7 +19,7 @@ import urllib.request
 
 import pytest
 
-from harness import Master, SmtpSink, Worker
+from harness import Master, SmtpSink, running_site  # noqa: F401 (Master, SmtpSink: types)
 
 pytest.importorskip("aiosmtpd")
 
@@ -165,20 +165,8 @@ class Env:
 @pytest.fixture(scope="module")
 def e2e(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("culprits")
-    sink = SmtpSink().start()
-    master = Master(tmp / "master", CFG, env={"MAILEXT_RELAYHOST": sink.relayhost})
-    worker = Worker(tmp / "worker", master.pb_port, *WORKER)
-    try:
-        master.create()
-        master.start()
-        worker.create()
-        worker.start()
-        master.wait_worker(WORKER[0])
+    with running_site(tmp, CFG, WORKER) as (sink, master, _):
         yield Env(sink, master)
-    finally:
-        worker.stop()
-        master.stop()
-        sink.stop()
 
 
 def part(mail, content_type: str) -> str:
