@@ -27,7 +27,7 @@ setup(
     package_dir={"buildbot_mailext": "buildbot_mailext", "buildbot_mailext.packaged_templates": "templates"},
     package_data={"buildbot_mailext.packaged_templates": ["*.j2"]},
     include_package_data=False,
-    install_requires=["buildbot>=4.0,<5", "twisted", "jinja2", "pyOpenSSL", "service_identity"],
+    install_requires=["buildbot>=4.0,<5", "twisted", "jinja2", "pyOpenSSL", "service_identity", "tqdm"],
     extras_require={
         "test": [
             "pytest",
@@ -38,6 +38,7 @@ setup(
             "cryptography",
             "docutils",
             "hypothesis",
+            "psycopg2-binary",  # the multi-master test's PostgreSQL driver
         ],
     },
     entry_points={

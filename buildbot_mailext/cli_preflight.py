@@ -109,21 +109,12 @@ def run(args: argparse.Namespace) -> int:
 def _targets_from_master(master_dir: str, config_file: str) -> Optional[list[tuple[str, SmtpSettings, str, list[str]]]]:
     """Load master.cfg in-process (without its own config-load preflight) and collect
     (label, settings, fromaddr, recipients) for every MailNotifier in c['services']."""
-    from buildbot.config.errors import ConfigErrors, capture_config_errors
-    from buildbot.config.master import loadConfigDict
     from buildbot.reporters.mail import MailNotifier
 
-    basedir = os.path.abspath(master_dir)
-    if not os.path.isfile(os.path.join(basedir, config_file)):
-        print(f"preflight: {os.path.join(basedir, config_file)} does not exist", file=sys.stderr)
-        return None
-    try:
-        with preflight.suppressed(), capture_config_errors(raise_on_error=True):
-            _, config_dict = loadConfigDict(basedir, config_file)
-    except ConfigErrors as e:
-        print(f"preflight: {config_file} has configuration errors:", file=sys.stderr)
-        for err in e.errors:
-            print("  " + err, file=sys.stderr)
+    from buildbot_mailext.cli import load_master_config
+
+    config_dict = load_master_config(master_dir, config_file, "preflight")
+    if config_dict is None:
         return None
     services = list(config_dict.get("services") or []) + list(config_dict.get("reporters") or [])
     targets = []

@@ -35,6 +35,7 @@ from buildbot_mailext.masterconfig import in_master_dir
 from buildbot_mailext.templates import RenderedMail
 from buildbot_mailext.templates import TemplateSet
 from buildbot_mailext.templates import collapse_subject
+from buildbot_mailext.templates import error_location
 
 __all__ = ["MailExtFormatter"]
 
@@ -148,9 +149,10 @@ class MailExtFormatter(MessageFormatterBase):
             return mail, name, None
         except Exception as e:
             error = f"{type(e).__name__}: {e}"
-            where = getattr(e, "filename", None)
+            # file and line also for errors raised while rendering (an undefined variable)
+            where, line = error_location(e)
             if where:
-                error = f"{where}:{getattr(e, 'lineno', '?')}: {error}"
+                error = f"{where}:{line or '?'}: {error}"
         fallback = self._fallback_name(name, context, kind)
         log.msg(
             f"buildbot-mailext: template {name!r} (templates_dir={self.templates_dir!r}) failed "
@@ -177,7 +179,9 @@ class MailExtFormatter(MessageFormatterBase):
         )
         return RenderedMail(subject=subject, text=text, html=f"<pre>{html_mod.escape(text)}</pre>")
 
-    def _msgdict(self, mail: RenderedMail, name: str, error: str | None) -> dict:
+    def message_dict(self, mail: RenderedMail, name: str, error: str | None) -> dict:
+        """The formatter's answer to Buildbot for one rendered mail (also what ``preview
+        --sample`` hands the notifier)."""
         return {
             "body": mail.html,
             "type": self.template_type,
@@ -206,7 +210,7 @@ class MailExtFormatter(MessageFormatterBase):
         context["is_buildset"] = is_buildset
         context.update(self.context)
         mail, name, error = self.render(self.template, context)
-        return self._msgdict(mail, name, error)
+        return self.message_dict(mail, name, error)
 
     @async_to_deferred
     async def format_message_for_buildset(
@@ -244,7 +248,7 @@ class MailExtFormatter(MessageFormatterBase):
             context["result"] = result_name(buildset["results"])
         context.update(self.context)
         mail, name, error = self.render(self.template, context)
-        return self._msgdict(mail, name, error)
+        return self.message_dict(mail, name, error)
 
     @async_to_deferred
     async def formatMessageForMissingWorker(self, master, worker: dict) -> dict:
@@ -252,4 +256,4 @@ class MailExtFormatter(MessageFormatterBase):
         context = worker_context(master, worker)
         context.update(self.context)
         mail, rendered, error = self.render(name, context, kind="worker")
-        return self._msgdict(mail, rendered, error)
+        return self.message_dict(mail, rendered, error)

@@ -4,7 +4,9 @@ It owns configuration glue (``checkConfig`` validates and reports every problem 
 ``config.error``; ``reconfigService`` applies) and the order of the one-way path::
 
     build event -> route generators (routes.py) -> formatter (formatter.py)
-                -> MIME message (message.py) -> transport (transport.py)
+                -> claim (outbox.py: of several masters, one mails each event)
+                -> MIME message (message.py) -> outbox (outbox.py: stored, then sent
+                   and retried through transport.py)
 
 Reports made by a route are sent one mail per report, to that route's recipients.
 Reports from plain generators (``generators=``, or the stock defaults when neither
@@ -14,9 +16,12 @@ interested users and ``extraRecipients``.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
+import inspect
 import os
 from email.message import EmailMessage
+import re
 from typing import Any, Sequence
 
 from buildbot import config
@@ -33,6 +38,7 @@ from twisted.internet import defer
 from twisted.python import log
 
 from buildbot_mailext import message as mime
+from buildbot_mailext import outbox as outbox_mod
 from buildbot_mailext import postfix_queue
 from buildbot_mailext import preflight as preflight_mod
 from buildbot_mailext.addresses import address_errors, is_valid_address, split_recipients
@@ -52,7 +58,7 @@ from buildbot_mailext import digest as digest_mod
 from buildbot_mailext.context import culprits_context, previous_build_same_branch, transition_for
 from buildbot_mailext.threads import thread_headers
 from buildbot_mailext.templates import TemplateSet
-from buildbot_mailext.transport import Delivery, MailTransport, describe
+from buildbot_mailext.transport import Delivery, MailTransport
 
 # Template used when no routes are configured: it must read well for every result,
 # since the stock default modes mail passing builds too.
@@ -90,12 +96,34 @@ def notifier_arguments(
     smtp_max_sessions=4,
     track_local_mta=None,
     postfix_stuck_after=postfix_queue.DEFAULT_STUCK_AFTER,
+    retry_initial=outbox_mod.DEFAULT_RETRY_INITIAL,
+    retry_max_delay=outbox_mod.DEFAULT_RETRY_MAX_DELAY,
+    give_up_after=outbox_mod.DEFAULT_GIVE_UP_AFTER,
+    outbox_max_messages=outbox_mod.DEFAULT_MAX_MESSAGES,
+    outbox_max_bytes=outbox_mod.DEFAULT_MAX_BYTES,
+    outbox_lease=outbox_mod.DEFAULT_LEASE,
     exclude_recipients=None,
 ) -> dict[str, Any]:
     """Every argument ``MailExtNotifier`` takes, with its default: stock ``MailNotifier``'s
     in stock's positional order, then ours. ``checkConfig`` and ``reconfigService`` both
     read their arguments through this one signature."""
     return dict(locals())
+
+
+def argument_error(kwargs: dict[str, Any], error: TypeError) -> str:
+    """What is wrong with the arguments of a call to ``notifier_arguments`` that raised
+    ``error``, worded alike on every Python (3.13 appends its own "Did you mean ...?" to the
+    TypeError, older ones do not): unknown keywords with the closest known name, else the
+    TypeError's own text without the function name."""
+    known = list(inspect.signature(notifier_arguments).parameters)
+    problems = []
+    for name in (k for k in kwargs if k not in known):
+        close = difflib.get_close_matches(name, known, n=1)
+        problems.append(f"unknown argument {name!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
+    if problems:
+        return "; ".join(problems)
+    text = str(error).partition(") ")[2] or str(error)
+    return re.sub(r"\.? Did you mean .*$", "", text)
 
 
 # The arguments stock MailNotifier.checkConfig/reconfigService take besides fromaddr
@@ -108,6 +136,10 @@ SMTP_ARGUMENTS = (
     "relayhost", "smtpPort", "useTls", "useSmtps", "smtpUser", "smtpPassword",
     "tls_ca_file", "tls_verify", "allow_plaintext_auth", "smtp_timeout",
     "smtp_cache_time", "smtp_max_sessions",
+)
+OUTBOX_ARGUMENTS = (
+    "retry_initial", "retry_max_delay", "give_up_after", "outbox_max_messages",
+    "outbox_max_bytes", "outbox_lease", "smtp_timeout",
 )
 
 
@@ -124,7 +156,7 @@ class MailExtNotifier(MailNotifier):
             arguments = notifier_arguments(*args, **kwargs)
         except TypeError as e:  # a misspelt or missing argument in master.cfg
             self.name = self.name or "MailExtNotifier"
-            config.error(f"MailExtNotifier: {str(e).partition(') ')[2] or e}")
+            config.error(f"MailExtNotifier: {argument_error(kwargs, e)}")
             return
         fromaddr = arguments["fromaddr"]
         routes, generators = arguments["routes"], arguments["generators"]
@@ -160,6 +192,7 @@ class MailExtNotifier(MailNotifier):
         smtp = _subset(arguments, SMTP_ARGUMENTS)
         errors.extend(check_smtp_settings(**smtp))
         errors.extend(preflight_mod.check_preflight_mode(preflight))
+        errors.extend(outbox_mod.check_outbox_options(**_subset(arguments, OUTBOX_ARGUMENTS)))
         errors.extend(self._tracking_errors(arguments["track_local_mta"], arguments["postfix_stuck_after"]))
         if arguments["exclude_recipients"] is not None:
             errors.extend(
@@ -167,7 +200,7 @@ class MailExtNotifier(MailNotifier):
             )
 
         if self.name is None:
-            self.name = self._stable_name(fromaddr, smtp, routes, generators, templates_dir)
+            self.name = self._stable_name(fromaddr, routes, generators, templates_dir)
         for error in errors:
             config.error(error)
 
@@ -224,11 +257,16 @@ class MailExtNotifier(MailNotifier):
                 # held reports survive a reconfig: the budget lives on the master
                 digest_mod.budget_for(self.master, route, self, self._send_digest)
         settings = SmtpSettings.from_notifier_args(**_subset(arguments, SMTP_ARGUMENTS))
+        relay_changed = False
         if getattr(self, "transport", None) is None:
             self.transport = MailTransport(settings)
         elif self.transport.settings != settings:
-            # The next sessions go to the new server: that is usually why the config changed.
             self.transport.settings = settings
+            relay_changed = True
+        self._configure_outbox(arguments)
+        if relay_changed:
+            # Pending mail goes to the new server now: that is usually why the config changed.
+            self.outbox.wake_now()
         for warning in settings.startup_warnings():
             log.msg(f"{self.name}: {warning}")
         # Not awaited: a slow relay must not delay the master's start. (It only probes
@@ -239,10 +277,40 @@ class MailExtNotifier(MailNotifier):
             settings, arguments["track_local_mta"], arguments["postfix_stuck_after"]
         )
 
+    def _configure_outbox(self, arguments: dict[str, Any]) -> None:
+        policy = outbox_mod.RetryPolicy(
+            arguments["retry_initial"], arguments["retry_max_delay"], arguments["give_up_after"]
+        )
+        limits = outbox_mod.OutboxLimits(arguments["outbox_max_messages"], arguments["outbox_max_bytes"])
+        if getattr(self, "outbox", None) is None:
+            # Filed under the notifier's name, which does not depend on relay settings:
+            # a reconfig that changes the relay finds the same rows (issue 12).
+            self.outbox = outbox_mod.Outbox(
+                self.master, self.name, self.transport, self._build_digest, policy, limits,
+                arguments["outbox_lease"], on_delivery=self._follow_in_postfix,
+            )
+        else:
+            self.outbox.policy, self.outbox.limits = policy, limits
+            self.outbox.lease = arguments["outbox_lease"]
+
+    @defer.inlineCallbacks
+    def startService(self):
+        yield super().startService()
+        try:
+            yield self.outbox.start()
+        except Exception as e:
+            log.msg(
+                f"{self.name}: the mail outbox cannot use the master's database ({e}); "
+                "mail cannot be queued: check db_url in master.cfg and run 'buildbot upgrade-master'"
+            )
+            raise
+
     @defer.inlineCallbacks
     def stopService(self):
         digest_mod.release_budgets(self.master, self)
         yield super().stopService()
+        if getattr(self, "outbox", None) is not None:
+            yield self.outbox.stop()
         if getattr(self, "postfix_tracker", None) is not None:
             yield self.postfix_tracker.stop()
         if getattr(self, "transport", None) is not None:
@@ -387,13 +455,13 @@ class MailExtNotifier(MailNotifier):
             [a for r in routes for a in r.to] + list(extraRecipients or [])
         )
 
-    def _stable_name(self, fromaddr, smtp, routes, generators, templates_dir) -> str:
-        # Derived from the configuration only, so two notifiers never collide and an
-        # unchanged master.cfg keeps the same name on reconfig (no churn).
+    def _stable_name(self, fromaddr, routes, generators, templates_dir) -> str:
+        # Derived from what the mail says and whom it goes to, never from how it travels:
+        # a reconfig that changes relay settings keeps the name, so the service is
+        # reconfigured rather than replaced and its queued mail (filed under the name in
+        # the outbox) goes out through the new relay.
         parts = [
             repr(fromaddr),
-            repr(smtp["relayhost"]),
-            repr(smtp["smtpPort"]),
             repr(templates_dir),
             *(repr(sorted(vars(r).items(), key=lambda kv: kv[0])) for r in routes),
             *(g.generate_name() for g in (generators or [])),
@@ -448,6 +516,15 @@ class MailExtNotifier(MailNotifier):
     def sendMessage(self, reports):
         routed = [r for r in reports if r.get("mailext_route") is not None]
         plain = [r for r in reports if r.get("mailext_route") is None]
+        # Exactly one mail per event across masters: every master sees every build event,
+        # and only the one that inserts the claim first composes the mail.
+        claims = [self._claim(f"route {r['mailext_route'].name}", [r]) for r in routed]
+        if plain:
+            claims.append(self._claim("generators", plain))
+        won = yield defer.gatherResults(claims)
+        if plain and not won.pop():
+            plain = []
+        routed = [r for r, ok in zip(routed, won) if ok]
         # Composed side by side, not one after the other: the mails of one build reach the
         # transport in the same reactor turn and leave in one SMTP session.
         sending = [
@@ -457,6 +534,34 @@ class MailExtNotifier(MailNotifier):
         if plain:
             sending.append(self._guarded(self._send_plain_reports(plain), "generator reports"))
         yield defer.gatherResults(sending)
+
+    @defer.inlineCallbacks
+    def _claim(self, what: str, reports) -> Any:
+        try:
+            won = yield self.outbox.claim(what, self._event_identity(reports))
+        except Exception as e:  # better a possible duplicate (several masters) than no mail
+            log.msg(f"{self.name}: {what}: {self._event_text(reports)}: cannot record the claim in the "
+                    f"database ({e}); mailing it anyway")
+            return True
+        if not won:
+            log.msg(f"{self.name}: {what}: {self._event_text(reports)} is mailed by another master")
+        return won
+
+    @staticmethod
+    def _event_identity(reports) -> list:
+        """What makes these reports one event: the builds and whether each was finished,
+        or (worker-missing and other build-less mail) the text every master renders alike."""
+        builds = merge_reports_prop(reports, "builds") or []
+        if builds:
+            return sorted([b["buildid"], bool(b.get("complete"))] for b in builds)
+        return [[str(r.get("worker")), str(r.get("subject")), str(r.get("body"))] for r in reports]
+
+    @staticmethod
+    def _event_text(reports) -> str:
+        builds = merge_reports_prop(reports, "builds") or []
+        if builds:
+            return ", ".join(f"build {b['builder']['name']!r} #{b['number']}" for b in builds)
+        return "this event"
 
     def _guarded(self, d: defer.Deferred, what: str) -> defer.Deferred:
         # One mail failing to compose (a bug, not a mail problem) must not stop the others;
@@ -492,7 +597,7 @@ class MailExtNotifier(MailNotifier):
                 )
                 return
         yield self._compose_and_send([report], to=to, cc=[], what=f"route {route.name!r}",
-                                     route=route)
+                                     route=route, outbox_route=f"route {route.name}")
 
     @defer.inlineCallbacks
     def _culprit_addresses(self, builds):
@@ -589,7 +694,8 @@ class MailExtNotifier(MailNotifier):
         if not envelope:
             log.msg(f"{self.name}: {label}: no recipients (nobody to mail), nothing sent")
             return
-        yield self._guarded(self.sendMail(msg, envelope, label=label), label)
+        yield self._guarded(
+            self.sendMail(msg, envelope, label=label, route=f"route {budget.name}"), label)
 
     # ------------------------------------------------------------------ plain generators
 
@@ -779,7 +885,7 @@ class MailExtNotifier(MailNotifier):
 
     @defer.inlineCallbacks
     def _compose_and_send(self, reports, to: Sequence[str], cc: Sequence[str], what: str,
-                          route=None):
+                          route=None, outbox_route: str = "generators"):
         builds = merge_reports_prop(reports, "builds") or []
         text, html = self._bodies(reports)
         subject = merge_reports_prop_take_first(reports, "subject") or "Buildbot mail"
@@ -805,7 +911,7 @@ class MailExtNotifier(MailNotifier):
         if not recipients:
             log.msg(f"{self.name}: {label}: no recipients (nobody to mail), nothing sent")
             return
-        yield self.sendMail(msg, recipients, label=label)
+        yield self.sendMail(msg, recipients, label=label, route=outbox_route)
 
     @staticmethod
     def _label(what: str, builds, msg) -> str:
@@ -851,23 +957,39 @@ class MailExtNotifier(MailNotifier):
             attachments.append((name, content.encode("utf-8", "replace")))
         return attachments
 
-    def sendMail(self, m, recipients, label: str | None = None):
-        """Hand one message to the transport; fires with its Delivery, never errbacks."""
+    def sendMail(self, m, recipients, label: str | None = None, route: str = "generators"):
+        """Write one message to the outbox; its first attempt follows at once. Fires once
+        the mail is stored (not when delivered); never errbacks."""
         label = label or f"mail {m['Message-ID']}"
         data = mime.message_bytes(m, label) if hasattr(m, "as_bytes") else m.as_string().encode()
-        log.msg(f"{self.name}: sending {label} ({len(data)} bytes) to {', '.join(recipients)}")
         if self.dumpMailsToLog:
             log.msg(f"mail data:\n{data.decode('utf-8', 'replace')}")
-        d = self.transport.send(mime.bare_address(self.fromaddr), recipients, data, label)
-        d.addCallback(self._log_delivery)
-        return d.addCallback(self._follow_in_postfix)
+        mail = outbox_mod.NewMail(
+            route=route, label=label, subject=mime.one_line(m["Subject"] or "", 200),
+            envelope_from=mime.bare_address(self.fromaddr), recipients=list(recipients), message=data,
+        )
+        d = self.outbox.queue(mail)
+        d.addErrback(
+            lambda f: log.msg(
+                f"{self.name}: mail {label}: NOT queued: the outbox cannot write to the master's "
+                f"database ({f.getErrorMessage()}); mail lost: check the database (db_url)"
+            )
+        )
+        return d
 
-    @staticmethod
-    def _log_delivery(delivery: Delivery) -> Delivery:
-        # Until the durable outbox (issue 7) takes over: one line per outcome, no retry.
-        line = describe(delivery)
-        if delivery.refused_temporarily or not delivery.delivered:
-            line += "; not retried: mail lost for the recipients not reached"
-        log.msg(line)
-        return delivery
-
+    def _build_digest(self, route: str, items: list, recipients: list) -> bytes:
+        """The digest that stands for the mails of ``route`` held back by a full outbox."""
+        lines = [
+            f"The mail outbox of {self.name} is full (outbox_max_messages / outbox_max_bytes),",
+            f"so these {len(items)} mails for {route} were folded into this one:",
+            "",
+            *(f"- {item['subject']}  [{item['label']}]" for item in items),
+            "",
+            "Make room: let pending mail leave (is the relay up?) or drop dead letters with",
+            "'buildbot-mailext outbox MASTER_DIR drop --dead'.",
+        ]
+        msg = mime.build_email(
+            subject=f"[Buildbot] {outbox_mod.digest_summary(len(items))} ({route})",
+            from_addr=self.fromaddr, to=recipients, cc=[], text="\n".join(lines), html=None,
+        )
+        return mime.message_bytes(msg)

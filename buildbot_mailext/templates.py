@@ -35,6 +35,7 @@ __all__ = [
     "RenderedMail",
     "TemplateSet",
     "collapse_subject",
+    "error_location",
 ]
 
 # The three files that make up one template name, in render order.
@@ -132,7 +133,7 @@ FILTERS = {
 # --- the template set --------------------------------------------------------------------------
 
 
-def _error_location(exc: BaseException) -> tuple[str | None, int | None]:
+def error_location(exc: BaseException) -> tuple[str | None, int | None]:
     """Return (template file, line) of the innermost template frame of ``exc``.
 
     Jinja2 rewrites tracebacks so that frames executing template code carry the template's file
@@ -269,14 +270,14 @@ class TemplateSet:
                     f"exist ({self._searched()})"
                 )
             except jinja2.UndefinedError as e:
-                path, line = _error_location(e)
+                path, line = error_location(e)
                 where = f"{path}:{line}" if path else self._path_of(file_name)
                 errors.append(
                     f"{where}: undefined variable: {e.message}; the template context offers: "
                     f"{', '.join(sorted(context))}"
                 )
             except Exception as e:  # any other render failure would also break the mail
-                path, line = _error_location(e)
+                path, line = error_location(e)
                 where = f"{path}:{line}" if path else self._path_of(file_name)
                 errors.append(f"{where}: rendering failed: {type(e).__name__}: {e}")
         return errors

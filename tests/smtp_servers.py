@@ -16,6 +16,7 @@ Reusable by every test module::
     with SmtpServer(rcpt_replies={"bad@x": "550 5.1.1 <bad@x>: unknown"}) ...
     with SmtpServer(rcpt_replies={"*": "451 4.3.0 try later"}) ...    # every recipient
     with SmtpServer(data_reply="451 4.3.0 queue full") ...
+    srv.data_replies = ["451 4.3.0 later"] * 2       # the next two DATA get 451, then 250
     with SmtpServer(mail_reply="553 5.7.1 <x@y>: Sender address rejected") ...
 
     with SmtpServer(pipelining=True) ...            # advertise PIPELINING (aiosmtpd reads commands in order anyway)
@@ -120,6 +121,10 @@ class _Handler:
 
     async def handle_DATA(self, srv, session, envelope):
         await self._saw(session, "DATA")
+        with self.server._lock:
+            scripted = self.server.data_replies.pop(0) if self.server.data_replies else None
+        if scripted:
+            return scripted
         if self.server.data_reply:
             return self.server.data_reply
         with self.server._lock:
@@ -159,6 +164,9 @@ class SmtpServer:
         self.auth_attempts: list[tuple[str, bool]] = []
         self.rcpt_replies = dict(rcpt_replies or {})
         self.data_reply = data_reply
+        # Answers for the next DATA commands, one each, before data_reply / 250 apply again
+        # (e.g. ["451 4.3.0 try later"] * 2: accepted at the third attempt).
+        self.data_replies: list[str] = []
         self.mail_reply = mail_reply
         self._lock = threading.Lock()
         self._auth = auth

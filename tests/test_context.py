@@ -16,6 +16,8 @@ from buildbot.test import fakedb
 from buildbot.test.fake import fakemaster
 from buildbot.test.reactor import TestReactorMixin
 
+from fakedb_compat import patch_changes_for_build
+
 from buildbot_mailext import context as ctxmod
 from buildbot_mailext.context import HEADER_SLACK_LINES
 from buildbot_mailext.context import build_context
@@ -73,6 +75,7 @@ class FakeBuildMixin(TestReactorMixin):
     def setUp(self):
         self.setup_test_reactor()
         self.master = yield fakemaster.make_master(self, wantData=True, wantDb=True, wantMq=True)
+        patch_changes_for_build(self, self.master)
         yield self.master.db.insert_test_data([
             fakedb.Master(id=92),
             fakedb.Worker(id=13, name="wrk"),

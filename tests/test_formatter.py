@@ -23,6 +23,7 @@ from buildbot.test import fakedb
 from buildbot.test.fake import fakemaster
 from buildbot.test.reactor import TestReactorMixin
 
+from fakedb_compat import patch_changes_for_build
 from buildbot_mailext.formatter import MailExtFormatter
 
 
@@ -43,6 +44,7 @@ class FormatterTestBase(TestReactorMixin, unittest.TestCase):
     def setUp(self):
         self.setup_test_reactor()
         self.master = yield fakemaster.make_master(self, wantData=True, wantDb=True, wantMq=True)
+        patch_changes_for_build(self, self.master)
         self.reporter = mock.Mock()
         self.reporter.getResponsibleUsersForBuild.side_effect = (
             lambda master, buildid: defer.succeed(["jane@example.org"])

@@ -166,8 +166,9 @@ class SmtpSink:
         """Postfix-style "[127.0.0.1]:PORT", as master.cfg.example expects it."""
         return f"[{self.hostname}]:{self.port}"
 
-    def start(self) -> "SmtpSink":
-        self._server.start()
+    def start(self, port: int | None = None) -> "SmtpSink":
+        """Listen on a free port, or on ``port`` (a relay coming back where it was)."""
+        self._server.start(port)
         return self
 
     def stop(self) -> None:

@@ -85,7 +85,7 @@ def test_warn_starts_logs_a_banner_and_keeps_the_failure_mail(tmp_path):
     assert f"build 'runtests' #{build['number']}" in line
     assert "route 'runtests-to-dev'" in line
     assert endpoint in line and "refused" in line
-    # What happens next is the caller's line (the outbox of issue 7 says when it retries).
-    assert "not retried: mail lost" in line or re.search(r"retry.* in \d+s", line)
+    # The outbox keeps it and says when it tries again.
+    assert re.search(r"attempt \d+ in \d+s \(outbox #\d+, kept in the database\)", line)
     assert "Unhandled error" not in log and "Traceback" not in log
     assert "SMTP Client retrying" not in log
