@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import datetime
 import re
-from typing import Any
+from typing import Any, Sequence
 
 from twisted.python import log
 
@@ -34,6 +34,9 @@ from buildbot.process.results import Results
 from buildbot.reporters import utils
 from buildbot.reporters.message import get_projects_text
 from buildbot.util.twisted import async_to_deferred
+
+from buildbot_mailext import culprits as culprits_mod
+from buildbot_mailext import excerpts
 
 __all__ = [
     "build_context",
@@ -166,6 +169,15 @@ async def previous_build_same_branch(master, build: dict) -> dict | None:
 
 
 async def _search_previous_build(master, build: dict) -> dict | None:
+    async for prev in earlier_builds_same_branch(master, build):
+        return prev
+    return None
+
+
+async def earlier_builds_same_branch(master, build: dict):
+    """The earlier finished builds of the same builder and branch, newest first (an async
+    iterator), skipping builds whose result says nothing about the code; at most
+    ``PREVIOUS_BUILD_SEARCH_LIMIT`` build numbers are looked at."""
     branch = await _build_branch(master, build)
     number = build["number"] - 1
     lowest = max(0, build["number"] - PREVIOUS_BUILD_SEARCH_LIMIT)
@@ -180,8 +192,7 @@ async def _search_previous_build(master, build: dict) -> dict | None:
             # same fallback as for the current build, so both sides are compared alike
             prev_branch = await _sourcestamp_branch_of(master, prev)
         if prev_branch == branch:
-            return prev
-    return None
+            yield prev
 
 
 async def _sourcestamp_branch_of(master, build: dict) -> str | None:
@@ -465,7 +476,7 @@ def _change_summary(change: dict) -> dict:
         "branch": _clean_field(change.get("branch") or "", 200) or None,
         "repository": _clean_field(change.get("repository") or "", 300),
         "project": _clean_field(change.get("project") or "", 200),
-        "revlink": _clean_field(change.get("revlink") or "", 500) or None,
+        "revlink": safe_url(change.get("revlink")),
         "when": _fmt_time(change.get("when_timestamp")),
         "files": [_clean_field(f, 300) for f in files[:MAX_FILES_PER_CHANGE]],
         "files_total": len(files),
@@ -513,7 +524,8 @@ def build_line(build: dict) -> dict:
 
 @async_to_deferred
 async def build_context(
-    master, build: dict, mode: Any, users: list[str] | None, log_tail_lines: int = 40
+    master, build: dict, mode: Any, users: list[str] | None, log_tail_lines: int = 40,
+    error_patterns: Sequence[str] | None = None,
 ) -> dict:
     """Build the template context of ``build`` (a dict from ``utils.getDetailsForBuild``).
 
@@ -537,6 +549,7 @@ async def build_context(
     previous_results = prev["results"] if prev else None
 
     failed_steps = []
+    patterns = excerpts.compile_patterns(error_patterns)
     budget = MAX_TAIL_CHARS_PER_MAIL
     steps = list(steps)[:MAX_STEPS]
     for step in steps:
@@ -562,6 +575,8 @@ async def build_context(
                     master, log_dict, log_tail_lines, max_chars=min(MAX_TAIL_CHARS_PER_LOG, budget)
                 )
                 budget -= sum(len(l) + 1 for l in tail["lines"])
+                tail["excerpt"] = await _error_excerpt(master, log_dict, tail, patterns, budget)
+                budget -= sum(len(l) + 1 for l in (tail["excerpt"] or {}).get("lines", []))
                 summary["log_tail"].append(tail)
         failed_steps.append(summary)
 
@@ -624,7 +639,161 @@ async def build_context(
         "template_error": None,
     }
     ctx["builds"] = [dict(build_line(build), buildername=ctx["buildername"], url=build_url)]
+    ctx.update(await culprits_context(master, build, properties))
+    ctx.update(await failed_tests_context(master, build))
     return ctx
+
+
+# --- error excerpts, culprits, failed tests (issue 9) ------------------------------------------
+
+
+def safe_url(value: Any, max_chars: int = 500) -> str | None:
+    """``value`` if it is an http(s) URL on one line, else None: a revlink such as
+    ``javascript:alert(1)`` never becomes a link."""
+    text = _clean_field(value or "", max_chars)
+    if not re.match(r"(?i)^https?://[^\s<>\"']+$", text):
+        return None
+    return text
+
+
+async def _error_excerpt(master, log_dict: dict, tail: dict, patterns, budget: int) -> dict | None:
+    if not patterns or budget <= 0 or not tail.get("lines") or "logid" not in log_dict:
+        return None
+    tail_first_line = int(tail.get("total_lines") or 0) - len(tail["lines"])
+    excerpt = await excerpts.read_error_excerpt(
+        master, log_dict, tail_first_line, patterns, _clean_line
+    )
+    if excerpt is not None and excerpt["gap"] <= HEADER_SLACK_LINES:
+        # The tail leaves out header lines, so it may start above tail_first_line: an
+        # error line the tail shows already needs no excerpt.
+        matched = [e["text"] for e in excerpt["entries"] if e["match"]]
+        if matched and matched[0] in tail["lines"]:
+            return None
+    return excerpt
+
+
+_CHANGE_FIELDS = (
+    "changeid", "author", "committer", "revision", "comments", "branch", "repository",
+    "project", "codebase", "revlink", "when_timestamp", "files",
+)
+
+
+async def culprits_context(master, build: dict, properties: dict) -> dict:
+    """The ``culprits`` section of a failing build's context (empty for other results).
+
+    ``culprits``: the changes since the last passing build of the same builder and branch,
+    newest first, each with ``author``, ``address`` (None when the author has none),
+    ``login`` (the author when it is a plain name without an address, for ``lookup``),
+    ``revision``, ``title`` (first line of the comment), ``files_count``, ``revlink`` (http(s)
+    only), ``first_build`` ({"number", "url"}) and ``new`` (True when it first appeared in
+    this build); ``culprits_more`` counts those not listed (``culprits_more_unknown`` when the
+    walk stopped before the end); ``culprits_since`` is the last passing build
+    ({"number", "url", "result"}) or None; ``requester`` is the forced build's owner, or None.
+    """
+    owner = _prop(properties, "owner")
+    requester = _clean_field(owner, 200) if isinstance(owner, str) and owner else None
+    section: dict[str, Any] = {
+        "culprits": [], "culprits_more": 0, "culprits_more_unknown": False,
+        "culprits_since": None, "requester": requester,
+    }
+    if build.get("results") not in _FAILING:
+        return section
+    found = await culprits_mod.find_culprits(
+        master, build, earlier_builds_same_branch(master, build)
+    )
+
+    def build_ref(b: dict) -> dict:
+        return {
+            "number": b["number"],
+            "url": utils.getURLForBuild(master, b["builderid"], b["number"]),
+            "result": result_name(b.get("results")),
+        }
+
+    for change in found["changes"]:
+        raw = {name: culprits_mod.model_field(change, name) for name in _CHANGE_FIELDS}
+        summary = _change_summary(raw)
+        first = found["first_build"].get(raw["changeid"]) or build
+        comment_lines = summary["comments"].strip().splitlines()
+        summary.update(
+            address=culprits_mod.author_address(raw["author"]),
+            # a name without an address, for ``lookup``; None when the raw author carried
+            # control characters (CR/LF...): such an author is never mailed
+            login=culprits_mod.author_login(raw["author"]),
+            title=_clean_field(comment_lines[0] if comment_lines else "", 200),
+            files_count=summary["files_total"],
+            first_build=build_ref(first),
+            new=first["number"] == build["number"],
+        )
+        section["culprits"].append(summary)
+    section["culprits_more"] = found["more"]
+    section["culprits_more_unknown"] = found["more_unknown"]
+    section["culprits_since"] = build_ref(found["since"]) if found["since"] else None
+    return section
+
+
+# Failed tests listed per mail; the rest are counted.
+MAX_FAILED_TESTS = 50
+
+
+async def failed_tests_context(master, build: dict) -> dict:
+    """``test_results``: per test result set of the build that has failures,
+    ``{"description", "category", "passed", "failed", "tests": [{"name", "message"}],
+    "more": int}`` (Buildbot's test result sets count no skipped tests); empty when the
+    build recorded no test results."""
+    sets_out: list[dict] = []
+    try:
+        sets = await master.data.get(("builds", build["buildid"], "test_result_sets")) or []
+        for result_set in list(sets)[:10]:
+            failed = result_set.get("tests_failed") or 0
+            if not failed:
+                continue
+            results = await master.data.get(
+                ("test_result_sets", result_set["test_result_setid"], "results")
+            ) or []
+            tests = []
+            for result in results:
+                if len(tests) >= MAX_FAILED_TESTS:
+                    break
+                if _test_passed(result_set, result):
+                    continue
+                tests.append({
+                    "name": _clean_field(result.get("test_name") or result.get("test_code_path")
+                                         or "(unnamed test)", 300),
+                    "message": _test_message(result_set, result),
+                })
+            sets_out.append({
+                "description": _clean_field(result_set.get("description") or "", 200),
+                "category": _clean_field(result_set.get("category") or "", 100),
+                "passed": result_set.get("tests_passed"),
+                "failed": failed,
+                "tests": tests,
+                "more": max(0, failed - len(tests)),
+            })
+    except Exception as e:  # test results are nice to have: never lose the mail over them
+        log.msg(f"buildbot-mailext: cannot read test results of build {build.get('buildid')}: "
+                f"{type(e).__name__}: {e}")
+    return {"test_results": sets_out}
+
+
+def _test_passed(result_set: dict, result: dict) -> bool:
+    # Buildbot's categories (buildbot.util.test_result_submitter): 'pass_fail' stores "1"/"0",
+    # 'fail_only' and 'code_issue' store only failures (the value is the message),
+    # 'pass_only' only passes.
+    category = result_set.get("category")
+    if category == "pass_only":
+        return True
+    if category in ("fail_only", "code_issue"):
+        return False
+    try:
+        return bool(int(str(result.get("value")).strip()))
+    except ValueError:
+        return str(result.get("value")).strip().lower() in ("true", "pass", "passed", "ok")
+
+
+def _test_message(result_set: dict, result: dict) -> str:
+    if result_set.get("category") == "pass_fail":
+        return ""  # the value is only "0"
+    return _clean_field(result.get("value") or "", 300)
 
 
 def worker_context(master, worker: dict) -> dict:

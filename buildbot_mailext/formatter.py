@@ -68,6 +68,7 @@ class MailExtFormatter(MessageFormatterBase):
         "want_logs",
         "want_logs_content",
         "context",
+        "error_patterns",
     ]
 
     def __init__(
@@ -81,6 +82,7 @@ class MailExtFormatter(MessageFormatterBase):
         want_logs_content: bool | list = False,
         ctx: dict | None = None,
         subject: str | None = None,
+        error_patterns: Sequence[str] | None = None,
     ):
         super().__init__(
             ctx=ctx,
@@ -95,6 +97,8 @@ class MailExtFormatter(MessageFormatterBase):
         self.log_tail_lines = log_tail_lines
         # An inline Jinja2 subject (MailRoute(subject=...)) replaces NAME.subject.j2.
         self.subject = subject
+        # None: the default error patterns (excerpts.DEFAULT_ERROR_PATTERNS); (): none
+        self.error_patterns = error_patterns
         self.templates = TemplateSet(templates_dir)
         # the packaged templates alone: what we fall back to when a custom template breaks
         self.packaged = TemplateSet(None)
@@ -200,7 +204,9 @@ class MailExtFormatter(MessageFormatterBase):
         self, master, build: dict, is_buildset: bool = False, users: list[str] | None = None,
         mode: Any = None, **kwargs: Any,
     ) -> dict:
-        context = await build_context(master, build, mode, users or [], self.log_tail_lines)
+        context = await build_context(
+            master, build, mode, users or [], self.log_tail_lines, self.error_patterns
+        )
         context["is_buildset"] = is_buildset
         context.update(self.context)
         mail, name, error = self.render(self.template, context)
@@ -217,9 +223,25 @@ class MailExtFormatter(MessageFormatterBase):
         """
         if not builds:
             return {"body": None, "type": self.template_type, "subject": None, "extra_info": None}
-        context = await build_context(master, builds[0], mode, users or [], self.log_tail_lines)
-        # Names and state strings bounded like every other value from a build.
-        context["builds"] = [build_line(build) for build in builds[:MAX_ITEMS]]
+        # Every build gets its full context (failed steps, excerpts, culprits): a buildset
+        # mail names what broke in each of them. Names and state strings are bounded like
+        # every other value from a build (build_line).
+        builds = list(builds)[:MAX_ITEMS]
+        contexts = [
+            await build_context(master, b, mode, users or [], self.log_tail_lines,
+                                self.error_patterns)
+            for b in builds
+        ]
+        context = dict(contexts[0])
+        summaries = []
+        for build, build_ctx in zip(builds, contexts):
+            line = dict(build_line(build), url=build_ctx["build_url"])
+            for key in ("transition", "failed_steps", "culprits", "culprits_more",
+                        "culprits_more_unknown", "culprits_since", "test_results", "branch",
+                        "revision", "summary"):
+                line[key] = build_ctx.get(key)
+            summaries.append(line)
+        context["builds"] = summaries
         context["is_buildset"] = True
         if buildset.get("results") is not None:
             context["results"] = buildset["results"]

@@ -223,6 +223,17 @@ def buildbot_headers(builder: str, result: str, url: str) -> dict[str, str]:
     return {"X-Buildbot-Builder": builder, "X-Buildbot-Result": result, "X-Buildbot-URL": url}
 
 
+def set_recipients(msg: EmailMessage, name: str, addresses: Sequence[object]) -> list[str]:
+    """Set ``To`` or ``Cc`` of a composed message (``MailNotifier.processRecipients`` does
+    it after ``createEmail``) through the address gate; returns the bare addresses set."""
+    parsed = split_recipients(addresses)[0]
+    if name in msg:
+        del msg[name]
+    if parsed:
+        _set(msg, name, address_header(name, parsed))
+    return [a.addr_spec for a in parsed]
+
+
 def valid_header_name(name: object) -> bool:
     return isinstance(name, str) and len(name) <= MAX_HEADER_NAME and HEADER_NAME.match(name) is not None
 
@@ -310,6 +321,7 @@ def build_email(
     headers: Mapping[str, object] | None = None,
     extra_headers: Mapping[str, object] | None = None,
     attachments: Sequence[tuple[str, bytes]] = (),
+    reply_to: str | None = None,
 ) -> EmailMessage:
     """Assemble one mail.
 
@@ -336,6 +348,11 @@ def build_email(
     _set(msg, "Subject", header_text(subject, MAX_SUBJECT))
     _set(msg, "Message-ID", make_msgid(domain=sender.addr_spec.rpartition("@")[2]))
     _set(msg, "Auto-Submitted", "auto-generated")
+    # Outlook/Exchange: no out-of-office replies or read receipts back to the build mail
+    _set(msg, "X-Auto-Response-Suppress", "All")
+    reply_addresses = split_recipients([reply_to])[0] if reply_to else []
+    if reply_addresses:
+        _set(msg, "Reply-To", address_header("Reply-To", reply_addresses[:1]))
     for name, value in (headers or {}).items():
         _set(msg, name, header_text(value))
     for name, value in (extra_headers or {}).items():
@@ -354,7 +371,9 @@ def build_email(
         msg.set_content(html, subtype="html", charset="utf-8", cte=body_cte(html))
 
     for filename, payload in _bounded_attachments(attachments):
-        msg.add_attachment(payload, maintype="text", subtype="plain", filename=filename)
+        # patches and logs are UTF-8 text
+        msg.add_attachment(payload, maintype="text", subtype="plain", filename=filename,
+                           params={"charset": "utf-8"})
     return msg
 
 

@@ -20,6 +20,7 @@ import difflib
 import hashlib
 import inspect
 import os
+from email.message import EmailMessage
 import re
 from typing import Any, Sequence
 
@@ -47,14 +48,25 @@ from buildbot_mailext.relay import SmtpSettings, check_smtp_settings
 from buildbot_mailext.routes import (
     MailExtWorkerMissingGenerator,
     MailRoute,
-    RouteGenerator,
+    exclude_pattern_errors,
+    excluded,
+    list_id_header,
+    route_generator,
 )
+from buildbot_mailext import culprits as culprits_mod
+from buildbot_mailext import digest as digest_mod
+from buildbot_mailext.context import culprits_context, previous_build_same_branch, transition_for
+from buildbot_mailext.threads import thread_headers
 from buildbot_mailext.templates import TemplateSet
 from buildbot_mailext.transport import Delivery, MailTransport
 
 # Template used when no routes are configured: it must read well for every result,
 # since the stock default modes mail passing builds too.
 DEFAULT_BUILD_TEMPLATE = "build_summary"
+# Addresses no mail should go to (fnmatch, case-insensitive, on "Name <addr>" and on addr):
+# bots and no-reply senders, whose authors appear among culprits and interested users.
+DEFAULT_EXCLUDE_RECIPIENTS = ("*noreply*", "*no-reply*", "*[[]bot[]]*")
+DIGEST_TEMPLATE = "digest"
 WORKER_MISSING_TEMPLATE = "worker_missing"
 
 
@@ -90,6 +102,7 @@ def notifier_arguments(
     outbox_max_messages=outbox_mod.DEFAULT_MAX_MESSAGES,
     outbox_max_bytes=outbox_mod.DEFAULT_MAX_BYTES,
     outbox_lease=outbox_mod.DEFAULT_LEASE,
+    exclude_recipients=None,
 ) -> dict[str, Any]:
     """Every argument ``MailExtNotifier`` takes, with its default: stock ``MailNotifier``'s
     in stock's positional order, then ours. ``checkConfig`` and ``reconfigService`` both
@@ -181,6 +194,10 @@ class MailExtNotifier(MailNotifier):
         errors.extend(preflight_mod.check_preflight_mode(preflight))
         errors.extend(outbox_mod.check_outbox_options(**_subset(arguments, OUTBOX_ARGUMENTS)))
         errors.extend(self._tracking_errors(arguments["track_local_mta"], arguments["postfix_stuck_after"]))
+        if arguments["exclude_recipients"] is not None:
+            errors.extend(
+                exclude_pattern_errors(arguments["exclude_recipients"], "MailExtNotifier")
+            )
 
         if self.name is None:
             self.name = self._stable_name(fromaddr, routes, generators, templates_dir)
@@ -230,6 +247,15 @@ class MailExtNotifier(MailNotifier):
         self._warn_unknown_route_names(routes)
         self.templates_dir = templates_dir
         self.preflight = preflight
+        exclude = arguments["exclude_recipients"]
+        self.exclude_recipients = tuple(
+            DEFAULT_EXCLUDE_RECIPIENTS if exclude is None else exclude
+        )
+        self._digest_templates = TemplateSet(templates_dir)
+        for route in routes:
+            if route.max_mails:
+                # held reports survive a reconfig: the budget lives on the master
+                digest_mod.budget_for(self.master, route, self, self._send_digest)
         settings = SmtpSettings.from_notifier_args(**_subset(arguments, SMTP_ARGUMENTS))
         relay_changed = False
         if getattr(self, "transport", None) is None:
@@ -281,6 +307,7 @@ class MailExtNotifier(MailNotifier):
 
     @defer.inlineCallbacks
     def stopService(self):
+        digest_mod.release_budgets(self.master, self)
         yield super().stopService()
         if getattr(self, "outbox", None) is not None:
             yield self.outbox.stop()
@@ -404,6 +431,8 @@ class MailExtNotifier(MailNotifier):
     def _template_errors(routes, generators, worker_missing: bool, templates_dir) -> list[str]:
         template_set = TemplateSet(templates_dir)
         names = {r.template for r in routes if isinstance(r.template, str) and r.template}
+        if any(r.max_mails for r in routes):
+            names.add(DIGEST_TEMPLATE)  # a broken custom digest.*.j2 shows at checkconfig
         if not routes and generators is None:
             names.add(DEFAULT_BUILD_TEMPLATE)
         if worker_missing:
@@ -442,13 +471,14 @@ class MailExtNotifier(MailNotifier):
 
     def _build_generators(self, routes, generators, worker_missing: bool, templates_dir) -> list:
         built = [
-            RouteGenerator(
+            route_generator(
                 route,
                 MailExtFormatter(
                     template=route.template,
                     templates_dir=templates_dir,
                     log_tail_lines=route.log_tail_lines,
                     subject=route.subject,
+                    error_patterns=route.error_patterns,
                 ),
             )
             for route in routes
@@ -502,7 +532,7 @@ class MailExtNotifier(MailNotifier):
             for r in routed
         ]
         if plain:
-            sending.append(self._guarded(self._send_merged_reports(plain), "generator reports"))
+            sending.append(self._guarded(self._send_plain_reports(plain), "generator reports"))
         yield defer.gatherResults(sending)
 
     @defer.inlineCallbacks
@@ -540,30 +570,226 @@ class MailExtNotifier(MailNotifier):
             log.err, f"{self.name}: could not compose the mail for {what} (a bug: please report it)"
         )
 
+    # ------------------------------------------------------------------ route mails
+
     @defer.inlineCallbacks
     def _send_route_report(self, report):
         route: MailRoute = report["mailext_route"]
+        builds = report.get("builds") or []
         to = list(route.to)
         if route.send_to_interested_users:
             interested = yield self._interested_addresses(report.get("users") or [])
             to.extend(a for a in sorted(interested) if a not in to)
-        yield self._compose_and_send(
-            [report], to=to, cc=[], what=f"route {route.name!r}", route=f"route {route.name}"
-        )
+        if route.notify_culprits:
+            culprits = yield self._culprit_addresses(builds)
+            to.extend(a for a in culprits if a not in to)
+        to = self._without_excluded(to, route.exclude_recipients)
+        if route.max_mails:
+            budget = digest_mod.budget_for(self.master, route, self, self._send_digest)
+            entries = yield self._digest_entries(report)
+            fixed = any(e["transition"] == "fixed" for e in entries)
+            if not fixed and not budget.admit():
+                budget.hold(entries, to)
+                log.msg(
+                    f"{self.name}: route {route.name!r}: more than {budget.count} mails in "
+                    f"{budget.seconds:g}s; {', '.join(e['label'] for e in entries)} held for "
+                    f"the digest ({len(budget.held)} held so far)"
+                )
+                return
+        yield self._compose_and_send([report], to=to, cc=[], what=f"route {route.name!r}",
+                                     route=route, outbox_route=f"route {route.name}")
 
     @defer.inlineCallbacks
-    def _send_merged_reports(self, reports):
-        worker = merge_reports_prop_take_first(reports, "worker")
+    def _culprit_addresses(self, builds):
+        """Addresses of the culprits' authors and of the forced build's requester, looked
+        up through ``lookup`` as stock does for interested users."""
+        authors: list[str] = []
+        for build in builds:
+            section = yield defer.ensureDeferred(
+                culprits_context(self.master, build, build.get("properties") or {})
+            )
+            for change in section["culprits"]:
+                who = change["address"] or change["login"]
+                if who is None:
+                    log.msg(f"{self.name}: culprit author {change['author']!r} holds no usable "
+                            "address (control characters?); not mailed")
+                elif who not in authors:
+                    authors.append(who)
+            requester = section["requester"]
+            if requester and requester not in authors:
+                authors.append(culprits_mod.author_address(requester) or requester)
+        addresses = []
+        for author in authors:
+            found = author
+            if self.lookup:
+                found = yield defer.maybeDeferred(self.lookup.getAddress, author)
+            address = culprits_mod.author_address(found) if found else None
+            if address is None or not is_valid_address(address):
+                log.msg(f"{self.name}: culprit {mime.one_line(author, 200)!r} has no mail "
+                        "address (set lookup= to map names to addresses); not mailed")
+                continue
+            if address not in addresses:
+                addresses.append(address)
+        return addresses
+
+    def _without_excluded(self, addresses, route_patterns=()):
+        """``addresses`` minus those matching ``exclude_recipients`` (notifier's and the
+        route's). The very same object when nothing is excluded (stock hooks may return
+        any sequence)."""
+        patterns = tuple(getattr(self, "exclude_recipients", ())) + tuple(route_patterns)
+        if not patterns or isinstance(addresses, str):
+            return addresses
+        kept = [a for a in addresses if not excluded(str(a), patterns)]
+        if len(kept) == len(list(addresses)):
+            return addresses
+        dropped = [a for a in addresses if a not in kept]
+        log.msg(f"{self.name}: not mailing {', '.join(mime.one_line(a, 200) for a in dropped)} "
+                "(exclude_recipients)")
+        return kept
+
+    @defer.inlineCallbacks
+    def _digest_entries(self, report):
+        entries = []
+        for build in report.get("builds") or []:
+            prev = yield previous_build_same_branch(self.master, build)
+            builder = (build.get("builder") or {}).get("name", "")
+            entries.append({
+                "buildername": mime.one_line(builder, 200),
+                "buildnumber": build["number"],
+                "result": statusToString(build.get("results")),
+                "transition": transition_for(build.get("results"), prev["results"] if prev else None),
+                "url": getURLForBuild(self.master, build["builderid"], build["number"]),
+                "subject": mime.one_line(report.get("subject") or "", 200),
+                "label": f"build {mime.one_line(builder, 80)!r} #{build['number']}",
+            })
+        return entries
+
+    @defer.inlineCallbacks
+    def _send_digest(self, budget, held, recipients, dropped):
+        """The digest of a route's held reports (called by digest.MailBudget.flush)."""
+        route = next((r for r in self.routes if r.name == budget.name), None)
+        context = {
+            "title": self.master.config.title,
+            "buildbot_url": self.master.config.buildbotURL,
+            "route": budget.name,
+            "max_mails": budget.count,
+            "period": budget.seconds,
+            "builds": held,
+            "more": dropped,
+            "template_error": None,
+        }
+        try:
+            mail = self._digest_templates.render(DIGEST_TEMPLATE, context)
+        except Exception as e:  # a broken custom digest template: the packaged one
+            log.msg(f"{self.name}: digest template failed ({type(e).__name__}: {e}); "
+                    "using the packaged one")
+            mail = TemplateSet(None).render(DIGEST_TEMPLATE, context)
+        msg = mime.build_email(
+            subject=mail.subject, from_addr=self.fromaddr, to=recipients, text=mail.text,
+            html=mail.html, headers=self._list_headers(route),
+            reply_to=route.reply_to if route else None,
+        )
+        label = f"route {budget.name!r} digest of {len(held)} build(s) {msg['Message-ID']}"
+        envelope = mime.envelope_recipients(recipients)
+        if not envelope:
+            log.msg(f"{self.name}: {label}: no recipients (nobody to mail), nothing sent")
+            return
+        yield self._guarded(
+            self.sendMail(msg, envelope, label=label, route=f"route {budget.name}"), label)
+
+    # ------------------------------------------------------------------ plain generators
+
+    @defer.inlineCallbacks
+    def _send_plain_reports(self, reports):
+        """Stock's path, hook for hook: ``createEmail`` -> ``findInterrestedUsersEmails`` ->
+        ``processRecipients`` -> ``sendMail``, so a subclass overriding any of them keeps
+        working as it did with stock ``MailNotifier``."""
+        subject = merge_reports_prop_take_first(reports, "subject") or "Buildbot mail"
+        msgdict = {
+            "body": merge_reports_prop(reports, "body"),
+            "subject": subject,
+            "type": merge_reports_prop_take_first(reports, "type"),
+            # our createEmail renders both parts from these; stock's uses "body"
+            "mailext_reports": reports,
+        }
+        builds = merge_reports_prop(reports, "builds")
+        m = yield self.createEmail(
+            msgdict,
+            self.master.config.title,
+            merge_reports_prop(reports, "results"),
+            builds,
+            merge_reports_prop(reports, "patches"),
+            merge_reports_prop(reports, "logs"),
+        )
         users = merge_reports_prop(reports, "users")
-        if worker is not None:
-            # Worker-missing mail goes to the worker's notify addresses, as in stock.
-            to, cc = list(users), []
+        if merge_reports_prop_take_first(reports, "worker") is None:
+            recipients = yield self.findInterrestedUsersEmails(list(users))
+            all_recipients = self.processRecipients(recipients, m)
         else:
-            interested = []
-            if self.sendToInterestedUsers:
-                interested = yield self._interested_addresses(list(users))
-            to, cc = self._stock_to_cc(interested)
-        yield self._compose_and_send(reports, to=to, cc=cc, what="generator", route="generators")
+            # Worker-missing mail goes to the worker's notify addresses, as in stock.
+            all_recipients = self._without_excluded(list(users))
+            if isinstance(m, EmailMessage) and "To" not in m:
+                mime.set_recipients(m, "To", all_recipients)
+        all_recipients = self._without_excluded(all_recipients)
+        if isinstance(all_recipients, (list, tuple, set)):
+            # the address gate for the envelope too, whatever a hook returned
+            for value, reason in split_recipients(list(all_recipients))[1]:
+                log.msg(f"{self.name}: recipient {mime.one_line(repr(value), 300)} left out: "
+                        f"not a valid address ({reason}); the mail goes to the others")
+            all_recipients = mime.envelope_recipients(list(all_recipients))
+        if not all_recipients:
+            what = self._label("generator", builds or [], m) if isinstance(m, EmailMessage) else "mail"
+            log.msg(f"{self.name}: {what}: no recipients (nobody to mail), nothing sent")
+            return
+        yield self.sendMail(m, all_recipients)
+
+    @defer.inlineCallbacks
+    def createEmail(self, msgdict, title, results, builds=None, patches=None, logs=None):
+        """Stock's hook, our message: multipart/alternative when our formatter made the
+        report, every header through message.py's hygiene; To/Cc are set later by
+        ``processRecipients`` (as in stock)."""
+        reports = msgdict.get("mailext_reports")
+        if reports:
+            text, html = self._bodies(reports)
+        else:
+            body = msgdict.get("body")
+            if isinstance(body, bytes):
+                body = body.decode("utf-8", "replace")
+            text, html = (None, body) if msgdict.get("type") == "html" else (body, None)
+        m = yield self._message(
+            builds or [], subject=msgdict.get("subject") or "Buildbot mail", to=[], cc=[],
+            text=text, html=html,
+            attachments=self._attachments(patches or [], logs or [], builds or []),
+        )
+        return m
+
+    def processRecipients(self, blamelist, m):
+        """Stock's hook: interested users in To, ``extraRecipients`` in Cc (To when no
+        interested users), minus ``exclude_recipients``; returns the envelope list."""
+        if not isinstance(m, EmailMessage):
+            return super().processRecipients(blamelist, m)
+        to, cc = self._stock_to_cc(blamelist)
+        to, cc = self._without_excluded(to), self._without_excluded(cc)
+        # through the address gate: only valid addresses are written and mailed
+        to = mime.set_recipients(m, "To", to)
+        cc = [a for a in mime.set_recipients(m, "Cc", cc) if a not in to]
+        return to + cc
+
+    @defer.inlineCallbacks
+    def findInterrestedUsersEmails(self, users):
+        """Stock's hook, with ``lookup`` as stock uses it (a lookup that fails leaves that
+        user out, logged) and the address gate instead of stock's loose check."""
+        if not self.sendToInterestedUsers:
+            return set()
+        found = yield self._interested_addresses(list(users))
+        kept = set()
+        for address in found:
+            if is_valid_address(address):
+                kept.add(address)
+            else:
+                log.msg(f"{self.name}: interested user {mime.one_line(repr(address), 200)} "
+                        "left out: not a valid address")
+        return kept
 
     def _stock_to_cc(self, interested) -> tuple[list[str], list[str]]:
         # Same rule as stock processRecipients(): extras go to Cc when mailing
@@ -611,28 +837,38 @@ class MailExtNotifier(MailNotifier):
             addresses.append(address)
         return addresses
 
+    # ------------------------------------------------------------------ composing
+
+    @staticmethod
+    def _list_headers(route) -> dict[str, str]:
+        if route is None or not route.list_id:
+            return {}
+        return {"List-Id": list_id_header(route.list_id)}
+
     @defer.inlineCallbacks
-    def _compose_and_send(self, reports, to: Sequence[str], cc: Sequence[str], what: str, route: str):
-        builds = merge_reports_prop(reports, "builds") or []
-        text, html = self._bodies(reports)
-        subject = merge_reports_prop_take_first(reports, "subject") or "Buildbot mail"
-        headers = {}
+    def _message(self, builds, subject, to, cc, text, html, attachments, route=None):
+        """One mail about ``builds``: Buildbot's list-filter headers, the thread of its
+        builder and branch, the route's list headers, the user's extraHeaders."""
+        headers: dict[str, str] = {}
         if builds:
             build = builds[0]
-            headers = mime.buildbot_headers(
-                build["builder"]["name"],
+            builder = build.get("builder")
+            if builder is None:  # a build dict without details (stock createEmail accepts it)
+                builder = (yield self.master.data.get(("builders", build["builderid"]))) or {}
+                builder = {"name": builder.get("name", ""), "builderid": build["builderid"]}
+            headers.update(mime.buildbot_headers(
+                builder["name"],
                 statusToString(build["results"]),
-                getURLForBuild(self.master, build["builder"]["builderid"], build["number"]),
-            )
+                getURLForBuild(self.master, build["builderid"], build["number"]),
+            ))
+            headers.update(thread_headers([dict(build, builder=builder)], self.fromaddr)
+                           if len(builds) == 1 else {})
+        headers.update(self._list_headers(route))
         extra = self.extraHeaders
         if extra and len(builds) == 1:
             props = Properties.fromDict(builds[0]["properties"])
             props.master = self.master
             extra = yield props.render(extra)
-        # The address gate: build_email and envelope_recipients write only the values that
-        # are one valid address each; the others are left out alone (logged below) and the
-        # mail goes to everyone else.
-        rejected = split_recipients([*to, *cc])[1]
         msg = mime.build_email(
             subject=subject,
             from_addr=self.fromaddr,
@@ -642,8 +878,29 @@ class MailExtNotifier(MailNotifier):
             html=html,
             headers=headers,
             extra_headers=extra,
-            attachments=self._attachments(reports, builds),
+            attachments=attachments,
+            reply_to=route.reply_to if route is not None else None,
         )
+        return msg
+
+    @defer.inlineCallbacks
+    def _compose_and_send(self, reports, to: Sequence[str], cc: Sequence[str], what: str,
+                          route=None, outbox_route: str = "generators"):
+        builds = merge_reports_prop(reports, "builds") or []
+        text, html = self._bodies(reports)
+        subject = merge_reports_prop_take_first(reports, "subject") or "Buildbot mail"
+        msg = yield self._message(
+            builds, subject=subject, to=to, cc=cc, text=text, html=html,
+            attachments=self._attachments(
+                merge_reports_prop(reports, "patches") or [],
+                merge_reports_prop(reports, "logs") or [], builds,
+            ),
+            route=route,
+        )
+        # The address gate: build_email and envelope_recipients write only the values that
+        # are one valid address each; the others are left out alone (logged below) and the
+        # mail goes to everyone else.
+        rejected = split_recipients([*to, *cc])[1]
         recipients = mime.envelope_recipients([*to, *cc])
         label = self._label(what, builds, msg)
         for value, reason in rejected:
@@ -654,7 +911,7 @@ class MailExtNotifier(MailNotifier):
         if not recipients:
             log.msg(f"{self.name}: {label}: no recipients (nobody to mail), nothing sent")
             return
-        yield self.sendMail(msg, recipients, label=label, route=route)
+        yield self.sendMail(msg, recipients, label=label, route=outbox_route)
 
     @staticmethod
     def _label(what: str, builds, msg) -> str:
@@ -684,15 +941,15 @@ class MailExtNotifier(MailNotifier):
         return ("\n".join(texts) if texts else None, "\n".join(htmls) if htmls else None)
 
     @staticmethod
-    def _attachments(reports, builds) -> list[tuple[str, bytes]]:
+    def _attachments(patches, logs, builds) -> list[tuple[str, bytes]]:
         # Stock attaches patches (add_patch) and log contents (want_logs_content).
         attachments = []
-        for index, patch in enumerate(merge_reports_prop(reports, "patches") or []):
+        for index, patch in enumerate(patches):
             body = patch["body"]
             attachments.append(
                 (f"source patch {index}", body if isinstance(body, bytes) else body.encode())
             )
-        for entry in merge_reports_prop(reports, "logs") or []:
+        for entry in logs:
             name = f"{entry['stepname']}.{entry['name']}"
             if len(builds) > 1:
                 name = f"{entry['buildername']}.{name}"

@@ -15,6 +15,9 @@ three transitions computed against the previous build of the same builder *and b
 from __future__ import annotations
 
 import difflib
+import fnmatch
+import re
+from email.utils import parseaddr
 from types import SimpleNamespace
 from typing import Any, ClassVar, Sequence
 
@@ -22,11 +25,13 @@ from buildbot import util
 from buildbot.process.results import EXCEPTION, FAILURE
 from buildbot.reporters import utils
 from buildbot.reporters.generators.build import BuildStatusGenerator
+from buildbot.reporters.generators.buildset import BuildSetStatusGenerator
 from buildbot.reporters.generators.worker import WorkerMissingGenerator
 from twisted.internet import defer
 
-from buildbot_mailext.addresses import address_errors
+from buildbot_mailext.addresses import address_errors, is_valid_address
 from buildbot_mailext.context import previous_build_same_branch, transition_for
+from buildbot_mailext.excerpts import error_pattern_errors
 from buildbot_mailext.masterconfig import KnownNames
 
 # mode name -> the transition text (from context.transition_for) that satisfies it
@@ -41,6 +46,40 @@ KNOWN_MODES = tuple(STOCK_MODES) + tuple(TRANSITION_MODES)
 MODES_NEEDING_PREVIOUS = {"change", "problem", *TRANSITION_MODES}
 
 DEFAULT_LOG_TAIL_LINES = 40
+GROUP_BY = ("build", "buildset")
+# RFC 2919 list-id: dot-atom-text, e.g. "builds.example.org"
+_LIST_ID = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)+$")
+
+
+def list_id_header(value: Any) -> str | None:
+    """The ``List-Id`` header value for ``value`` ("Label <id.example.org>", "id.example.org"
+    or "<id.example.org>"), or None when it is not a valid RFC 2919 list identifier."""
+    if not isinstance(value, str) or re.search(r"[\x00-\x1f\x7f]", value):
+        return None
+    match = re.match(r"^\s*(?P<label>[^<>]*?)\s*<(?P<id>[^<>]+)>\s*$", value)
+    label, list_id = (match.group("label"), match.group("id")) if match else ("", value.strip())
+    if not _LIST_ID.match(list_id) or '"' in label:
+        return None
+    return f"{label} <{list_id}>" if label else f"<{list_id}>"
+
+
+def exclude_pattern_errors(patterns: Any, where: str) -> list[str]:
+    """Config errors for ``exclude_recipients`` (fnmatch patterns)."""
+    if not isinstance(patterns, (list, tuple)) or not all(isinstance(p, str) and p for p in patterns):
+        return [f"{where}: 'exclude_recipients' must be a list of fnmatch patterns such as "
+                f"['*noreply*', 'dependabot*'], got {patterns!r}"]
+    return []
+
+
+def excluded(address: str, patterns: Sequence[str]) -> bool:
+    """Does ``address`` ("Name <a@b>" or "a@b") match one of the fnmatch ``patterns``?
+    Matched case-insensitively against the whole text and the bare address."""
+    if not patterns:
+        return False
+    text = address.lower()
+    _, bare = parseaddr(text)
+    return any(fnmatch.fnmatchcase(text, p.lower()) or (bare and fnmatch.fnmatchcase(bare, p.lower()))
+               for p in patterns)
 
 
 def expand_modes(mode: str | Sequence[str]) -> tuple[str, ...]:
@@ -110,6 +149,13 @@ class MailRoute(util.ComparableMixin):
         "send_to_interested_users",
         "name",
         "log_tail_lines",
+        "notify_culprits",
+        "exclude_recipients",
+        "error_patterns",
+        "list_id",
+        "reply_to",
+        "group_by",
+        "max_mails",
     )
 
     def __init__(
@@ -125,6 +171,13 @@ class MailRoute(util.ComparableMixin):
         send_to_interested_users: bool = False,
         name: str | None = None,
         log_tail_lines: int = DEFAULT_LOG_TAIL_LINES,
+        notify_culprits: bool = False,
+        exclude_recipients: Sequence[str] = (),
+        error_patterns: Sequence[str] | None = None,
+        list_id: str | None = None,
+        reply_to: str | None = None,
+        group_by: str = "build",
+        max_mails: tuple[int, float] | None = None,
     ) -> None:
         self.to = normalize_addresses(to)
         self.builders = normalize_names(builders)
@@ -136,6 +189,18 @@ class MailRoute(util.ComparableMixin):
         self.subject = subject
         self.send_to_interested_users = send_to_interested_users
         self.log_tail_lines = log_tail_lines
+        self.notify_culprits = notify_culprits
+        self.exclude_recipients = (
+            (exclude_recipients,) if isinstance(exclude_recipients, str)
+            else tuple(exclude_recipients or ())
+        )
+        self.error_patterns = None if error_patterns is None else (
+            (error_patterns,) if isinstance(error_patterns, str) else error_patterns
+        )
+        self.list_id = list_id
+        self.reply_to = reply_to
+        self.group_by = group_by
+        self.max_mails = tuple(max_mails) if isinstance(max_mails, list) else max_mails
         self.name = name if name is not None else self._default_name()
 
     def _default_name(self) -> str:
@@ -194,6 +259,42 @@ class MailRoute(util.ComparableMixin):
             errors.append(f"{where}: 'subject' must be a Jinja2 template string or None")
         if not isinstance(self.log_tail_lines, int) or self.log_tail_lines < 0:
             errors.append(f"{where}: 'log_tail_lines' must be a whole number >= 0")
+        errors.extend(self._issue9_errors(where))
+        return errors
+
+    def _issue9_errors(self, where: str) -> list[str]:
+        """notify_culprits, exclude_recipients, error_patterns, list_id, reply_to,
+        group_by, max_mails."""
+        errors = []
+        if not isinstance(self.notify_culprits, bool):
+            errors.append(f"{where}: 'notify_culprits' must be True or False")
+        errors.extend(exclude_pattern_errors(self.exclude_recipients, where))
+        errors.extend(error_pattern_errors(self.error_patterns, where))
+        if self.list_id is not None and not list_id_header(self.list_id):
+            errors.append(
+                f"{where}: list_id {self.list_id!r} is not a list identifier; write it as "
+                "'builds.example.org' or 'Build results <builds.example.org>' (RFC 2919)"
+            )
+        if self.reply_to is not None and not is_valid_address(self.reply_to):
+            errors.append(
+                f"{where}: reply_to {self.reply_to!r} is not a valid email address; write "
+                "it as 'dev@example.org' or 'Developers <dev@example.org>'"
+            )
+        if self.group_by not in GROUP_BY:
+            errors.append(
+                f"{where}: group_by {self.group_by!r} is unknown; use 'build' (one mail per "
+                "build) or 'buildset' (one mail when the whole buildset has finished)"
+            )
+        if self.max_mails is not None and not (
+            isinstance(self.max_mails, tuple) and len(self.max_mails) == 2
+            and isinstance(self.max_mails[0], int) and not isinstance(self.max_mails[0], bool)
+            and self.max_mails[0] >= 1
+            and isinstance(self.max_mails[1], (int, float)) and self.max_mails[1] > 0
+        ):
+            errors.append(
+                f"{where}: max_mails must be (count, seconds) with count >= 1 and seconds > 0, "
+                f"e.g. max_mails=(5, 3600), or None; got {self.max_mails!r}"
+            )
         return errors
 
     def unknown_name_errors(self, known: KnownNames) -> list[str]:
@@ -239,19 +340,15 @@ def wanted_by_results(mode: Sequence[str], results: int, previous_results: int |
     return any(TRANSITION_MODES.get(m) == transition for m in mode)
 
 
-class RouteGenerator(BuildStatusGenerator):
-    """The report generator of one :class:`MailRoute`.
-
-    Reports it produces carry ``report["mailext_route"]`` so the notifier sends each one
-    as its own mail to the route's recipients instead of merging them.
-    """
+class _RouteGeneratorMixin:
+    """What both route generators share: stock filters from the route, every mode of the
+    route (ours included), and the per-build decision (filters, modes, transitions)."""
 
     compare_attrs: ClassVar[Sequence[str]] = ["route"]
 
     def __init__(self, route: MailRoute, message_formatter: Any) -> None:
-        stock_modes = tuple(m for m in route.mode if m in STOCK_MODES)
         super().__init__(
-            mode=stock_modes,
+            mode=tuple(m for m in route.mode if m in STOCK_MODES),
             tags=route.tags,
             builders=route.builders,
             schedulers=route.schedulers,
@@ -267,7 +364,27 @@ class RouteGenerator(BuildStatusGenerator):
         pass
 
     def generate_name(self) -> str:
-        return f"RouteGenerator_{self.route.name}"
+        return f"{type(self).__name__}_{self.route.name}"
+
+    @defer.inlineCallbacks
+    def route_wants(self, master, build: dict):
+        """Does this route want a mail about the finished ``build``?"""
+        if build.get("results") is None or not self.is_message_needed_by_props(build):
+            return False
+        previous_results = None
+        if self.route.wants_previous_build:
+            # Already skips builds that say nothing about the code (retry, cancelled, skipped).
+            prev = yield previous_build_same_branch(master, build)
+            previous_results = prev["results"] if prev else None
+        return wanted_by_results(self.mode, build["results"], previous_results)
+
+
+class RouteGenerator(_RouteGeneratorMixin, BuildStatusGenerator):
+    """The report generator of one :class:`MailRoute`.
+
+    Reports it produces carry ``report["mailext_route"]`` so the notifier sends each one
+    as its own mail to the route's recipients instead of merging them.
+    """
 
     @defer.inlineCallbacks
     def generate(self, master, reporter, key, build):
@@ -284,14 +401,7 @@ class RouteGenerator(BuildStatusGenerator):
             want_logs=formatter.want_logs,
             want_logs_content=formatter.want_logs_content,
         )
-        if not self.is_message_needed_by_props(build):
-            return None
-        previous_results = None
-        if self.route.wants_previous_build:
-            # Already skips builds that say nothing about the code (retry, cancelled, skipped).
-            prev = yield previous_build_same_branch(master, build)
-            previous_results = prev["results"] if prev else None
-        if not wanted_by_results(self.mode, build["results"], previous_results):
+        if not (yield self.route_wants(master, build)):
             return None
         report = yield self.build_message(formatter, master, reporter, build)
         report["mailext_route"] = self.route
@@ -320,3 +430,54 @@ class MailExtWorkerMissingGenerator(WorkerMissingGenerator):
             "worker": worker["name"],
             "extra_info": msg.get("extra_info"),
         }
+
+
+class BuildsetRouteGenerator(_RouteGeneratorMixin, BuildSetStatusGenerator):
+    """The report generator of a ``MailRoute(group_by="buildset")``: one report when the
+    whole buildset has finished, covering every build of it that the route wants (filters,
+    modes and transitions as for :class:`RouteGenerator`), or none."""
+
+    @defer.inlineCallbacks
+    def generate(self, master, reporter, key, message):
+        formatter = self.formatter
+        details = yield utils.getDetailsForBuildset(
+            master,
+            message["bsid"],
+            want_properties=True,
+            want_steps=formatter.want_steps,
+            want_previous_build=False,
+            want_logs=formatter.want_logs,
+            want_logs_content=formatter.want_logs_content,
+        )
+        wanted = []
+        for build in details["builds"]:
+            if (yield self.route_wants(master, build)):
+                wanted.append(build)
+        if not wanted:
+            return None
+        users: set[str] = set()
+        for build in wanted:
+            users.update((yield reporter.getResponsibleUsersForBuild(master, build["buildid"])))
+        msg = yield formatter.format_message_for_buildset(
+            master, details["buildset"], wanted, users=sorted(users), mode=self.mode
+        )
+        return {
+            "body": msg["body"],
+            "subject": msg["subject"],
+            "type": msg["type"],
+            "results": details["buildset"].get("results"),
+            "builds": wanted,
+            "buildset": details["buildset"],
+            "users": sorted(users),
+            "patches": [],
+            "logs": [],
+            "extra_info": msg.get("extra_info"),
+            "mailext_route": self.route,
+        }
+
+
+def route_generator(route: MailRoute, message_formatter: Any):
+    """The generator a route becomes: per build, or per buildset (``group_by``)."""
+    if route.group_by == "buildset":
+        return BuildsetRouteGenerator(route, message_formatter)
+    return RouteGenerator(route, message_formatter)

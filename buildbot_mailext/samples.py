@@ -19,10 +19,13 @@ __all__ = ["sample_context"]
 def sample_context(kind: str = "build") -> dict:
     """A realistic, fully populated context that needs no master.
 
-    ``kind="build"`` (default) gives a build context, ``kind="worker"`` a worker-missing context.
+    ``kind="build"`` (default) gives a build context, ``kind="worker"`` a worker-missing context,
+    ``kind="digest"`` the context of a ``max_mails`` digest.
     Used by :meth:`TemplateSet.validate` and the ``preview`` command. A new dict every call, so
     callers may modify it.
     """
+    if kind == "digest":
+        return sample_digest_context()
     if kind == "worker":
         return {
             "worker": "linux-worker-03",
@@ -110,10 +113,11 @@ def sample_context(kind: str = "build") -> dict:
             "entries": [{"stream": st, "text": t} for st, t in zip(streams, tail_lines)],
             "truncated": True,
             "total_lines": 5123,
+            "excerpt": _sample_excerpt(),
         }
     ]
     props = {k: v[0] for k, v in build["properties"].items()}
-    return {
+    ctx = {
         "build": build,
         "buildername": "linux-x86_64",
         "builder_tags": ["linux", "release"],
@@ -178,4 +182,81 @@ def sample_context(kind: str = "build") -> dict:
                 "url": build_url,
             }
         ],
+    }
+    ctx.update(_sample_culprits(build_url))
+    return ctx
+
+
+def _sample_excerpt() -> dict:
+    lines = [
+        ("o", "tests/test_parser.py::test_header PASSED", False),
+        ("o", "tests/test_parser.py::test_empty FAILED", True),
+        ("o", "", False),
+        ("o", "E       AssertionError: expected 250, got 554", False),
+    ]
+    return {
+        "first_line": 812,
+        "entries": [{"stream": st, "text": t, "match": m} for st, t, m in lines],
+        "lines": [t for _, t, _ in lines],
+        "gap": 4300,
+        "scanned_from": 1,
+    }
+
+
+def _sample_culprits(build_url: str) -> dict:
+    """The culprits, requester and test-results part of the sample build context."""
+    base = build_url.rsplit("/", 1)[0]
+
+    def change(author, revision, title, files, first, new):
+        return {
+            "author": author, "address": author.rpartition("<")[2].rstrip(">") or None,
+            "committer": author, "revision": revision, "title": title,
+            "comments": f"{title}\n\nMore details.", "branch": "main",
+            "repository": "https://git.example.org/project.git", "project": "example",
+            "revlink": f"https://git.example.org/project/commit/{revision[:8]}",
+            "when": "2025-11-25 16:58:40 UTC", "files": files, "files_total": len(files),
+            "files_count": len(files),
+            "first_build": {"number": first, "url": f"{base}/{first}", "result": "failure"},
+            "new": new,
+        }
+
+    return {
+        "culprits": [
+            change("Jane Developer <jane@example.org>", "3f2a9c1d8e7b6a5f4e3d2c1b0a9f8e7d6c5b4a39",
+                   "parser: speed up header parsing", ["src/parser.c", "src/parser.h"], 1234, True),
+            change("Sam Reviewer <sam@example.org>", "9c1d8e7b6a5f4e3d2c1b0a9f8e7d6c5b4a393f2a",
+                   "build: enable -Werror", ["Makefile"], 1233, False),
+        ],
+        "culprits_more": 0,
+        "culprits_more_unknown": False,
+        "culprits_since": {"number": 1230, "url": f"{base}/1230", "result": "success"},
+        "requester": None,
+        "test_results": [
+            {
+                "description": "pytest", "category": "pass_fail", "passed": 311, "failed": 1,
+                "tests": [{"name": "tests/test_parser.py::test_empty", "message": ""}],
+                "more": 0,
+            }
+        ],
+    }
+
+
+def sample_digest_context() -> dict:
+    """A digest context (``MailRoute(max_mails=...)``), for template validation."""
+    url = "https://buildbot.example.org/#/builders/7/builds/"
+    return {
+        "title": "Example CI",
+        "buildbot_url": "https://buildbot.example.org/",
+        "route": "linux->dev@example.org",
+        "max_mails": 2,
+        "period": 60,
+        "builds": [
+            {"buildername": "linux-x86_64", "buildnumber": n, "result": "failure",
+             "transition": "still failing", "url": f"{url}{n}",
+             "subject": f"[Example CI] still failing: linux-x86_64 #{n}",
+             "label": f"build 'linux-x86_64' #{n}"}
+            for n in (1235, 1236, 1237)
+        ],
+        "more": 0,
+        "template_error": None,
     }

@@ -252,7 +252,8 @@ class TemplateSet:
         if context is None:
             from buildbot_mailext.samples import sample_context
 
-            context = sample_context(kind="worker" if name.startswith("worker") else "build")
+            kind = "digest" if name == "digest" else "worker" if name.startswith("worker") else "build"
+            context = sample_context(kind=kind)
 
         for part in PARTS:
             file_name = self.file_name(name, part)

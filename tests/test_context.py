@@ -174,7 +174,9 @@ class LogTailTests(FakeBuildMixin, unittest.TestCase):
 
         self.patch(self.master.db.logs, "getLogLines", spy)
         build = yield self.get_build(0)
-        ctx = yield build_context(self.master, build, ("failing",), [], 40)
+        # error_patterns=(): the tail alone (the error excerpt's own bound is tested in
+        # test_excerpts.py)
+        ctx = yield build_context(self.master, build, ("failing",), [], 40, error_patterns=())
 
         # The tail plus a bounded slack for the dropped command preamble, never the log.
         # (0, 0): the first line, where the worker writes the command line

@@ -274,7 +274,8 @@ def built_header_names(run: Run, msg) -> list[str]:
     names = ["date", "from", "to"]
     if msg.get("Cc") is not None:  # stock's rule: the extras are copied when users are mailed
         names.append("cc")
-    names += ["subject", "message-id", "auto-submitted", "x-buildbot-builder",
+    names += ["subject", "message-id", "auto-submitted", "x-auto-response-suppress",
+              "in-reply-to", "references", "x-buildbot-builder",
               "x-buildbot-result", "x-buildbot-url", "x-project", "content-type", "mime-version"]
     if msg.get_content_type() == "text/plain":
         names.append("content-transfer-encoding")

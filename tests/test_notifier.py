@@ -48,7 +48,10 @@ class RecordingTransport:
         return defer.succeed(None)
 
 
-class NotifierTestCase(TestReactorMixin, unittest.TestCase, ReporterTestMixin):
+class NotifierMixin(TestReactorMixin, ReporterTestMixin):
+    """A fake master and a notifier whose transport records (shared with other test
+    modules; holds no tests of its own)."""
+
     @defer.inlineCallbacks
     def setUp(self):
         self.setup_test_reactor()
@@ -89,6 +92,8 @@ class NotifierTestCase(TestReactorMixin, unittest.TestCase, ReporterTestMixin):
         yield notifier._got_event(("builds", 20, "finished"), build)
         return build
 
+
+class NotifierTestCase(NotifierMixin, unittest.TestCase):
     @defer.inlineCallbacks
     def test_each_matching_route_sends_its_own_mail(self):
         notifier = yield self.make_notifier(

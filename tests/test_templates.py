@@ -13,10 +13,12 @@ from buildbot_mailext.templates import PACKAGED_TEMPLATES_DIR
 from buildbot_mailext.templates import TemplateSet
 from buildbot_mailext.templates import collapse_subject
 
-PACKAGED = ["build_failure", "build_summary", "worker_missing"]
+PACKAGED = ["build_failure", "build_summary", "digest", "worker_missing"]
 
 
 def _kind(name):
+    if name == "digest":
+        return "digest"
     return "worker" if name.startswith("worker") else "build"
 
 
@@ -40,6 +42,7 @@ def escaped(field):
 HOSTILE_BUILD_FIELDS = ("log", "commit", "builder", "step", "step-state", "worker", "reason",
                         "author", "file", "property-name", "property-value")
 HOSTILE_WORKER_FIELDS = ("worker", "admin", "host", "last-connection")
+HOSTILE_DIGEST_FIELDS = ("route", "builder", "subject", "transition")
 
 
 def hostile_context():
@@ -52,6 +55,11 @@ def hostile_context():
     ctx["changes"][0]["comments"] = f"fix {hostile('commit')} & more"
     ctx["changes"][0]["author"] = hostile("author")
     ctx["changes"][0]["files"] = [hostile("file")]
+    # the failure mail shows the culprits instead of the flat change list
+    ctx["culprits"][0]["title"] = f"fix {hostile('commit')} & more"
+    ctx["culprits"][0]["comments"] = f"fix {hostile('commit')} & more"
+    ctx["culprits"][0]["author"] = hostile("author")
+    ctx["culprits"][0]["files"] = [hostile("file")]
     ctx["branch"] = "evil\r\nBcc: victim@example.org\r\n\r\n<b>x</b>"
     ctx["buildername"] = hostile("builder")
     ctx["builds"][0]["buildername"] = hostile("builder")
@@ -62,6 +70,16 @@ def hostile_context():
     ctx["reason"] = hostile("reason")
     ctx["properties"][hostile("property-name")] = "harmless"
     ctx["properties"]["owner"] = hostile("property-value")
+    return ctx
+
+
+def hostile_digest_context():
+    ctx = sample_context(kind="digest")
+    ctx["route"] = hostile("route")
+    for build in ctx["builds"]:
+        build["buildername"] = hostile("builder")
+        build["subject"] = hostile("subject")
+        build["transition"] = hostile("transition")
     return ctx
 
 
@@ -94,6 +112,11 @@ def test_packaged_templates_render_with_sample_context(name):
     if name == "worker_missing":
         assert "linux-worker-03" in mail.subject
         assert "Last connection: Tue, 25 Nov 2025 17:02:11 UTC" in mail.text
+    elif name == "digest":
+        assert "3 builds" in mail.subject
+        for n in (1235, 1236, 1237):
+            assert f"linux-x86_64 #{n}: FAILURE (still failing)" in mail.text
+            assert f"https://buildbot.example.org/#/builders/7/builds/{n}" in mail.html
     else:
         assert "linux-x86_64 #1234" in mail.subject
         assert "https://buildbot.example.org/#/builders/7/builds/1234" in mail.text
@@ -233,11 +256,15 @@ def test_validate_worker_template_against_worker_context(tmp_path):
 
 @pytest.mark.parametrize("name", PACKAGED)
 def test_every_packaged_html_template_escapes_every_hostile_field(name):
-    worker = _kind(name) == "worker"
-    mail = TemplateSet().render(name, hostile_worker_context() if worker else hostile_context())
-    assert "<script" not in mail.html and "<b>" not in mail.html
-    shown = [f for f in (HOSTILE_WORKER_FIELDS if worker else HOSTILE_BUILD_FIELDS)
-             if hostile(f) in mail.text]
+    kind = _kind(name)
+    context, fields = {
+        "worker": (hostile_worker_context, HOSTILE_WORKER_FIELDS),
+        "digest": (hostile_digest_context, HOSTILE_DIGEST_FIELDS),
+        "build": (hostile_context, HOSTILE_BUILD_FIELDS),
+    }[kind]
+    mail = TemplateSet().render(name, context())
+    assert "<script" not in mail.html and "<b>x</b>" not in mail.html
+    shown = [f for f in fields if hostile(f) in mail.text]
     # Every field the text part shows, the HTML part shows too, escaped.
     for field in shown:
         assert escaped(field) in mail.html, field
@@ -247,6 +274,7 @@ def test_every_packaged_html_template_escapes_every_hostile_field(name):
         "build_summary": {"log", "commit", "builder", "step", "worker", "property-name",
                           "property-value"},
         "worker_missing": set(HOSTILE_WORKER_FIELDS),
+        "digest": {"route", "builder", "transition"},
     }[name]
     assert expected <= set(shown), sorted(expected - set(shown))
 
@@ -312,15 +340,15 @@ def test_filter_edges():
     assert render("{{ text|oneline(10) }}", text="x" * 500) == "x" * 9 + "\u2026"
 
 
-def test_error_location_prefers_the_exception_own_file_and_line():
+def testerror_location_prefers_the_exception_own_file_and_line():
     import jinja2
 
-    from buildbot_mailext.templates import _error_location
+    from buildbot_mailext.templates import error_location
 
     error = jinja2.TemplateSyntaxError("bad", 3, filename="mine.html.j2")
-    assert _error_location(error) == ("mine.html.j2", 3)
+    assert error_location(error) == ("mine.html.j2", 3)
     # no template frame and no location of its own: nothing to point at
-    assert _error_location(OSError(2, "No such file", "data.txt")) == (None, None)
+    assert error_location(OSError(2, "No such file", "data.txt")) == (None, None)
 
 
 def test_unknown_name_lists_only_the_missing_files(tmp_path):
@@ -402,7 +430,8 @@ def test_unfinished_build_renders(name):
     assert "running" in mail.text.lower()
 
 
-@pytest.mark.parametrize("name", PACKAGED)
+# the digest lists builds; it has no summary of "Label: value" fields
+@pytest.mark.parametrize("name", [n for n in PACKAGED if n != "digest"])
 def test_html_summary_carries_every_field_of_the_text_part(name):
     ctx = sample_context(kind=_kind(name))
     mail = TemplateSet().render(name, ctx)

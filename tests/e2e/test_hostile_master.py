@@ -27,8 +27,9 @@ LIST = "dev-list@example.org"
 ENCODED_WORD_BRANCH = "=?utf-8?q?a=0D=0ABcc:_x@evil.example?="
 NON_ASCII_AUTHOR = "üser@example.org"
 BUILT_HEADERS = [
-    "Date", "From", "To", "Subject", "Message-ID", "Auto-Submitted", "X-Buildbot-Builder",
-    "X-Buildbot-Result", "X-Buildbot-URL", "MIME-Version", "Content-Type",
+    "Date", "From", "To", "Subject", "Message-ID", "Auto-Submitted", "X-Auto-Response-Suppress",
+    "X-Buildbot-Builder", "X-Buildbot-Result", "X-Buildbot-URL", "In-Reply-To", "References",
+    "MIME-Version", "Content-Type",
 ]
 
 CFG = r'''

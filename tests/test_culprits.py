@@ -1,0 +1,312 @@
+"""Unit tests (issue 9) on Buildbot's fake master and in-memory database: culprits, the
+error excerpt's bounded reads, failed tests, author addresses and URL hygiene."""
+
+from __future__ import annotations
+
+from twisted.internet import defer
+from twisted.trial import unittest
+
+from buildbot.process.results import FAILURE, SUCCESS, WARNINGS
+from buildbot.test import fakedb
+
+from buildbot_mailext import excerpts
+from buildbot_mailext.context import build_context, safe_url
+from buildbot_mailext.culprits import author_address, author_login
+
+from test_context import BUILDER_ID, FakeBuildMixin, build_rows
+
+
+class AuthorAddressTests(unittest.TestCase):
+    def test_forms(self):
+        self.assertEqual(author_address("Jane <jane@example.org>"), "jane@example.org")
+        self.assertEqual(author_address("jane@example.org"), "jane@example.org")
+        # parseaddr reads this as "dependabot"
+        self.assertEqual(author_address("dependabot[bot] <noreply@github.com>"), "noreply@github.com")
+        self.assertIsNone(author_address("jane"))
+        self.assertIsNone(author_address("Eve\r\nBcc: v@example.org <eve@example.org>"))
+        self.assertIsNone(author_address(None))
+
+    def test_login(self):
+        self.assertEqual(author_login("jane"), "jane")
+        self.assertIsNone(author_login("Jane <jane@example.org>"))
+        self.assertIsNone(author_login("ja\nne"))
+
+    def test_safe_url(self):
+        self.assertEqual(safe_url("https://git.example.org/c/1"), "https://git.example.org/c/1")
+        for bad in ("javascript:alert(1)", "JaVaScRiPt:alert(1)", "data:text/html,x",
+                    "https://x\r\nBcc: y", "http://x\"onmouseover=1", None, ""):
+            self.assertIsNone(safe_url(bad), bad)
+
+
+def change_row(changeid, ssid, author, revision, parent=None, comments=None, revlink=None):
+    return fakedb.Change(changeid=changeid, author=author, comments=comments or f"{revision}: msg",
+                         branch="main", revision=revision, sourcestampid=ssid,
+                         parent_changeids=parent, revlink=revlink or f"https://git/{revision}")
+
+
+class CulpritTests(FakeBuildMixin, unittest.TestCase):
+    """#0 passes (A); #1 fails (B); #2 fails (C, D in one build); #3 passes with warnings;
+    #4 fails (E)."""
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        yield super().setUp()
+        yield self.insert_build(0, "main", SUCCESS)
+        yield self.insert_build(1, "main", FAILURE)
+        yield self.insert_build(2, "main", FAILURE, props={"owner": "Olivia <olivia@example.org>"})
+        yield self.insert_build(3, "main", WARNINGS)
+        yield self.insert_build(4, "main", FAILURE)
+        # build n uses sourcestamp 400 + n (test_context.build_rows)
+        yield self.master.db.insert_test_data([
+            change_row(1, 400, "Alice <alice@example.org>", "A"),
+            change_row(2, 401, "Bob <bob@example.org>", "B", parent=1),
+            change_row(3, 402, "dependabot[bot] <noreply@github.com>", "C", parent=2),
+            change_row(4, 402, "carol@example.org", "D", parent=3,
+                       comments="D: <b>first line</b>\nsecond line", revlink="javascript:alert(1)"),
+            change_row(5, 403, "Dora <dora@example.org>", "W", parent=4),
+            change_row(6, 404, "Ed <ed@example.org>", "E", parent=5),
+        ])
+
+    @defer.inlineCallbacks
+    def context(self, number):
+        build = yield self.get_build(number)
+        ctx = yield build_context(self.master, build, ("failing",), [], 10)
+        return ctx
+
+    @defer.inlineCallbacks
+    def test_second_failure_lists_new_and_old_culprits(self):
+        ctx = yield self.context(2)
+        got = [(c["revision"], c["new"], c["first_build"]["number"]) for c in ctx["culprits"]]
+        self.assertEqual(got, [("D", True, 2), ("C", True, 2), ("B", False, 1)])
+        self.assertEqual(ctx["culprits_since"]["number"], 0)
+        d = ctx["culprits"][0]
+        self.assertEqual(d["title"], "D: <b>first line</b>")
+        self.assertIsNone(d["revlink"])  # javascript: dropped
+        self.assertEqual(d["address"], "carol@example.org")
+        self.assertEqual(ctx["culprits"][1]["address"], "noreply@github.com")
+        self.assertEqual(ctx["requester"], "Olivia <olivia@example.org>")
+        self.assertEqual(ctx["culprits_more"], 0)
+
+    @defer.inlineCallbacks
+    def test_warnings_end_a_failure_run(self):
+        # Buildbot's builds/N/changes counts only SUCCESS: it would list B, C, D, W, E here
+        ctx = yield self.context(4)
+        self.assertEqual([c["revision"] for c in ctx["culprits"]], ["E"])
+        self.assertEqual(ctx["culprits_since"]["number"], 3)
+
+    @defer.inlineCallbacks
+    def test_first_failure_lists_its_own_change(self):
+        ctx = yield self.context(1)
+        self.assertEqual([(c["revision"], c["new"]) for c in ctx["culprits"]], [("B", True)])
+
+    @defer.inlineCallbacks
+    def test_passing_build_has_no_culprits(self):
+        ctx = yield self.context(3)
+        self.assertEqual(ctx["culprits"], [])
+
+    @defer.inlineCallbacks
+    def test_walk_is_bounded_and_counted(self):
+        from buildbot_mailext import culprits as mod
+        self.patch(mod, "MAX_CULPRITS", 1)
+        ctx = yield self.context(2)
+        self.assertEqual([c["revision"] for c in ctx["culprits"]], ["D"])
+        self.assertEqual(ctx["culprits_more"], 2)
+
+
+class ErrorExcerptTests(FakeBuildMixin, unittest.TestCase):
+    def spy_reads(self):
+        """Every range read from the log: the tail (getLogLines) and the scan (read_lines);
+        the first line alone (the failed command, see context._command_line) is left out."""
+        requested = []
+        real_tail = self.master.db.logs.getLogLines
+        real_scan = excerpts.read_lines
+
+        def tail_spy(logid, first_line, last_line):
+            if (first_line, last_line) != (0, 0):  # the failed command line: one line
+                requested.append((first_line, last_line))
+            return real_tail(logid, first_line, last_line)
+
+        def scan_spy(master, logid, first_line, last_line):
+            requested.append((first_line, last_line))
+            return real_scan(master, logid, first_line, last_line)
+
+        self.patch(self.master.db.logs, "getLogLines", tail_spy)
+        self.patch(excerpts, "read_lines", scan_spy)
+        return requested
+
+    @defer.inlineCallbacks
+    def test_first_error_5000_lines_before_the_end(self):
+        lines = [f"onoise {i}" for i in range(3000)] + ["esrc/a.c:3:1: error: boom"]
+        lines += [f"oteardown {i}" for i in range(1, 5000)]
+        yield self.insert_build(0, "main", FAILURE, steps=[("compile", FAILURE, lines)])
+        build = yield self.get_build(0)
+        ctx = yield build_context(self.master, build, ("failing",), [], 40)
+        (tail,) = ctx["failed_steps"][0]["log_tail"]
+        excerpt = tail["excerpt"]
+        self.assertEqual(excerpt["first_line"], 3001)
+        self.assertEqual([e["text"] for e in excerpt["entries"] if e["match"]],
+                         ["src/a.c:3:1: error: boom"])
+        self.assertEqual(excerpt["lines"][:3], ["noise 2997", "noise 2998", "noise 2999"])
+        self.assertEqual(excerpt["lines"][-1], f"teardown {excerpts.CONTEXT_AFTER}")
+        self.assertEqual(excerpt["gap"], 8000 - 40 - 3001 - excerpts.CONTEXT_AFTER)
+        self.assertEqual(tail["lines"][-1], "teardown 4999")
+
+    @defer.inlineCallbacks
+    def test_no_match_tail_only(self):
+        lines = [f"onoise {i}" for i in range(3000)]
+        yield self.insert_build(0, "main", FAILURE, steps=[("compile", FAILURE, lines)])
+        build = yield self.get_build(0)
+        ctx = yield build_context(self.master, build, ("failing",), [], 40)
+        self.assertIsNone(ctx["failed_steps"][0]["log_tail"][0]["excerpt"])
+
+    @defer.inlineCallbacks
+    def test_route_patterns_replace_the_defaults(self):
+        lines = ["oerror: default pattern", "oBOOM custom"] + [f"onoise {i}" for i in range(100)]
+        yield self.insert_build(0, "main", FAILURE, steps=[("compile", FAILURE, lines)])
+        build = yield self.get_build(0)
+        ctx = yield build_context(self.master, build, ("failing",), [], 10,
+                                  error_patterns=[r"^BOOM"])
+        excerpt = ctx["failed_steps"][0]["log_tail"][0]["excerpt"]
+        self.assertEqual([e["text"] for e in excerpt["entries"] if e["match"]], ["BOOM custom"])
+
+    @defer.inlineCallbacks
+    def test_reads_are_bounded_whatever_the_log_size(self):
+        # 60,000 lines without an error: the scan reads ERROR_SCAN_LINES lines above the
+        # tail, in chunks, never from line 0 (a 2,000,000-line log costs the same)
+        lines = [f"onoise {i}" for i in range(60000)]
+        yield self.insert_build(0, "main", FAILURE, steps=[("compile", FAILURE, lines)])
+        requested = self.spy_reads()
+        build = yield self.get_build(0)
+        yield build_context(self.master, build, ("failing",), [], 40)
+        lowest = min(first for first, _ in requested)
+        self.assertEqual(lowest, 60000 - 40 - excerpts.ERROR_SCAN_LINES)
+        read = sum(last - first + 1 for first, last in requested)
+        self.assertLessEqual(read, excerpts.ERROR_SCAN_LINES + 40 + 200)
+        self.assertTrue(all(last - first < excerpts.SCAN_CHUNK_LINES + 240
+                            for first, last in requested))
+
+    @defer.inlineCallbacks
+    def test_chunked_reader_gives_what_getloglines_gives(self):
+        lines = [f"o{'x' * (i % 70)} line {i} \u00e9" for i in range(2500)]
+        yield self.insert_build(0, "main", FAILURE, steps=[("compile", FAILURE, None)])
+        rows = [fakedb.Log(id=77, stepid=1000, name="stdio", slug="stdio", type="s",
+                           num_lines=len(lines))]
+        # chunks of at most 1000 lines, as Buildbot's appendLog stores them
+        for first in range(0, len(lines), 1000):
+            chunk = lines[first:first + 1000]
+            rows.append(fakedb.LogChunk(logid=77, first_line=first,
+                                        last_line=first + len(chunk) - 1,
+                                        content="\n".join(chunk)))
+        yield self.master.db.insert_test_data(rows)
+        for first, last in ((0, 0), (5, 1499), (999, 1000), (2400, 2499), (0, 2499)):
+            ours = yield excerpts.read_lines(self.master, 77, first, last)
+            stock = yield self.master.db.logs.getLogLines(77, first, last)
+            self.assertEqual(ours, stock, (first, last))
+
+    @defer.inlineCallbacks
+    def test_header_lines_never_match(self):
+        lines = ["hcommand: make error: not this", "oline"] + [f"onoise {i}" for i in range(100)]
+        yield self.insert_build(0, "main", FAILURE, steps=[("compile", FAILURE, lines)])
+        build = yield self.get_build(0)
+        ctx = yield build_context(self.master, build, ("failing",), [], 10)
+        self.assertIsNone(ctx["failed_steps"][0]["log_tail"][0]["excerpt"])
+
+
+class FailedTestsTests(FakeBuildMixin, unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_failed_tests_listed(self):
+        yield self.insert_build(0, "main", FAILURE, steps=[("pytest", FAILURE, None)])
+        yield self.master.db.insert_test_data([
+            fakedb.TestResultSet(id=7, builderid=BUILDER_ID, buildid=100, stepid=1000,
+                                 description="pytest", category="pass_fail",
+                                 value_unit="boolean", tests_passed=1, tests_failed=2),
+            fakedb.TestName(id=1, builderid=BUILDER_ID, name="test_ok"),
+            fakedb.TestName(id=2, builderid=BUILDER_ID, name="test_crlf\r\nBcc: x"),
+            fakedb.TestName(id=3, builderid=BUILDER_ID, name="test_<b>"),
+            fakedb.TestResult(id=1, builderid=BUILDER_ID, test_result_setid=7, test_nameid=1, value="1"),
+            fakedb.TestResult(id=2, builderid=BUILDER_ID, test_result_setid=7, test_nameid=2, value="0"),
+            fakedb.TestResult(id=3, builderid=BUILDER_ID, test_result_setid=7, test_nameid=3, value="0"),
+        ])
+        build = yield self.get_build(0)
+        ctx = yield build_context(self.master, build, ("failing",), [], 10)
+        (result_set,) = ctx["test_results"]
+        self.assertEqual((result_set["passed"], result_set["failed"]), (1, 2))
+        self.assertEqual([t["name"] for t in result_set["tests"]],
+                         ["test_crlf Bcc: x", "test_<b>"])
+
+    @defer.inlineCallbacks
+    def test_no_test_results(self):
+        yield self.insert_build(0, "main", FAILURE)
+        build = yield self.get_build(0)
+        ctx = yield build_context(self.master, build, ("failing",), [], 10)
+        self.assertEqual(ctx["test_results"], [])
+
+
+class RebuildCulpritTests(FakeBuildMixin, unittest.TestCase):
+    """#0 passes (A); #1 fails (B); #2 fails again on the same sourcestamp (a rebuild);
+    #3 fails on the sourcestamp of #0 (a flaky rebuild of a passing revision)."""
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        yield super().setUp()
+        yield self.insert_build(0, "main", SUCCESS)
+        yield self.insert_build(1, "main", FAILURE)
+        for number, ssid in ((2, 401), (3, 400)):
+            rows = [r for r in build_rows(number, "main", FAILURE)
+                    if not isinstance(r, (fakedb.SourceStamp, fakedb.BuildsetSourceStamp))]
+            rows.append(fakedb.BuildsetSourceStamp(buildsetid=300 + number, sourcestampid=ssid))
+            yield self.master.db.insert_test_data(rows)
+        yield self.master.db.insert_test_data([
+            change_row(1, 400, "Alice <alice@example.org>", "A"),
+            change_row(2, 401, "Bob <bob@example.org>", "B", parent=1),
+        ])
+
+    @defer.inlineCallbacks
+    def culprits(self, number):
+        build = yield self.get_build(number)
+        ctx = yield build_context(self.master, build, ("failing",), [], 10)
+        return [(c["revision"], c["new"], c["first_build"]["number"]) for c in ctx["culprits"]]
+
+    @defer.inlineCallbacks
+    def test_rebuild_names_the_build_the_change_first_failed_in(self):
+        self.assertEqual((yield self.culprits(2)), [("B", False, 1)])
+
+    @defer.inlineCallbacks
+    def test_flaky_rebuild_of_the_passing_revision_names_nobody(self):
+        self.assertEqual((yield self.culprits(3)), [])
+
+
+class CodebaseCulpritTests(FakeBuildMixin, unittest.TestCase):
+    """Two codebases in one build: each is walked back to its own last passing change."""
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        yield super().setUp()
+        yield self.insert_build(0, "main", SUCCESS)
+        yield self.insert_build(1, "main", FAILURE)
+        # a second sourcestamp (codebase "lib") in each buildset
+        rows = []
+        for number in (0, 1):
+            rows += [
+                fakedb.SourceStamp(id=450 + number, branch="main", revision=f"lib{number}",
+                                   codebase="lib", repository="https://git.example.org/lib.git"),
+                fakedb.BuildsetSourceStamp(buildsetid=300 + number, sourcestampid=450 + number),
+            ]
+        rows += [
+            change_row(1, 400, "Alice <alice@example.org>", "app-A"),
+            change_row(2, 401, "Bob <bob@example.org>", "app-B", parent=1),
+            fakedb.Change(changeid=3, author="Lena <lena@example.org>", comments="lib-A",
+                          branch="main", revision="lib-A", sourcestampid=450, codebase="lib",
+                          repository="https://git.example.org/lib.git"),
+            fakedb.Change(changeid=4, author="Liam <liam@example.org>", comments="lib-B",
+                          branch="main", revision="lib-B", sourcestampid=451, codebase="lib",
+                          repository="https://git.example.org/lib.git", parent_changeids=3),
+        ]
+        yield self.master.db.insert_test_data(rows)
+
+    @defer.inlineCallbacks
+    def test_each_codebase_stops_at_its_own_passing_change(self):
+        build = yield self.get_build(1)
+        ctx = yield build_context(self.master, build, ("failing",), [], 10)
+        self.assertEqual(sorted(c["revision"] for c in ctx["culprits"]), ["app-B", "lib-B"])
+        self.assertTrue(all(c["new"] for c in ctx["culprits"]))
