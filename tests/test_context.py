@@ -450,16 +450,21 @@ def test_change_summary_exact():
     change = {
         "author": _long("a"), "committer": _long("c"), "revision": _long("r"),
         "comments": "line 1\r\nline 2\rline 3\x00\x1b[31m", "branch": _long("b"),
-        "repository": _long("p"), "project": _long("j"), "revlink": _long("l"),
+        "repository": _long("p"), "project": _long("j"),
+        "revlink": "https://git.example.org/commit/" + _long("l", 300),
         "when_timestamp": 0, "files": [_long("f")] + [f"f{i}" for i in range(60)],
     }
     assert ctxmod._change_summary(change) == {
         "author": _capped("a", 200), "committer": _capped("c", 200), "revision": _capped("r", 200),
         "comments": "line 1\nline 2\nline 3", "branch": _capped("b", 200),
-        "repository": _capped("p", 300), "project": _capped("j", 200), "revlink": _capped("l", 500),
+        "repository": _capped("p", 300), "project": _capped("j", 200),
+        "revlink": "https://git.example.org/commit/" + _long("l", 300),
         "when": "1970-01-01 00:00:00 UTC",
         "files": [_capped("f", 300)] + [f"f{i}" for i in range(49)], "files_total": 61,
     }
+    # a revlink that is not one line of http(s) (too long to keep whole, or javascript:) is no link
+    for bad in (_long("l"), "https://x.org/" + _long("l", 600), "javascript:alert(1)"):
+        assert ctxmod._change_summary({"revlink": bad})["revlink"] is None, bad
     assert ctxmod._change_summary({}) == {
         "author": "", "committer": "", "revision": None, "comments": "", "branch": None,
         "repository": "", "project": "", "revlink": None, "when": None, "files": [], "files_total": 0,

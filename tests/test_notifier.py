@@ -425,6 +425,16 @@ class NotifierTestCase(NotifierMixin, unittest.TestCase):
             cc=[], text="body", html=None, headers={}, extra_headers=None, attachments=[],
         )
         yield notifier.sendMail(msg, ["dev@example.org"], label="after-reconfig")
+        # sendMail fires once the mail is in the outbox; the attempt follows on the master's
+        # (fake) clock, the SMTP conversation on the real reactor: drive both, with a bound.
+        from twisted.internet import reactor as real_reactor
+        from twisted.internet import task
+
+        for _ in range(200):
+            if srv.messages:
+                break
+            self.reactor.advance(0.1)
+            yield task.deferLater(real_reactor, 0.05, lambda: None)
         self.assertEqual(srv.auth_attempts, [("bb", True)])
         (received,) = srv.messages
         self.assertIn(b"Subject: after reconfig", received.data)
