@@ -40,6 +40,20 @@ from pathlib import Path
 LOOPBACK = "127.0.0.1"
 
 
+# The first lines of every e2e master.cfg: imports, the worker and its loopback PB port.
+# A test's config is CFG_PREAMBLE + its own lines, %-formatted with worker= and password=.
+CFG_PREAMBLE = r'''
+import os
+from buildbot.plugins import reporters, schedulers, steps, util, worker
+from buildbot_mailext import MailRoute
+
+env = os.environ.get
+c = BuildmasterConfig = {}
+c['workers'] = [worker.Worker("%(worker)s", "%(password)s")]
+c['protocols'] = {'pb': {'port': "tcp:%%s:interface=127.0.0.1" %% env("MAILEXT_PB_PORT")}}
+'''
+
+
 class HarnessError(RuntimeError):
     """Something in the set-up failed; the message says what and includes log tails."""
 

@@ -19,7 +19,7 @@ import urllib.request
 
 import pytest
 
-from harness import Master, SmtpSink, running_site  # noqa: F401 (Master, SmtpSink: types)
+from harness import CFG_PREAMBLE, Master, SmtpSink, running_site  # noqa: F401 (Master, SmtpSink: types)
 
 pytest.importorskip("aiosmtpd")
 
@@ -27,17 +27,9 @@ WORKER = ("culprit-worker", "culprit-pass")
 LIST = "dev-list@example.org"
 FIRST_ERROR = "src/parser.c:212:9: error: E2E-FIRST-ERROR undeclared"
 
-CFG = r'''
-import os
+CFG = (CFG_PREAMBLE + r'''
 from twisted.internet import defer
-from buildbot.plugins import reporters, schedulers, steps, util, worker
 from buildbot.process.results import FAILURE
-from buildbot_mailext import MailRoute
-
-env = os.environ.get
-c = BuildmasterConfig = {}
-c['workers'] = [worker.Worker("%(worker)s", "%(password)s")]
-c['protocols'] = {'pb': {'port': "tcp:%%s:interface=127.0.0.1" %% env("MAILEXT_PB_PORT")}}
 
 def sh(name, script):
     f = util.BuildFactory()
@@ -128,7 +120,7 @@ c['www'] = {'port': "tcp:%%s:interface=127.0.0.1" %% env("MAILEXT_WWW_PORT"), 'p
             'change_hook_dialects': {'base': True}}
 c['db'] = {'db_url': "sqlite:///state.sqlite"}
 c['buildbotNetUsageData'] = None
-''' % {"worker": WORKER[0], "password": WORKER[1], "list": LIST, "first_error": FIRST_ERROR}
+''') % {"worker": WORKER[0], "password": WORKER[1], "list": LIST, "first_error": FIRST_ERROR}
 
 
 class Env:

@@ -31,7 +31,7 @@ import time
 
 import pytest
 
-from harness import Master, SmtpSink, Worker, example_cfg_text, running_site
+from harness import CFG_PREAMBLE, Master, SmtpSink, Worker, example_cfg_text, running_site
 
 pytest.importorskip("aiosmtpd")
 
@@ -50,15 +50,7 @@ SCRIPT = "<script>alert(1)</script>"
 WORKER_SECRET = "e2e-worker-env-secret-5d1c"
 EVIL_BRANCH = "evil\r\nX-Injected: yes\r\nBcc: victim@example.org\r\n\r\n<b>body</b>"
 
-CFG = r'''
-import os
-from buildbot.plugins import reporters, schedulers, steps, util, worker
-from buildbot_mailext import MailRoute
-
-env = os.environ.get
-c = BuildmasterConfig = {}
-c['workers'] = [worker.Worker("%(worker)s", "%(password)s")]
-c['protocols'] = {'pb': {'port': "tcp:%%s:interface=127.0.0.1" %% env("MAILEXT_PB_PORT")}}
+CFG = (CFG_PREAMBLE + r'''
 
 def sh(name, script):
     f = util.BuildFactory()
@@ -100,7 +92,7 @@ c['buildbotURL'] = "http://127.0.0.1:%%s/" %% env("MAILEXT_WWW_PORT")
 c['www'] = {'port': "tcp:%%s:interface=127.0.0.1" %% env("MAILEXT_WWW_PORT"), 'plugins': {}}
 c['db'] = {'db_url': "sqlite:///state.sqlite"}
 c['buildbotNetUsageData'] = None
-''' % {
+''') % {
     "worker": WORKER[0],
     "password": WORKER[1],
     "early": EARLY_MARKER,

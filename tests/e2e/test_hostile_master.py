@@ -18,7 +18,7 @@ import urllib.request
 
 import pytest
 
-from harness import SmtpSink, running_site
+from harness import CFG_PREAMBLE, SmtpSink, running_site
 
 pytest.importorskip("aiosmtpd")
 
@@ -32,15 +32,7 @@ BUILT_HEADERS = [
     "MIME-Version", "Content-Type",
 ]
 
-CFG = r'''
-import os
-from buildbot.plugins import reporters, schedulers, steps, util, worker
-from buildbot_mailext import MailRoute
-
-env = os.environ.get
-c = BuildmasterConfig = {}
-c['workers'] = [worker.Worker("%(worker)s", "%(password)s")]
-c['protocols'] = {'pb': {'port': "tcp:%%s:interface=127.0.0.1" %% env("MAILEXT_PB_PORT")}}
+CFG = (CFG_PREAMBLE + r'''
 f = util.BuildFactory()
 f.addStep(steps.ShellCommand(name="fail", command=["sh", "-c", "echo failing; exit 1"]))
 c['builders'] = [util.BuilderConfig(name="hostile", workernames=["%(worker)s"], factory=f)]
@@ -66,7 +58,7 @@ c['www'] = {'port': "tcp:%%s:interface=127.0.0.1" %% env("MAILEXT_WWW_PORT"), 'p
             'change_hook_dialects': {'base': True}}
 c['db'] = {'db_url': "sqlite:///state.sqlite"}
 c['buildbotNetUsageData'] = None
-''' % {"worker": WORKER[0], "password": WORKER[1], "list": LIST}
+''') % {"worker": WORKER[0], "password": WORKER[1], "list": LIST}
 
 
 @pytest.fixture(scope="module")

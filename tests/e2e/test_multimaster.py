@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from harness import HarnessError, Master, SmtpSink, Worker, free_port, pid_alive, venv_bin
+from harness import CFG_PREAMBLE, HarnessError, Master, SmtpSink, Worker, free_port, pid_alive, venv_bin
 
 from buildbot_mailext import outbox as ob
 
@@ -160,15 +160,7 @@ class Crossbar:
                 self.proc.wait(5)
 
 
-CFG = r'''
-import os
-from buildbot.plugins import reporters, schedulers, steps, util, worker
-from buildbot_mailext import MailRoute
-
-env = os.environ.get
-c = BuildmasterConfig = {}
-c['workers'] = [worker.Worker("%(worker)s", "%(password)s")]
-c['protocols'] = {'pb': {'port': "tcp:%%s:interface=127.0.0.1" %% env("MAILEXT_PB_PORT")}}
+CFG = (CFG_PREAMBLE + r'''
 f = util.BuildFactory()
 f.addStep(steps.ShellCommand(name="tests", command=["sh", "-c", "echo boom >&2; exit 1"]))
 c['builders'] = [util.BuilderConfig(name="runtests", workernames=["%(worker)s"], factory=f)]
@@ -190,7 +182,7 @@ c['title'] = "mailext multi-master"
 c['buildbotURL'] = "http://127.0.0.1:%%s/" %% env("MAILEXT_WWW_PORT")
 c['www'] = {'port': "tcp:%%s:interface=127.0.0.1" %% env("MAILEXT_WWW_PORT"), 'plugins': {}}
 c['buildbotNetUsageData'] = None
-''' % {"worker": WORKER[0], "password": WORKER[1], "ops": OPS}
+''') % {"worker": WORKER[0], "password": WORKER[1], "ops": OPS}
 
 
 class Cluster:
