@@ -256,6 +256,14 @@ def claim_key(notifier: str, *parts: Any) -> str:
 
 
 # ------------------------------------------------------------------------------- DB side
+def _commit(conn: Any) -> None:
+    """Commit what this thread did. SQLAlchemy 2 ("future") connections need it; the 1.4
+    connections of Buildbot 4.0/4.1 autocommit each statement and have no commit()."""
+    commit = getattr(conn, "commit", None)
+    if commit is not None:
+        commit()
+
+
 # Each thd_* function runs in a DB thread (master.db.pool.do) or in the CLI, and commits
 # its own work: a crash between two of them leaves the database consistent.
 
@@ -265,7 +273,7 @@ def thd_ensure_tables(conn: Any) -> None:
     loser's CREATE fails, and the tables exist, which is all we wanted."""
     try:
         metadata.create_all(conn, checkfirst=True)
-        conn.commit()
+        _commit(conn)
     except sa.exc.SQLAlchemyError:
         conn.rollback()
         inspector = sa.inspect(conn)
@@ -277,7 +285,7 @@ def thd_claim(conn: Any, key: str, notifier: str, owner: Optional[int], now: flo
     """Insert the claim; True when this call won it, False when it was already there."""
     try:
         conn.execute(claims_table.insert().values(claim=key, notifier=notifier, owner=owner, created_at=now))
-        conn.commit()
+        _commit(conn)
         return True
     except sa.exc.IntegrityError:
         conn.rollback()
@@ -347,7 +355,7 @@ def thd_add(
     held = [rows + len(fits), total]
     added += [_add_one(conn, notifier, mail, owner, now, lease, limits, build_digest, held)
               for mail in mails[len(fits):]]
-    conn.commit()
+    _commit(conn)
     return added
 
 
@@ -443,7 +451,7 @@ def thd_take_due(conn: Any, notifier: str, owner: Optional[int], now: float, lea
         )
         if result.rowcount == 1:
             taken.append(row_id)
-    conn.commit()
+    _commit(conn)
     if not taken:
         return []
     rows = conn.execute(sa.select(*t.c).where(t.c.id.in_(taken)).order_by(t.c.id))
@@ -484,7 +492,7 @@ def thd_delivered(conn: Any, entries: Sequence[OutboxEntry], build_digest: Diges
                 subject=digest_summary(len(items)), next_try_at=0.0,
             )
         )
-    conn.commit()
+    _commit(conn)
 
 
 def thd_reschedule(
@@ -497,7 +505,7 @@ def thd_reschedule(
             attempts=attempts,
         )
     )
-    conn.commit()
+    _commit(conn)
 
 
 def thd_dead_letter(
@@ -510,7 +518,7 @@ def thd_dead_letter(
     values = dict(recipients=json.dumps(list(recipients)), state=DEAD, last_error=last_error, attempts=attempts)
     if not split:
         conn.execute(t.update().where(t.c.id == entry.id).values(**values))
-        conn.commit()
+        _commit(conn)
         return entry.id
     result = conn.execute(
         t.insert().values(
@@ -520,7 +528,7 @@ def thd_dead_letter(
             digest_count=0, digest_items=None, **values,
         )
     )
-    conn.commit()
+    _commit(conn)
     return result.inserted_primary_key[0]
 
 
@@ -532,7 +540,7 @@ def thd_renew_lease(conn: Any, notifier: str, owner: Optional[int], now: float, 
     )
     if updated.rowcount == 0:  # only this master writes its own row: no race
         conn.execute(lt.insert().values(notifier=notifier, owner=owner, lease_until=now + lease))
-    conn.commit()
+    _commit(conn)
 
 
 def thd_release_lease(conn: Any, notifier: str, owner: Optional[int], now: float) -> int:
@@ -540,7 +548,7 @@ def thd_release_lease(conn: Any, notifier: str, owner: Optional[int], now: float
     Returns how many pending rows this master leaves behind."""
     lt, t = leases_table, outbox_table
     conn.execute(lt.update().where(lt.c.notifier == notifier, lt.c.owner == owner).values(lease_until=now - 1))
-    conn.commit()
+    _commit(conn)
     left = conn.execute(
         sa.select(sa.func.count(t.c.id)).where(t.c.notifier == notifier, t.c.state == PENDING, t.c.owner == owner)
     ).scalar()
@@ -555,13 +563,13 @@ def thd_resume(conn: Any, notifier: str, owner: Optional[int], now: float) -> in
         .where(t.c.notifier == notifier, t.c.state == PENDING, _takeable(owner, now))
         .values(next_try_at=now, owner=owner)
     )
-    conn.commit()
+    _commit(conn)
     return result.rowcount
 
 
 def thd_prune_claims(conn: Any, before: float) -> int:
     result = conn.execute(claims_table.delete().where(claims_table.c.created_at < before))
-    conn.commit()
+    _commit(conn)
     return result.rowcount
 
 
@@ -592,14 +600,14 @@ def thd_retry_now(conn: Any, entry_ids: Sequence[int], now: float) -> int:
             ), attempts=sa.case((t.c.state == DEAD, 0), else_=t.c.attempts),
         )
     )
-    conn.commit()
+    _commit(conn)
     return result.rowcount
 
 
 def thd_drop(conn: Any, entry_ids: Sequence[int]) -> int:
     t = outbox_table
     result = conn.execute(t.delete().where(t.c.id.in_(list(entry_ids))))
-    conn.commit()
+    _commit(conn)
     return result.rowcount
 
 
