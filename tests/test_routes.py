@@ -263,10 +263,11 @@ class RouteFilterTests(TestReactorMixin, ReporterTestMixin, unittest.TestCase):
         self.setup_test_reactor()
         self.setup_reporter_test()
         self.master = yield fakemaster.make_master(self, wantData=True, wantDb=True, wantMq=True)
+        self.build_dict = yield self.insert_build_finished(FAILURE)
+        # after the builder row: Buildbot < 4.2's fake DB refuses tags of an unknown builder
         yield self.master.db.insert_test_data(
             [fakedb.Tag(id=1, name="linux"), fakedb.BuildersTags(id=1, builderid=79, tagid=1)]
         )
-        self.build_dict = yield self.insert_build_finished(FAILURE)
 
     @defer.inlineCallbacks
     def reported(self, **filters):
