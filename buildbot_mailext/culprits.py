@@ -139,6 +139,8 @@ async def _find_culprits(master, build: dict, earlier_builds) -> dict:
             walked.append((change, first or build))
             count += 1
             parents = model_field(change, "parent_changeids") or []
+            if isinstance(parents, int):  # Buildbot 4.0's fake DB keeps the bare column value
+                parents = [parents]
             if count >= MAX_CULPRIT_WALK:
                 more_unknown = bool(parents)
                 break

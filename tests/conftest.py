@@ -15,3 +15,43 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
     import buildbot.util.ssl  # noqa: F401
+
+
+# --- Buildbot < 4.2: what its fake DB cannot stand in for ---------------------------------
+# Before 4.2, ``fakemaster.make_master(wantDb=True)`` gives a pure-Python FakeDBConnector: no
+# SQL connection pool (``master.db.pool``), which the outbox writes every mail through, and a
+# few queries that differ from the real ones. On those Buildbot versions the tests below are
+# skipped with this reason; the same behaviour is tested there on a real master (tests/e2e:
+# outbox, hostile input, culprits, preview, all run on Buildbot 4.0 by .ci/run's nox cell),
+# and every one of them runs in full on Buildbot >= 4.2.
+_NEEDS_REAL_DB_BEFORE_4_2 = {
+    "tests/test_notifier.py::NotifierTestCase": "the notifier's outbox needs master.db.pool",
+    "tests/test_notifier.py::StartupWarningTestCase": "the notifier's outbox needs master.db.pool",
+    "tests/test_hostile.py::": "the notifier's outbox needs master.db.pool",
+    "tests/test_issue9_notifier.py::": "the notifier's outbox needs master.db.pool",
+    "tests/test_outbox.py::": "the outbox needs master.db.pool (and make_master(db_url=))",
+    "tests/test_culprits.py::CulpritTests::test_second_failure_lists_new_and_old_culprits":
+        "the fake getChangeFromSSid returns one change per sourcestamp",
+    "tests/test_culprits.py::CulpritTests::test_walk_is_bounded_and_counted":
+        "the fake getChangeFromSSid returns one change per sourcestamp",
+    "tests/test_culprits.py::ErrorExcerptTests::test_reads_are_bounded_whatever_the_log_size":
+        "the fake getLogLines ignores the requested line range",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    import buildbot
+    import pytest
+
+    try:
+        major, minor = (int(p) for p in buildbot.version.split(".")[:2])
+    except ValueError:  # a development version: the newest fakes
+        return
+    if (major, minor) >= (4, 2):
+        return
+    for item in items:
+        for prefix, why in _NEEDS_REAL_DB_BEFORE_4_2.items():
+            if item.nodeid.startswith(prefix):
+                item.add_marker(pytest.mark.skip(
+                    reason=f"Buildbot {buildbot.version}'s fake DB: {why}; tested on a real master "
+                           "by tests/e2e, and in full on Buildbot >= 4.2"))
