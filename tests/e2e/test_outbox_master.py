@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from harness import HarnessError, Master, SmtpSink, Worker, free_port, pid_alive, venv_bin
+from harness import CFG_PREAMBLE, HarnessError, Master, SmtpSink, Worker, free_port, pid_alive, venv_bin
 
 from buildbot_mailext import outbox as ob
 
@@ -32,15 +32,7 @@ OPS = "ops@example.org"
 FAIL_BUILDERS = ("fail0", "fail1", "fail2", "fail3")
 BUILDS = 20  # per outage scenario, spread over the four builders
 
-CFG = r'''
-import os
-from buildbot.plugins import reporters, schedulers, steps, util, worker
-from buildbot_mailext import MailRoute
-
-env = os.environ.get
-c = BuildmasterConfig = {}
-c['workers'] = [worker.Worker("%(worker)s", "%(password)s")]
-c['protocols'] = {'pb': {'port': "tcp:%%s:interface=127.0.0.1" %% env("MAILEXT_PB_PORT")}}
+CFG = (CFG_PREAMBLE + r'''
 
 def failing(name):
     f = util.BuildFactory()
@@ -78,7 +70,7 @@ c['buildbotURL'] = "http://127.0.0.1:%%s/" %% env("MAILEXT_WWW_PORT")
 c['www'] = {'port': "tcp:%%s:interface=127.0.0.1" %% env("MAILEXT_WWW_PORT"), 'plugins': {}}
 c['db'] = {'db_url': "sqlite:///state.sqlite"}
 c['buildbotNetUsageData'] = None
-''' % {"worker": WORKER[0], "password": WORKER[1], "ops": OPS, "fail": FAIL_BUILDERS}
+''') % {"worker": WORKER[0], "password": WORKER[1], "ops": OPS, "fail": FAIL_BUILDERS}
 
 REJECTS = {"nobody@example.org": "550 5.1.1 <nobody@example.org>: user unknown",
            "bad@example.org": "550 5.1.1 <bad@example.org>: user unknown"}
