@@ -391,6 +391,12 @@ def _raw_value_ok(name: str, raw: str) -> bool:
     return all(_PLAIN_VALUE.match(line) and len(line) <= MAX_LINE_BYTES for line in lines)
 
 
+# Only encoded words can decode to something else than the raw text: a value without
+# them is printable ASCII already (``_raw_value_ok``), so decoding it (the costly part of
+# this check, ~0.4 ms a mail) is skipped.
+_ENCODED_WORD_START = "=?"
+
+
 def _decoded_ok(name: str, raw: str) -> bool:
     # What a reader sees once encoded words are decoded: still one line, no controls.
     try:
@@ -417,7 +423,7 @@ def _header_problems(msg: EmailMessage, data: bytes) -> list[int]:
             problems.append(max(i - 1, 0))
             break
         if _ours(value) and (
-            _unfold(parsed[i][1]) != _unfold(value) or not _decoded_ok(name, value)
+            _unfold(parsed[i][1]) != _unfold(value) or (_ENCODED_WORD_START in value and not _decoded_ok(name, value))
         ):
             problems.append(i)
     if not problems and len(parsed) != len(built):
