@@ -12,8 +12,9 @@ This module owns the durable side of sending:
 * leases: a row carries the master that owns it; that master's lease (renewed at every
   pass, ended at a clean stop) says until when; another master takes a pending row over
   once the lease has expired (its owner stopped or was killed);
-* writes in groups: what is queued, or delivered, while a transaction runs shares the next
-  one (one commit for a burst, not one per mail).
+* writes in groups (``journal.py``): what is queued, or delivered, while a transaction runs
+  shares the next one (one commit for a burst, not one per mail), and a delivered row's
+  deletion waits briefly to share the next new mail's commit.
 * the bound (``outbox_max_messages`` / ``outbox_max_bytes``): past it, new mails of a route
   are folded into one digest row for that route instead of being dropped.
 
@@ -53,6 +54,7 @@ from sqlalchemy.dialects import mysql
 from twisted.internet import defer
 from twisted.python import log
 
+from buildbot_mailext.journal import WriteJournal
 from buildbot_mailext.transport import Delivery, describe
 
 PENDING = "pending"
@@ -468,10 +470,12 @@ def thd_next_due(conn: Any, notifier: str, owner: Optional[int], now: float) -> 
     return None if value is None else float(value)
 
 
-def thd_delivered(conn: Any, entries: Sequence[OutboxEntry], build_digest: DigestBuilder) -> None:
+def thd_delivered(
+    conn: Any, entries: Sequence[OutboxEntry], build_digest: DigestBuilder, commit: bool = True
+) -> None:
     """The server accepted these mails: delete their rows, in one transaction. A digest
     that took more mails while it was on the wire (compare-and-set on ``digest_count``)
-    keeps only those, rebuilt."""
+    keeps only those, rebuilt. ``commit=False``: part of :func:`thd_write`'s transaction."""
     t = outbox_table
     plain = sorted(e.id for e in entries if not e.digest_count)
     if plain:  # one statement; ids in order, the lock order of thd_take_due
@@ -492,7 +496,30 @@ def thd_delivered(conn: Any, entries: Sequence[OutboxEntry], build_digest: Diges
                 subject=digest_summary(len(items)), next_try_at=0.0,
             )
         )
-    _commit(conn)
+    if commit:
+        _commit(conn)
+
+
+def thd_write(
+    conn: Any,
+    notifier: str,
+    mails: Sequence[NewMail],
+    delivered: Sequence[OutboxEntry],
+    owner: Optional[int],
+    now: float,
+    lease: float,
+    limits: OutboxLimits,
+    build_digest: DigestBuilder,
+) -> list[Added]:
+    """What the write journal (``journal.py``) gathered, in ONE transaction: delete the
+    rows of ``delivered`` mails, then add ``mails`` (:func:`thd_add`). Deleting first lets
+    the new mails use the room the delivered ones leave under the outbox bound."""
+    if delivered:
+        thd_delivered(conn, delivered, build_digest, commit=False)
+    if not mails:
+        _commit(conn)
+        return []
+    return thd_add(conn, notifier, mails, owner, now, lease, limits, build_digest)
 
 
 def thd_reschedule(
@@ -614,47 +641,6 @@ def thd_drop(conn: Any, entry_ids: Sequence[int]) -> int:
 # ------------------------------------------------------------------------------- reactor side
 
 
-class _GroupCommit:
-    """Group commit: what is asked while a transaction runs goes into the next one.
-
-    A build that fails fifty builders queues fifty mails in one moment; on SQLite each
-    commit is an fsync, so one transaction per mail would make the database the
-    bottleneck. The first request starts at once (no timer: a single mail waits for
-    nothing); requests arriving meanwhile are done together when it finishes.
-    ``run(items)`` returns a Deferred firing with one result per item."""
-
-    def __init__(self, run: Callable[[list], defer.Deferred]) -> None:
-        self._run = run
-        self._waiting: list[tuple[Any, defer.Deferred]] = []
-        self._busy = False
-
-    def __call__(self, item: Any) -> defer.Deferred:
-        d: defer.Deferred = defer.Deferred()
-        self._waiting.append((item, d))
-        if not self._busy:
-            self._next()
-        return d
-
-    def _next(self) -> None:
-        batch, self._waiting = self._waiting, []
-        if not batch:
-            self._busy = False
-            return
-        self._busy = True
-        d = defer.maybeDeferred(self._run, [item for item, _ in batch])
-
-        def done(results: Any) -> None:
-            for (_, waiter), result in zip(batch, results):
-                waiter.callback(result)
-
-        def failed(f: Any) -> None:
-            for _, waiter in batch:
-                waiter.errback(f)
-
-        d.addCallbacks(done, failed)
-        d.addBoth(lambda _: self._next())
-
-
 def _recipient_text(replies: dict) -> str:
     return "; ".join(f"{rcpt} ({reply})" for rcpt, reply in replies.items())
 
@@ -697,8 +683,8 @@ class Outbox:
         self._holds_lease = False  # True between a successful start() and stop()
         self._last_prune = 0.0
         self._tables_ready = False
-        self._write = _GroupCommit(self._write_batch)
-        self._delete = _GroupCommit(self._delete_batch)
+        # New rows and deletions of delivered ones share commits (one fsync each on SQLite).
+        self._journal = WriteJournal(self._write_batch, lambda: self.reactor)
 
     # -- plumbing
     @property
@@ -721,13 +707,11 @@ class Outbox:
         master left behind, `outbox retry` from the CLI) and renews its leases."""
         return max(0.5, min(self.policy.initial, self.lease / 3.0))
 
-    def _write_batch(self, mails: list) -> defer.Deferred:
+    def _write_batch(self, mails: list, delivered: list) -> defer.Deferred:
         return self._db(
-            thd_add, self.notifier, mails, self.owner, self._now(), self.lease, self.limits, self.build_digest
+            thd_write, self.notifier, mails, delivered, self.owner, self._now(), self.lease, self.limits,
+            self.build_digest,
         )
-
-    def _delete_batch(self, entries: list) -> defer.Deferred:
-        return self._db(thd_delivered, entries, self.build_digest).addCallback(lambda _: [None] * len(entries))
 
     @defer.inlineCallbacks
     def ensure_tables(self) -> Any:
@@ -743,6 +727,7 @@ class Outbox:
         yield self._db(thd_renew_lease, self.notifier, self.owner, self._now(), self.lease)
         self._holds_lease = True
         self._running = True
+        self._journal.flush(eager=False)  # deletions may linger again (a restart after stop)
         try:
             resumed = yield self._db(thd_resume, self.notifier, self.owner, self._now())
         except Exception as e:  # e.g. a deadlock with another master taking rows: they are
@@ -758,6 +743,7 @@ class Outbox:
         leases. Nothing is lost: what is still pending stays in the database."""
         self._running = False
         self._cancel_timer()
+        self._journal.flush()  # delivered rows are deleted now, not after lingering
         if self._in_flight:
             yield defer.DeferredList(list(self._in_flight.values()), consumeErrors=True)
         if not self._holds_lease:
@@ -791,7 +777,7 @@ class Outbox:
         """Write ``mail`` to the outbox, then make its first attempt. Fires with the row id
         once the mail is safely stored (not when it is delivered)."""
         yield self.ensure_tables()
-        added: Added = yield self._write(mail)
+        added: Added = yield self._journal.add(mail)
         if added.digest_count:
             rows, total = added.held
             log.msg(
@@ -923,7 +909,7 @@ class Outbox:
         error = self._error_text(delivery, {**temporary, **permanent})
 
         if not temporary and not permanent:
-            yield self._delete(entry)
+            yield self._journal.delete(entry)
             log.msg(f"{head}; outbox #{entry.id} done")
             return
 

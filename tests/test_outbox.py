@@ -20,6 +20,7 @@ from twisted.internet import defer
 from twisted.python import log
 from twisted.trial import unittest
 
+from buildbot_mailext import journal
 from buildbot_mailext import outbox as ob
 from buildbot_mailext.transport import Delivery, SendFailure
 
@@ -91,6 +92,12 @@ class OutboxTestCase(TestReactorMixin, unittest.TestCase):
         finally:
             engine.dispose()
 
+    def rows_once_deletions_committed(self):
+        """The rows after the deletions of delivered mails have committed: they wait up to
+        journal.DEFAULT_LINGER to share a commit with the next new mail (issue 8)."""
+        self.reactor.advance(journal.DEFAULT_LINGER)
+        return self.rows()
+
     def make_outbox(self, *script, master=None, hold=False, **kwargs):
         transport = ScriptedTransport(self.rows, *script, hold=hold)
         box = ob.Outbox(master or self.master, "MailExtNotifier_test", transport, digest, **kwargs)
@@ -115,7 +122,7 @@ class OutboxTestCase(TestReactorMixin, unittest.TestCase):
         label, recipients, rows_during_attempt = transport.attempts[0]
         self.assertEqual([r.id for r in rows_during_attempt], [row_id])
         self.assertEqual(rows_during_attempt[0].state, ob.PENDING)
-        self.assertEqual(self.rows(), [])
+        self.assertEqual(self.rows_once_deletions_committed(), [])
         self.assertEqual(len(self.lines(f"outbox #{row_id} done")), 1)
 
     # ------------------------------------------------------------------ retries
@@ -138,7 +145,7 @@ class OutboxTestCase(TestReactorMixin, unittest.TestCase):
         self.assertEqual(len(transport.attempts), 2)
         self.reactor.advance(1)
         self.assertEqual(len(transport.attempts), 3)
-        self.assertEqual(self.rows(), [])
+        self.assertEqual(self.rows_once_deletions_committed(), [])
         self.assertEqual(len(self.lines("attempt 2 in 30s")), 1)
         self.assertEqual(len(self.lines("attempt 3 in 60s")), 1)
         self.assertEqual(len(self.lines(f"outbox #{row_id} done")), 1)
@@ -205,7 +212,7 @@ class OutboxTestCase(TestReactorMixin, unittest.TestCase):
         self.assertEqual(rows[ob.PENDING].recipients, ["later@example.org"])
         self.reactor.advance(30)
         self.assertEqual(transport.attempts[1][1], ["later@example.org"])
-        self.assertEqual([r.state for r in self.rows()], [ob.DEAD])
+        self.assertEqual([r.state for r in self.rows_once_deletions_committed()], [ob.DEAD])
 
     @defer.inlineCallbacks
     def test_retry_now_puts_a_dead_letter_back_and_it_is_delivered(self):
@@ -216,7 +223,7 @@ class OutboxTestCase(TestReactorMixin, unittest.TestCase):
         yield self.master.db.pool.do(ob.thd_retry_now, [row_id], self.reactor.seconds())
         self.reactor.advance(box.poll_interval)
         self.assertEqual(len(transport.attempts), 2)
-        self.assertEqual(self.rows(), [])
+        self.assertEqual(self.rows_once_deletions_committed(), [])
 
     # ------------------------------------------------------------------ restarts and masters
 
@@ -234,7 +241,7 @@ class OutboxTestCase(TestReactorMixin, unittest.TestCase):
         yield again.start()
         self.reactor.advance(0)
         self.assertEqual(len(transport2.attempts), 3)  # at once, not after the retry delay
-        self.assertEqual(self.rows(), [])
+        self.assertEqual(self.rows_once_deletions_committed(), [])
         yield again.stop()
 
     @defer.inlineCallbacks
@@ -257,7 +264,7 @@ class OutboxTestCase(TestReactorMixin, unittest.TestCase):
         for _ in range(10):
             self.reactor.advance(survivor.poll_interval)
         self.assertEqual(len(transport.attempts), 1)
-        self.assertEqual(self.rows(), [])
+        self.assertEqual(self.rows_once_deletions_committed(), [])
         self.assertEqual(len(self.lines(f"outbox #{row_id} done")), 1)
         yield survivor.stop()
 
@@ -293,7 +300,7 @@ class OutboxTestCase(TestReactorMixin, unittest.TestCase):
 
         box.transport.script = [accepted()]
         self.reactor.advance(30)
-        self.assertEqual(self.rows(), [])
+        self.assertEqual(self.rows_once_deletions_committed(), [])
 
     @defer.inlineCallbacks
     def test_a_batch_is_one_insert_with_ids_in_order_and_folds_what_is_past_the_bound(self):
@@ -336,25 +343,3 @@ class OptionsTestCase(unittest.TestCase):
         self.assertEqual(len(errors), 3, errors)
         self.assertIn("retry_max_delay=30 is shorter than retry_initial=60", errors[0])
         self.assertIn("outbox_lease=20 must be at least twice smtp_timeout=30", errors[2])
-
-
-class GroupCommitTestCase(unittest.TestCase):
-    def test_requests_made_while_a_transaction_runs_share_the_next_one(self):
-        transactions = []
-        running = []
-
-        def run(items):
-            transactions.append(list(items))
-            d = defer.Deferred()
-            running.append((d, items))
-            return d
-
-        commit = ob._GroupCommit(run)
-        results = [commit(n) for n in range(5)]
-        self.assertEqual(transactions, [[0]])  # the first one does not wait for company
-        d, items = running.pop()
-        d.callback([f"r{i}" for i in items])
-        self.assertEqual(transactions, [[0], [1, 2, 3, 4]])
-        d, items = running.pop()
-        d.callback([f"r{i}" for i in items])
-        self.assertEqual([self.successResultOf(r) for r in results], ["r0", "r1", "r2", "r3", "r4"])
