@@ -37,6 +37,7 @@ from buildbot.util.twisted import async_to_deferred
 
 from buildbot_mailext import culprits as culprits_mod
 from buildbot_mailext import excerpts
+from buildbot_mailext import reads
 
 __all__ = [
     "build_context",
@@ -582,7 +583,7 @@ async def build_context(
 
     changes = []
     try:
-        raw_changes = await master.data.get(("builds", build["buildid"], "changes"))
+        raw_changes = await reads.build_changes(master, build["buildid"])
         changes = [_change_summary(c) for c in list(raw_changes or [])[:MAX_CHANGES]]
     except Exception as e:  # changes are nice to have; never lose the mail over them
         log.msg(f"buildbot-mailext: cannot read changes of build {build.get('buildid')}: {e}")

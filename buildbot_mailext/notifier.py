@@ -55,6 +55,7 @@ from buildbot_mailext.routes import (
 )
 from buildbot_mailext import culprits as culprits_mod
 from buildbot_mailext import digest as digest_mod
+from buildbot_mailext import reads
 from buildbot_mailext.context import culprits_context, previous_build_same_branch, transition_for
 from buildbot_mailext.threads import thread_headers
 from buildbot_mailext.templates import TemplateSet
@@ -774,6 +775,21 @@ class MailExtNotifier(MailNotifier):
         to = mime.set_recipients(m, "To", to)
         cc = [a for a in mime.set_recipients(m, "Cc", cc) if a not in to]
         return to + cc
+
+    @defer.inlineCallbacks
+    def getResponsibleUsersForBuild(self, master, buildid):
+        """Stock's blamelist (every change's author, the ``owner`` and ``owners``
+        properties), sorted, from the build's changes as ``reads.build_changes`` keeps them:
+        the mail's context needs the same read, made once (issue 8)."""
+        changes = yield defer.ensureDeferred(reads.build_changes(master, buildid))
+        properties = (yield master.data.get(("builds", buildid, "properties"))) or {}
+        blamelist = {change["author"] for change in changes}
+        if "owner" in properties:
+            owner = properties["owner"][0]
+            blamelist.update([owner] if isinstance(owner, str) else owner)
+        if "owners" in properties:
+            blamelist.update(properties["owners"][0])
+        return sorted(blamelist)
 
     @defer.inlineCallbacks
     def findInterrestedUsersEmails(self, users):

@@ -44,7 +44,7 @@ def change_row(changeid, ssid, author, revision, parent=None, comments=None, rev
                          parent_changeids=parent, revlink=revlink or f"https://git/{revision}")
 
 
-class CulpritTests(FakeBuildMixin, unittest.TestCase):
+class CulpritHistoryMixin(FakeBuildMixin):
     """#0 passes (A); #1 fails (B); #2 fails (C, D in one build); #3 passes with warnings;
     #4 fails (E)."""
 
@@ -67,6 +67,9 @@ class CulpritTests(FakeBuildMixin, unittest.TestCase):
             change_row(6, 404, "Ed <ed@example.org>", "E", parent=5),
         ])
 
+
+
+class CulpritTests(CulpritHistoryMixin, unittest.TestCase):
     @defer.inlineCallbacks
     def context(self, number):
         build = yield self.get_build(number)
@@ -310,3 +313,63 @@ class CodebaseCulpritTests(FakeBuildMixin, unittest.TestCase):
         ctx = yield build_context(self.master, build, ("failing",), [], 10)
         self.assertEqual(sorted(c["revision"] for c in ctx["culprits"]), ["app-B", "lib-B"])
         self.assertTrue(all(c["new"] for c in ctx["culprits"]))
+
+
+class ChangesReadOnceTests(CulpritHistoryMixin, unittest.TestCase):
+    """Issue 8: the blamelist (stock's getResponsibleUsersForBuild, which every build
+    generator calls) and the mail's context need the same ``builds/N/changes`` read; it is
+    made once (buildbot_mailext.reads), and the blamelist is stock's, to the letter."""
+
+    def count_change_reads(self):
+        reads = []
+        get = self.master.data.get
+
+        def counting_get(path, *args, **kwargs):
+            if len(path) == 3 and path[0] == "builds" and path[2] == "changes":
+                reads.append(path[1])
+            return get(path, *args, **kwargs)
+
+        self.patch(self.master.data, "get", counting_get)
+        return reads
+
+    @defer.inlineCallbacks
+    def test_blamelist_is_stocks_and_the_context_reuses_the_changes_read(self):
+        from buildbot.reporters.utils import getResponsibleUsersForBuild as stock_blamelist
+
+        from buildbot_mailext import MailExtNotifier
+
+        build = yield self.get_build(2)  # changes C, D (and B before); owner Olivia
+        expected = yield stock_blamelist(self.master, build["buildid"])
+        reads = self.count_change_reads()
+        notifier = MailExtNotifier(fromaddr="bb@example.org", preflight="off")
+        got = yield notifier.getResponsibleUsersForBuild(self.master, build["buildid"])
+        self.assertEqual(got, expected)
+        self.assertIn("Olivia <olivia@example.org>", got)
+        ctx = yield build_context(self.master, build, ("failing",), got, 10)
+        self.assertEqual(sorted(c["revision"] for c in ctx["changes"]), ["B", "C", "D"])
+        self.assertEqual(reads, [build["buildid"]])  # one read for both
+
+    @defer.inlineCallbacks
+    def test_the_read_is_made_again_once_it_is_older_than_the_ttl(self):
+        from buildbot_mailext import reads as reads_mod
+
+        build = yield self.get_build(2)
+        reads = self.count_change_reads()
+        yield defer.ensureDeferred(reads_mod.build_changes(self.master, build["buildid"]))
+        self.reactor.advance(reads_mod.TTL + 1)
+        changes = yield defer.ensureDeferred(reads_mod.build_changes(self.master, build["buildid"]))
+        self.assertEqual(reads, [build["buildid"]] * 2)
+        self.assertEqual(sorted(c["revision"] for c in changes), ["B", "C", "D"])
+
+    @defer.inlineCallbacks
+    def test_blamelist_takes_the_owners_list_as_stock_does(self):
+        from buildbot.reporters.utils import getResponsibleUsersForBuild as stock_blamelist
+
+        from buildbot_mailext import MailExtNotifier
+
+        yield self.insert_build(5, "main", FAILURE, props={"owners": ["Pat <pat@example.org>", "quinn"]})
+        build = yield self.get_build(5)
+        notifier = MailExtNotifier(fromaddr="bb@example.org", preflight="off")
+        got = yield notifier.getResponsibleUsersForBuild(self.master, build["buildid"])
+        self.assertEqual(got, (yield stock_blamelist(self.master, build["buildid"])))
+        self.assertIn("quinn", got)
