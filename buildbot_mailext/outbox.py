@@ -338,11 +338,18 @@ def thd_add(
     lease: float,
     limits: OutboxLimits,
     build_digest: DigestBuilder,
+    delivered: Sequence[OutboxEntry] = (),
 ) -> list[Added]:
     """Write ``mails`` in one transaction (one commit: one fsync on SQLite, however many
     mails a build made), each leased to ``owner`` for its first attempt, which the caller
-    makes right away; past the bound, a mail is folded into its route's digest instead."""
+    makes right away; past the bound, a mail is folded into its route's digest instead.
+
+    The rows of ``delivered`` mails are deleted in the same transaction, first, so the new
+    mails can use the room they leave under the bound (the write journal, ``journal.py``,
+    lets those deletions wait for the next new mail)."""
     t = outbox_table
+    if delivered:
+        thd_delivered(conn, delivered, build_digest, commit=False)
     rows, total = thd_totals(conn, notifier)  # one count per batch, kept current below
     fits = []
     for mail in mails:
@@ -483,7 +490,7 @@ def thd_delivered(
 ) -> None:
     """The server accepted these mails: delete their rows, in one transaction. A digest
     that took more mails while it was on the wire (compare-and-set on ``digest_count``)
-    keeps only those, rebuilt. ``commit=False``: part of :func:`thd_write`'s transaction."""
+    keeps only those, rebuilt. ``commit=False``: part of :func:`thd_add`'s transaction."""
     t = outbox_table
     plain = sorted(e.id for e in entries if not e.digest_count)
     if plain:  # one statement; ids in order, the lock order of thd_take_due
@@ -506,28 +513,6 @@ def thd_delivered(
         )
     if commit:
         _commit(conn)
-
-
-def thd_write(
-    conn: Any,
-    notifier: str,
-    mails: Sequence[NewMail],
-    delivered: Sequence[OutboxEntry],
-    owner: Optional[int],
-    now: float,
-    lease: float,
-    limits: OutboxLimits,
-    build_digest: DigestBuilder,
-) -> list[Added]:
-    """What the write journal (``journal.py``) gathered, in ONE transaction: delete the
-    rows of ``delivered`` mails, then add ``mails`` (:func:`thd_add`). Deleting first lets
-    the new mails use the room the delivered ones leave under the outbox bound."""
-    if delivered:
-        thd_delivered(conn, delivered, build_digest, commit=False)
-    if not mails:
-        _commit(conn)
-        return []
-    return thd_add(conn, notifier, mails, owner, now, lease, limits, build_digest)
 
 
 def thd_reschedule(
@@ -717,8 +702,8 @@ class Outbox:
 
     def _write_batch(self, mails: list, delivered: list) -> defer.Deferred:
         return self._db(
-            thd_write, self.notifier, mails, delivered, self.owner, self._now(), self.lease, self.limits,
-            self.build_digest,
+            thd_add, self.notifier, mails, self.owner, self._now(), self.lease, self.limits, self.build_digest,
+            delivered,
         )
 
     @defer.inlineCallbacks

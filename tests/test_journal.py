@@ -1,7 +1,7 @@
 """The outbox's write journal (buildbot_mailext.journal): which writes share one commit.
 
 The runner here records what each commit would carry and answers when the test says so;
-the real runner (``outbox.thd_write`` on SQLite, one transaction) is exercised by
+the real runner (``outbox.thd_add`` on SQLite, one transaction) is exercised by
 tests/test_outbox.py and the e2e tests. Time is a ``task.Clock``: the lingering of a
 deletion is advanced, not waited for.
 """

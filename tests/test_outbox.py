@@ -125,6 +125,19 @@ class OutboxTestCase(TestReactorMixin, unittest.TestCase):
         self.assertEqual(self.rows_once_deletions_committed(), [])
         self.assertEqual(len(self.lines(f"outbox #{row_id} done")), 1)
 
+    @defer.inlineCallbacks
+    def test_a_delivered_rows_deletion_shares_the_commit_of_the_next_new_mail(self):
+        # Mails one after another: one commit each, not two (issue 8). The scripted
+        # transport answers at once, so each mail is delivered before queue() returns.
+        box, transport = self.make_outbox(accepted())
+        yield box.start()
+        first = yield box.queue(self.mail(1))
+        self.assertEqual([r.id for r in self.rows()], [first])  # delivered; the deletion waits
+        second = yield box.queue(self.mail(2))
+        self.assertEqual([r.id for r in self.rows()], [second])  # gone in mail 2's commit
+        self.assertEqual(self.rows_once_deletions_committed(), [])
+        self.assertEqual(len(self.lines("done")), 2)
+
     # ------------------------------------------------------------------ retries
 
     @defer.inlineCallbacks
