@@ -252,7 +252,7 @@ def in_process_phase(quick: bool) -> dict:
         sync(ours.setServiceParent(master))
         sync(ours.startService())
         sync(ours.transport.stop())
-        ours.transport = Recorder()
+        ours.transport = ours.outbox.transport = Recorder()  # the outbox makes the attempts
         notifiers["ours"] = (ours, ours.transport)
 
         for key, with_logs in (("stock", False), ("stock+logs", True)):
@@ -281,8 +281,17 @@ def in_process_phase(quick: bool) -> dict:
 
         key_event = ("builds", 20, "finished")
 
+        def forget_claims():
+            # Every repetition mails the same build event; ours claims each event once (one
+            # mail per build across masters), so the claim is forgotten between repetitions,
+            # outside the timing: each timed mail still pays its claim and outbox writes.
+            from buildbot_mailext import outbox as ob
+
+            sync(master.db.pool.do(lambda conn: (conn.execute(ob.claims_table.delete()), ob._commit(conn))))
+
         def one_mail(notifier, rec):
             build = copy.deepcopy(base_build)
+            forget_claims()
             before = len(rec.sent)
             t0 = time.perf_counter()
             sync(notifier._got_event(key_event, build))
