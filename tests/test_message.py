@@ -498,3 +498,56 @@ def test_a_body_part_that_is_not_valid_smtp_is_sent_as_base64(monkeypatch):
     msg.set_content("caf\u00e9", cte="8bit")
     mime.message_bytes(msg)
     assert lines == ["buildbot-mailext: mail: a body line was not valid SMTP; sent as base64"]
+
+
+@pytest.mark.parametrize("word", ["=?utf-8?q?a=0Ab?=", "=?utf-8?q?a=07b?=", "=?utf-8?q?a=0Db?="])
+def test_the_net_replaces_a_value_that_decodes_to_a_line_break_or_a_control(word, monkeypatch):
+    monkeypatch.setattr(mime.log, "msg", lambda text: None)
+    msg = sample()
+    msg.set_raw("X-Word", word)  # what header_text never writes: it encodes "=?" itself
+    received = email.message_from_bytes(mime.message_bytes(msg), policy=policy.default)
+    assert received["X-Word"] == mime.REPLACED_VALUE
+
+
+def test_the_net_replaces_a_to_value_with_an_empty_group(monkeypatch):
+    monkeypatch.setattr(mime.log, "msg", lambda text: None)
+    msg = sample(cc=["ops@example.org"])
+    for name in ("To", "Cc"):
+        del msg[name]
+        msg.set_raw(name, "a@example.org\r\nBcc: victim@example.net")
+    raw = mime.message_bytes(msg)
+    assert b"\r\nTo: undisclosed-recipients:;\r\n" in raw and b"\r\nCc: undisclosed-recipients:;\r\n" in raw
+    assert b"victim" not in raw
+
+
+def test_cc_folds_like_to():
+    a, b, c, d, e = ("a" * 18 + "@example.org", "b" * 27 + "@example.org", "c" * 17 + "@example.org",
+                     "d" * 31 + "@example.org", "e@example.org")
+    raw = mime.message_bytes(sample(to=["x@example.org"], cc=[a, b, c, d, e]))
+    assert f"\r\nCc: {a}, {b},\r\n {c}, {d},\r\n {e}\r\n".encode() in head_of(raw)
+
+
+@pytest.mark.parametrize("text, cte", [
+    ("word " * 250, "quoted-printable"),  # one line of 1250 characters, spaces in it
+    ("a short line\n" * 300, "7bit"),  # 3900 characters, every line short
+])
+def test_seven_bit_is_about_each_line_not_each_word_or_the_whole_text(text, cte):
+    assert mime.body_cte(text) == cte
+    raw = mime.message_bytes(sample(text=text, html=None))
+    assert f"Content-Transfer-Encoding: {cte}".encode() in raw
+
+
+def _encoded_size(text, cte):
+    from email.message import EmailMessage
+
+    part = EmailMessage(policy=mime.BODY_POLICY)
+    part.set_content(text, subtype="plain", charset="utf-8", cte=cte)
+    return len(part.get_payload())
+
+
+@pytest.mark.parametrize("plain_run", [1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 40])
+def test_the_transfer_encoding_chosen_is_the_shorter_one(plain_run):
+    text = ("\u00e9" + "a" * plain_run) * (20000 // (plain_run + 1))
+    chosen = mime.body_cte(text)
+    other = "base64" if chosen == "quoted-printable" else "quoted-printable"
+    assert _encoded_size(text, chosen) <= _encoded_size(text, other) * 1.02, (chosen, plain_run)
