@@ -377,6 +377,40 @@ class OutboxTestCase(TestReactorMixin, unittest.TestCase):
         self.assertEqual(self.rows(), [])
 
     @defer.inlineCallbacks
+    def test_a_wake_up_during_a_slow_database_read_runs_one_more_pass_right_after_it(self):
+        box, transport = self.make_outbox(rejected(), accepted())
+        yield box.start()
+        self.reactor.advance(0)  # the start's pass
+        row_id = yield box.queue(self.mail())  # 550: a dead letter
+        pool = self.master.db.pool
+        real_do = pool.do
+        held = []
+
+        def slow(fn, *args, **kw):
+            d = real_do(fn, *args, **kw)
+            if fn is ob.thd_take_due and not held:  # the next pass's read of due rows is slow
+                answer = defer.Deferred()
+                held.append((d, answer))
+                return answer
+            return d
+
+        pool.do = slow
+        self.addCleanup(pool.__dict__.pop, "do", None)
+        self.reactor.advance(box.poll_interval)
+        self.assertEqual(len(held), 1)
+        yield real_do(ob.thd_retry_now, [row_id], self.reactor.seconds())  # `outbox retry` meanwhile
+        box.wake_now()
+        self.reactor.advance(0)
+        self.assertEqual(len(transport.attempts), 1)  # one pass at a time
+        d, answer = held[0]
+        d.addCallback(answer.callback)
+        self.reactor.advance(0)
+        self.assertEqual(len(transport.attempts), 2)  # the pass asked for meanwhile ran right after
+        self.assertEqual(self.rows(), [])
+        self.reactor.advance(0)
+        self.assertEqual(len(transport.attempts), 2)
+
+    @defer.inlineCallbacks
     def test_a_mail_folded_into_a_digest_on_the_wire_leaves_in_the_next_digest(self):
         on_the_wire = []
 
@@ -660,6 +694,35 @@ class OutboxRowsTestCase(unittest.TestCase):
         self.assertEqual([r.id for r in rest], [late.id])
         later = self.do(ob.thd_take_due, self.NOTIFIER, 1, now + 30, 60, 10)  # the leased ones are not due
         self.assertEqual([r.id for r in later], [not_yet.id])
+
+    def test_a_row_another_master_takes_between_the_read_and_the_update_is_not_sent_twice(self):
+        [row] = self.add([self.mail(0)], now=0.0, lease=0, owner=2)
+        self.do(ob.thd_renew_lease, self.NOTIFIER, 2, 0.0, 10)  # master 2 was killed: its lease ran out
+        engine, notifier = self.engine, self.NOTIFIER
+
+        class Racing:
+            """Master 1's connection: master 2 starts again right after master 1 read the due rows."""
+
+            def __init__(self, conn):
+                self.conn, self.calls = conn, 0
+
+            def __getattr__(self, name):
+                return getattr(self.conn, name)
+
+            def execute(self, *args, **kw):
+                self.calls += 1
+                if self.calls == 2:  # master 1's compare-and-set UPDATE comes next
+                    with engine.connect() as other:
+                        ob.thd_renew_lease(other, notifier, 2, 100.0, 60)
+                        self.resumed = ob.thd_resume(other, notifier, 2, 100.0)
+                return self.conn.execute(*args, **kw)
+
+        with engine.connect() as conn:
+            racing = Racing(conn)
+            taken = ob.thd_take_due(racing, notifier, 1, 100.0, 60, 10)
+        self.assertEqual(racing.resumed, 1)  # master 2 has it, due now: it sends it
+        self.assertEqual(taken, [])  # so master 1 does not
+        self.assertEqual(self.rows()[row.id].owner, 2)
 
     def test_rows_due_at_the_same_moment_leave_in_the_order_they_were_queued(self):
         added = self.add([self.mail(n) for n in range(3)], now=10.0, lease=0)
