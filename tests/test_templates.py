@@ -495,3 +495,21 @@ def test_result_filters_edges():
     assert render("{{ v|result_name }}", v="weird") == "weird"
     assert render("{{ v|result_color }}", v=n) == "#555555"
     assert render("[{{ v|indent_lines }}]", v=None) == "[]"
+
+
+def test_block_tags_leave_no_blank_indent_and_a_text_part_keeps_its_last_newline(tmp_path):
+    write(tmp_path, "layout.subject.j2", "{{ buildername }}")
+    write(tmp_path, "layout.txt.j2", "Steps:\n    {% if result %}\n  failed: {{ result }}\n    {% endif %}\nend\n")
+    write(tmp_path, "layout.html.j2", "<p>{{ result }}</p>\n")
+    mail = TemplateSet(str(tmp_path)).render("layout", sample_context())
+    assert mail.text == "Steps:\n  failed: failure\nend\n"
+    assert mail.html == "<p>failure</p>\n"
+
+
+def test_the_text_part_is_not_html_escaped(tmp_path):
+    write(tmp_path, "raw.subject.j2", "{{ buildername }}")
+    write(tmp_path, "raw.txt.j2", "{{ buildername }}")
+    write(tmp_path, "raw.html.j2", "{{ buildername }}")
+    context = dict(sample_context(), buildername="a<b & c")
+    mail = TemplateSet(str(tmp_path)).render("raw", context)
+    assert (mail.subject, mail.text, mail.html) == ("a<b & c", "a<b & c", "a&lt;b &amp; c")
