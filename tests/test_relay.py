@@ -268,3 +268,9 @@ def test_from_notifier_args_carries_every_setting():
     with pytest.raises(ValueError) as caught:
         SmtpSettings.from_notifier_args(useTls=True, useSmtps=True)
     assert str(caught.value) == "useTls=True (STARTTLS) and useSmtps=True (implicit TLS) exclude each other; pick one"
+
+
+@pytest.mark.parametrize("value", ["mail..example.org", "[mail..example.org]:25"])
+def test_a_host_name_with_an_empty_label_is_refused(value):
+    with pytest.raises(ValueError, match=r"is not a valid host name or IP address"):
+        parse_relayhost(value)
