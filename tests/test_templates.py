@@ -513,3 +513,17 @@ def test_the_text_part_is_not_html_escaped(tmp_path):
     context = dict(sample_context(), buildername="a<b & c")
     mail = TemplateSet(str(tmp_path)).render("raw", context)
     assert (mail.subject, mail.text, mail.html) == ("a<b & c", "a<b & c", "a&lt;b &amp; c")
+
+
+def test_indent_lines_indents_by_four_spaces_by_default():
+    ts = TemplateSet()
+    assert ts.render_string("{{ v|indent_lines }}", {"v": "a\n\nb"}) == "    a\n\n    b"
+
+
+def test_an_inline_subject_is_checked_against_the_sample_context_by_default():
+    ts = TemplateSet()
+    assert ts.validate_string("{{ buildername }} {{ result }}", "subject") == []
+    (error,) = ts.validate_string("{{ biuldername }}", "subject")
+    assert error.startswith("subject '{{ biuldername }}': undefined variable: 'biuldername' is undefined; "
+                            "the template context offers: ")
+    assert "buildername" in error
