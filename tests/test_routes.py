@@ -353,3 +353,27 @@ def test_closest_lists_up_to_three_matches_and_twenty_known_names():
     twenty = [f"b{i:02d}" for i in range(20)]
     assert closest("zzz", twenty) == f" (known: {', '.join(twenty)})"
     assert closest("zzz", twenty + ["b20"]) == f" (known: {', '.join(twenty)}, ...)"
+
+
+@pytest.mark.parametrize("max_mails, ok", [
+    (None, True), ((1, 0.5), True), ([2, 60], True), ((5, 3600), True),
+    ((0, 60), False), ((5, 0), False), ((5, -1), False), ((True, 5), False), ((5.0, 60), False),
+    ((5,), False), ((5, 60, 1), False), ((5, "x"), False), ("5/h", False),
+])
+def test_max_mails_is_a_count_of_at_least_one_and_a_positive_number_of_seconds(max_mails, ok):
+    errors = MailRoute("dev@example.org", name="dev", max_mails=max_mails).config_errors()
+    assert errors == ([] if ok else [
+        "MailRoute 'dev': max_mails must be (count, seconds) with count >= 1 and seconds > 0, e.g. "
+        f"max_mails=(5, 3600), or None; got {tuple(max_mails) if isinstance(max_mails, list) else max_mails!r}"])
+
+
+def test_issue9_settings_are_kept_as_given_and_a_lone_pattern_is_one_pattern():
+    route = MailRoute("dev@example.org")
+    assert (route.notify_culprits, route.exclude_recipients, route.error_patterns, route.list_id,
+            route.reply_to, route.max_mails) == (False, (), None, None, None, None)
+    route = MailRoute("dev@example.org", exclude_recipients="*noreply*", error_patterns=r"^error:",
+                      list_id="builds.example.org", reply_to="dev@example.org", max_mails=[5, 3600])
+    assert (route.exclude_recipients, route.error_patterns, route.list_id, route.reply_to, route.max_mails) == (
+        ("*noreply*",), (r"^error:",), "builds.example.org", "dev@example.org", (5, 3600))
+    route = MailRoute("dev@example.org", exclude_recipients=["a*", "b*"], error_patterns=["x", "y"])
+    assert (tuple(route.exclude_recipients), tuple(route.error_patterns)) == (("a*", "b*"), ("x", "y"))
