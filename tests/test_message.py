@@ -380,6 +380,8 @@ def test_address_headers_fold_only_where_the_next_address_would_pass_76_columns(
     assert [len(line) for line in lines] == [76, 76]  # both full: the next address did not fit
     received = email.message_from_bytes(raw, policy=policy.default)
     assert [x.addr_spec for x in received["To"].addresses] == [a, b, c, d, e]
+    b41 = "b" * 29 + "@example.org"  # one column too many for the first line: folded
+    assert f"\r\nTo: {a},\r\n {b41}\r\n".encode() in head_of(mime.message_bytes(sample(to=[a, b41])))
 
 
 def test_the_address_header_cap_is_inclusive_and_counts_the_rest():
@@ -484,9 +486,11 @@ def test_the_net_names_the_mail_by_its_message_id_without_a_label(monkeypatch):
 def test_a_body_part_that_is_not_valid_smtp_is_sent_as_base64(monkeypatch):
     lines = []
     monkeypatch.setattr(mime.log, "msg", lambda text: lines.append(text))
-    msg = sample(html=None)
+    subject = "a long subject " * 10  # 150 characters: stays on its line, as built
+    msg = sample(html=None, subject=subject)
     msg.set_content("caf\u00e9 \u2013 8bit on the wire", cte="8bit")  # what build_email never does
     raw = mime.message_bytes(msg, label="route 'x' build #7")
+    assert f"\r\nSubject: {subject.strip()}\r\n".encode() in raw
     assert all(len(line) <= 998 and line.isascii() for line in raw.split(b"\r\n"))
     received = email.message_from_bytes(raw, policy=policy.default)
     assert received["Content-Transfer-Encoding"] == "base64"
