@@ -48,11 +48,13 @@ class ScriptedTransport:
     def __init__(self, outbox_rows, *script, hold=False):
         self.script = list(script)
         self.attempts = []  # (label, recipients, rows in the outbox at that moment)
+        self.senders = []  # the envelope sender of each attempt
         self.hold = hold
         self._rows = outbox_rows
 
     def send(self, envelope_from, recipients, message, label):
         self.attempts.append((label, list(recipients), self._rows()))
+        self.senders.append(envelope_from)
         if self.hold:
             return defer.Deferred()
         outcome = self.script.pop(0) if len(self.script) > 1 else self.script[0]
@@ -117,6 +119,91 @@ class OutboxTestCase(TestReactorMixin, unittest.TestCase):
         self.assertEqual(rows_during_attempt[0].state, ob.PENDING)
         self.assertEqual(self.rows(), [])
         self.assertEqual(len(self.lines(f"outbox #{row_id} done")), 1)
+        self.assertEqual(transport.senders, ["bb@example.org"])
+
+    @defer.inlineCallbacks
+    def test_every_attempts_delivery_is_handed_on_and_a_failing_hand_on_changes_nothing(self):
+        seen = []
+        box, transport = self.make_outbox(refused("451 try later", kind="transient"), accepted(),
+                                          on_delivery=seen.append)
+        yield box.start()
+        yield box.queue(self.mail())
+        self.reactor.advance(30)
+        self.assertEqual([d.delivered for d in seen], [False, True])
+        self.assertEqual(self.rows(), [])
+
+        def broken(delivery):
+            raise RuntimeError("tracker down")
+
+        box.on_delivery = broken
+        yield box.queue(self.mail(2))
+        self.assertEqual(self.rows(), [])
+        self.assertEqual(len(self.lines("mail build #2: could not hand the delivery on (tracker down)")), 1)
+
+    @defer.inlineCallbacks
+    def test_an_outbox_never_started_stores_but_neither_sends_nor_writes_a_lease(self):
+        box, transport = self.make_outbox(accepted())
+        yield box.ensure_tables()
+        row_id = yield box.queue(self.mail())
+        yield box.stop()
+        self.assertEqual(transport.attempts, [])
+        self.assertEqual([r.id for r in self.rows()], [row_id])
+        leases = yield self.master.db.pool.do(
+            lambda conn: conn.execute(sa.select(ob.leases_table.c.owner)).fetchall())
+        self.assertEqual(leases, [])
+
+    @defer.inlineCallbacks
+    def test_stop_waits_for_the_attempt_on_the_wire_then_releases_the_lease(self):
+        on_the_wire = []
+
+        class Wire:
+            def send(self, envelope_from, recipients, message, label):
+                d = defer.Deferred()
+                on_the_wire.append((label, recipients, d))
+                return d
+
+        box = ob.Outbox(self.master, "MailExtNotifier_test", Wire(), digest)
+        yield box.start()
+        yield box.queue(self.mail())
+        stopped = box.stop()
+        self.assertNoResult(stopped)
+        label, recipients, d = on_the_wire.pop()
+        d.callback(accepted()(label, recipients))
+        yield stopped
+        self.assertEqual(self.rows(), [])
+
+    @defer.inlineCallbacks
+    def test_an_outcome_that_cannot_be_recorded_is_logged_and_the_mail_stays_queued(self):
+        box, transport = self.make_outbox(accepted())
+        yield box.start()
+        pool = self.master.db.pool
+        real_do = pool.do
+
+        def no_delete(fn, *args, **kw):
+            if fn is ob.thd_delivered:
+                return defer.fail(sa.exc.OperationalError("DELETE", {}, Exception("database is locked")))
+            return real_do(fn, *args, **kw)
+
+        pool.do = no_delete
+        self.addCleanup(pool.__dict__.pop, "do", None)
+        row_id = yield box.queue(self.mail())
+        self.assertEqual([r.id for r in self.rows()], [row_id])
+        [line] = self.lines("could not record the outcome in the database")
+        self.assertIn(f"mail build #1: outbox #{row_id}: could not record the outcome in the database (", line)
+        self.assertIn("database is locked", line)
+        self.assertTrue(line.endswith("; the mail stays queued (if it was delivered, it may be sent once more)"))
+
+    @defer.inlineCallbacks
+    def test_last_error_is_the_failure_and_its_smtp_reply(self):
+        box, _ = self.make_outbox(refused("connection refused", kind="refused"))
+        yield box.start()
+        yield box.queue(self.mail())
+        box2, _ = self.make_outbox(rejected("550 5.1.1 unknown user"))
+        yield box2.start()
+        yield box2.queue(self.mail(2))
+        errors = sorted(r.last_error for r in self.rows())
+        self.assertEqual(errors[0], "permanent: every recipient rejected; SMTP reply: 550 5.1.1 unknown user")
+        self.assertEqual(errors[1], "refused: connection refused")
 
     # ------------------------------------------------------------------ retries
 
@@ -493,6 +580,30 @@ class OptionsTestCase(unittest.TestCase):
 
 
 class GroupCommitTestCase(unittest.TestCase):
+    def test_a_failed_transaction_fails_every_request_in_it_and_the_next_one_still_runs(self):
+        outcomes = []
+
+        def run(items):
+            outcomes.append(list(items))
+            if len(outcomes) == 1:
+                return defer.fail(RuntimeError("database is locked"))
+            return defer.succeed([f"r{i}" for i in items])
+
+        commit = ob._GroupCommit(run)
+        first = commit(0)
+        self.failureResultOf(first, RuntimeError)
+        self.assertEqual(self.successResultOf(commit(1)), "r1")
+
+    def test_requests_waiting_for_a_failed_transaction_all_get_its_failure(self):
+        running = []
+        commit = ob._GroupCommit(lambda items: running.append(defer.Deferred()) or running[-1])
+        results = [commit(n) for n in range(3)]
+        running.pop().callback(["r0"])
+        running.pop().errback(RuntimeError("disk full"))
+        self.assertEqual(self.successResultOf(results[0]), "r0")
+        for r in results[1:]:
+            self.assertEqual(str(self.failureResultOf(r, RuntimeError).value), "disk full")
+
     def test_requests_made_while_a_transaction_runs_share_the_next_one(self):
         transactions = []
         running = []
@@ -834,6 +945,15 @@ class OutboxRowsTestCase(unittest.TestCase):
                           rows[dead.id].attempts), (ob.PENDING, 500.0, 500.0, 0))
         self.assertEqual((rows[pending.id].state, rows[pending.id].next_try_at, rows[pending.id].created_at,
                           rows[pending.id].attempts), (ob.PENDING, 500.0, 100.0, 2))
+
+    def test_list_shows_every_row_or_those_of_one_state_without_their_bytes(self):
+        added = self.add([self.mail(n) for n in range(4)])
+        for a in (added[3], added[1]):
+            self.do(ob.thd_dead_letter, self.do(ob.thd_get, a.id), ["dev@example.org"], "550", 1, False)
+        self.assertEqual([(e.id, e.message) for e in self.do(ob.thd_list, ob.DEAD)],
+                         [(added[1].id, None), (added[3].id, None)])
+        self.assertEqual([e.id for e in self.do(ob.thd_list, ob.PENDING)], [added[0].id, added[2].id])
+        self.assertEqual([e.id for e in self.do(ob.thd_list)], [a.id for a in added])
 
     def test_get_of_a_mail_no_longer_there_is_none(self):
         self.assertIsNone(self.do(ob.thd_get, 12345))
