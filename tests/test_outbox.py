@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from unittest import mock
+
 import sqlalchemy as sa
 from buildbot.test.fake import fakemaster
 from buildbot.test.reactor import TestReactorMixin
@@ -954,6 +956,38 @@ class OutboxRowsTestCase(unittest.TestCase):
                          [(added[1].id, None), (added[3].id, None)])
         self.assertEqual([e.id for e in self.do(ob.thd_list, ob.PENDING)], [added[0].id, added[2].id])
         self.assertEqual([e.id for e in self.do(ob.thd_list)], [a.id for a in added])
+
+    def test_a_batch_counts_the_bytes_of_every_mail_it_queues(self):
+        added = self.add([self.mail(n) for n in range(3)], limits=ob.OutboxLimits(max_bytes=250))
+        self.assertEqual([a.digest_count for a in added], [0, 0, 1])
+
+    def test_a_database_without_multi_row_returning_gets_one_insert_per_mail(self):
+        # SQLAlchemy 1.4 (Buildbot 4.0/4.1) and MySQL: no ids back from one INSERT of many rows
+        class OldConnection:
+            def __init__(self, conn):
+                self.conn, self.dialect = conn, object()
+
+            def __getattr__(self, name):
+                return getattr(self.conn, name)
+
+        with self.engine.connect() as conn:
+            added = ob.thd_add(OldConnection(conn), self.NOTIFIER, [self.mail(0), self.mail(1)], 1, 0.0, 60,
+                               ob.OutboxLimits(), digest_with_recipients)
+        self.assertEqual([self.rows()[a.id].label for a in added], ["build #0", "build #1"])
+
+    def test_a_connection_without_commit_is_left_to_autocommit(self):
+        ob._commit(object())  # SQLAlchemy 1.4's connections: no commit(), and no error
+
+    def test_losing_the_race_to_create_the_tables_is_fine_once_they_exist(self):
+        def lost(conn, checkfirst=True):  # another master created them first
+            raise sa.exc.OperationalError("CREATE TABLE", {}, Exception("table mailext_outbox already exists"))
+
+        with mock.patch.object(ob.metadata, "create_all", lost):
+            self.do(ob.thd_ensure_tables)  # they exist (setUp): no error
+            empty = sa.create_engine("sqlite://")
+            self.addCleanup(empty.dispose)
+            with empty.connect() as conn:  # they do not: the error stands
+                self.assertRaises(sa.exc.OperationalError, ob.thd_ensure_tables, conn)
 
     def test_get_of_a_mail_no_longer_there_is_none(self):
         self.assertIsNone(self.do(ob.thd_get, 12345))
