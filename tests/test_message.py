@@ -487,10 +487,23 @@ def test_a_body_part_that_is_not_valid_smtp_is_sent_as_base64(monkeypatch):
     lines = []
     monkeypatch.setattr(mime.log, "msg", lambda text: lines.append(text))
     subject = "a long subject " * 10  # 150 characters: stays on its line, as built
-    msg = sample(html=None, subject=subject)
+    mixed = sample(subject=subject, attachments=[("build.log", b"log line\n")])
+    mixed.get_body(("html",)).set_content("<p>caf\u00e9</p>", subtype="html", cte="8bit")
+    raw = mime.message_bytes(mixed, label="route 'x' build #7")
+    assert f"\r\nSubject: {subject.strip()}\r\n".encode() in raw
+    assert all(len(line) <= 998 and line.isascii() for line in raw.split(b"\r\n"))
+    received = email.message_from_bytes(raw, policy=policy.default)
+    html = received.get_body(("html",))
+    assert (html.get_content_type(), html["Content-Transfer-Encoding"]) == ("text/html", "base64")
+    assert html.get_content().rstrip("\r\n") == "<p>caf\u00e9</p>"
+    assert received.get_body(("plain",)).get_content().strip() == "plain body"
+    (attachment,) = list(received.iter_attachments())
+    assert attachment.get_filename() == "build.log"
+    assert attachment.get_content() in ("log line\n", b"log line\n", "log line\r\n")
+    lines.clear()
+    msg = sample(html=None)
     msg.set_content("caf\u00e9 \u2013 8bit on the wire", cte="8bit")  # what build_email never does
     raw = mime.message_bytes(msg, label="route 'x' build #7")
-    assert f"\r\nSubject: {subject.strip()}\r\n".encode() in raw
     assert all(len(line) <= 998 and line.isascii() for line in raw.split(b"\r\n"))
     received = email.message_from_bytes(raw, policy=policy.default)
     assert received["Content-Transfer-Encoding"] == "base64"

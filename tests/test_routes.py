@@ -377,3 +377,19 @@ def test_issue9_settings_are_kept_as_given_and_a_lone_pattern_is_one_pattern():
         ("*noreply*",), (r"^error:",), "builds.example.org", "dev@example.org", (5, 3600))
     route = MailRoute("dev@example.org", exclude_recipients=["a*", "b*"], error_patterns=["x", "y"])
     assert (tuple(route.exclude_recipients), tuple(route.error_patterns)) == (("a*", "b*"), ("x", "y"))
+
+
+@pytest.mark.parametrize("value, header", [
+    ("builds.example.org", "<builds.example.org>"),
+    ("<builds.example.org>", "<builds.example.org>"),
+    ("  Build results  <builds.example.org> ", "Build results <builds.example.org>"),
+    ('Say "hi" <builds.example.org>', None),
+    ("Build\r\nBcc: x <builds.example.org>", None),
+    ("builds.example.org\x7f", None),
+    ("not a list id!", None),
+    (5, None),
+])
+def test_list_id_header_value(value, header):
+    from buildbot_mailext.routes import list_id_header
+
+    assert list_id_header(value) == header
