@@ -153,6 +153,7 @@ class OutboxTestCase(TestReactorMixin, unittest.TestCase):
         leases = yield self.master.db.pool.do(
             lambda conn: conn.execute(sa.select(ob.leases_table.c.owner)).fetchall())
         self.assertEqual(leases, [])
+        self.assertEqual(self.lines("still pending"), [])  # it held no mail: nothing to say at stop
 
     @defer.inlineCallbacks
     def test_stop_waits_for_the_attempt_on_the_wire_then_releases_the_lease(self):
@@ -304,6 +305,18 @@ class OutboxTestCase(TestReactorMixin, unittest.TestCase):
         self.assertEqual(self.rows()[0].state, ob.DEAD)
         yield self.master.db.pool.do(ob.thd_retry_now, [row_id], self.reactor.seconds())
         self.reactor.advance(box.poll_interval)
+        self.assertEqual(len(transport.attempts), 2)
+        self.assertEqual(self.rows(), [])
+
+    @defer.inlineCallbacks
+    def test_wake_now_sends_what_is_due_at_once(self):
+        box, transport = self.make_outbox(rejected(), accepted())
+        yield box.start()
+        self.reactor.advance(0)
+        row_id = yield box.queue(self.mail())  # 550: a dead letter
+        yield self.master.db.pool.do(ob.thd_retry_now, [row_id], self.reactor.seconds())
+        box.wake_now()  # a reconfig that changed the relay
+        self.reactor.advance(0)
         self.assertEqual(len(transport.attempts), 2)
         self.assertEqual(self.rows(), [])
 
