@@ -568,3 +568,20 @@ def test_the_transfer_encoding_chosen_is_the_shorter_one(plain_run):
     chosen = mime.body_cte(text)
     other = "base64" if chosen == "quoted-printable" else "quoted-printable"
     assert _encoded_size(text, chosen) <= _encoded_size(text, other) * 1.02, (chosen, plain_run)
+
+
+def test_set_recipients_puts_only_addresses_that_pass_the_gate_and_replaces_the_old_value():
+    msg = sample()
+    assert mime.set_recipients(msg, "To", ["Dev <dev@example.org>", "bad\x07@example.org", "qa@example.org"]) == [
+        "dev@example.org", "qa@example.org"]
+    assert mime.set_recipients(msg, "Cc", ["ops@example.org"]) == ["ops@example.org"]
+    raw = mime.message_bytes(msg)
+    assert b"\r\nTo: Dev <dev@example.org>, qa@example.org\r\n" in raw and b"dev-list" not in raw
+    assert b"\r\nCc: ops@example.org\r\n" in raw
+    assert mime.set_recipients(msg, "Cc", ["not an address"]) == []
+    assert b"\r\nCc:" not in mime.message_bytes(msg)
+
+
+def test_buildbot_headers_for_list_filters():
+    assert mime.buildbot_headers("linux", "failure", "http://ci/b/1") == {
+        "X-Buildbot-Builder": "linux", "X-Buildbot-Result": "failure", "X-Buildbot-URL": "http://ci/b/1"}

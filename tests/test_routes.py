@@ -393,3 +393,13 @@ def test_list_id_header_value(value, header):
     from buildbot_mailext.routes import list_id_header
 
     assert list_id_header(value) == header
+
+
+def test_excluded_matches_the_whole_text_or_the_bare_address_case_insensitively():
+    from buildbot_mailext.routes import excluded
+
+    assert excluded("Dependabot <dependabot@GitHub.com>", ["dependabot*"])
+    assert excluded("Bot <NoReply@example.org>", ["*noreply*"])
+    assert excluded("noreply@example.org", ["NOREPLY@*"])
+    assert not excluded("Dev <dev@example.org>", ["*noreply*", "dependabot*"])
+    assert not excluded("dev@example.org", [])
