@@ -401,5 +401,7 @@ def test_excluded_matches_the_whole_text_or_the_bare_address_case_insensitively(
     assert excluded("Dependabot <dependabot@GitHub.com>", ["dependabot*"])
     assert excluded("Bot <NoReply@example.org>", ["*noreply*"])
     assert excluded("noreply@example.org", ["NOREPLY@*"])
+    assert excluded("Bot <noreply@example.org>", ["NoReply@*"])  # the bare address only
+    assert excluded("Build Bot <x@example.org>", ["BUILD BOT *"])  # the whole text only
     assert not excluded("Dev <dev@example.org>", ["*noreply*", "dependabot*"])
     assert not excluded("dev@example.org", [])
