@@ -312,8 +312,9 @@ class TemplateSet:
             return False
 
     def _path_of(self, file_name: str) -> str:
-        try:
-            _, path, _ = self.loader.get_source(self.text_env, file_name)
-            return path or file_name
-        except jinja2.TemplateNotFound:
-            return file_name
+        """The file ``file_name`` resolves to, found without reading it (reading may be what
+        failed: a file that is not UTF-8)."""
+        for directory in (self.templates_dir, self.packaged_dir):
+            if directory is not None and os.path.isfile(os.path.join(directory, file_name)):
+                return os.path.normpath(os.path.join(directory, file_name))
+        return file_name

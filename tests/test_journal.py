@@ -114,3 +114,17 @@ class WriteJournalTests(unittest.TestCase):
         self.assertEqual(len(self.runner.commits), 2)
         self.clock.advance(DEFAULT_LINGER)
         self.assertEqual(self.runner.commits[-1], ([], ["delivered 3"]))
+
+    def test_every_new_mail_of_a_failed_commit_gets_its_failure_and_the_next_one_still_runs(self):
+        first = self.journal.add("mail 0")
+        waiting = [self.journal.add(f"mail {n}") for n in (1, 2)]
+        self.runner.finish()  # mail 0 committed
+        self.runner.fail_when = lambda mails, deletions: True
+        self.runner.finish()  # mails 1 and 2 share a commit, which fails
+        self.assertEqual(self.successResultOf(first), "row mail 0")
+        for d in waiting:
+            self.assertEqual(str(self.failureResultOf(d, RuntimeError).value), "database is locked")
+        self.runner.fail_when = lambda mails, deletions: False
+        later = self.journal.add("mail 3")
+        self.runner.finish()
+        self.assertEqual(self.successResultOf(later), "row mail 3")

@@ -350,3 +350,238 @@ def test_html_only_part_is_utf8_html():
     assert received.get_content_type() == "text/html"
     assert received.get_content_charset() == "utf-8"
     assert parse(sample(text=None, html="")).get_content().strip() == ""
+
+
+# --- more exact outcomes (gaps found by the issue-13 mutation run) ---------------------------
+
+
+def head_of(raw):
+    return raw.split(b"\r\n\r\n", 1)[0] + b"\r\n"
+
+
+def test_reply_to_is_the_first_address_that_passes_the_gate():
+    raw = mime.message_bytes(sample(reply_to="Ops Team <ops@example.org>"))
+    assert b"\r\nReply-To: Ops Team <ops@example.org>\r\n" in head_of(raw)
+    for nothing in (None, "", "not an address"):
+        assert b"Reply-To" not in head_of(mime.message_bytes(sample(reply_to=nothing)))
+
+
+def test_out_of_office_replies_are_suppressed_for_exchange():
+    assert b"\r\nX-Auto-Response-Suppress: All\r\n" in head_of(mime.message_bytes(sample()))
+
+
+def test_address_headers_fold_only_where_the_next_address_would_pass_76_columns():
+    a, b, c, d, e = ("a" * 18 + "@example.org", "b" * 27 + "@example.org", "c" * 17 + "@example.org",
+                     "d" * 31 + "@example.org", "e@example.org")
+    raw = mime.message_bytes(sample(to=[a, b, c, d, e]))
+    expected = f"\r\nTo: {a}, {b},\r\n {c}, {d},\r\n {e}\r\n".encode()
+    assert expected in head_of(raw)
+    lines = expected.split(b"\r\n")[1:3]
+    assert [len(line) for line in lines] == [76, 76]  # both full: the next address did not fit
+    received = email.message_from_bytes(raw, policy=policy.default)
+    assert [x.addr_spec for x in received["To"].addresses] == [a, b, c, d, e]
+    b41 = "b" * 29 + "@example.org"  # one column too many for the first line: folded
+    assert f"\r\nTo: {a},\r\n {b41}\r\n".encode() in head_of(mime.message_bytes(sample(to=[a, b41])))
+
+
+def test_the_address_header_cap_is_inclusive_and_counts_the_rest():
+    # 511 addresses of 30 characters (+ ", ") and one of 32 fill MAX_ADDRESS_HEADER exactly
+    to = [f"u{i:04d}".ljust(18, "x") + "@example.org" for i in range(511)]
+    last = "last".ljust(20, "x") + "@example.org"
+    assert len(to[0]) == 30 and len(last) == 32 and 511 * 32 + 32 == mime.MAX_ADDRESS_HEADER
+    received = parse(sample(to=to + [last, "more1@example.org", "more2@example.org"]))
+    value = str(received["To"])
+    assert value.endswith(f"{last}, 2 more recipients:;"), value[-80:]
+
+
+def test_subjects_fold_at_76_columns_between_words():
+    raw = mime.message_bytes(sample(subject="é " + "x" * 57 + " y"))
+    assert b"\r\nSubject: =?utf-8?q?=C3=A9?= " + b"x" * 57 + b"\r\n y\r\n" in head_of(raw)
+    assert parse(sample(subject="é " + "x" * 57 + " y"))["Subject"] == "é " + "x" * 57 + " y"
+
+
+def test_encoded_words_keep_punctuation_and_stay_within_75_characters():
+    value = "é! " + "ü" * 150 + " done, (ok)"
+    raw = mime.message_bytes(sample(subject=value))
+    words = re.findall(rb"=\?utf-8\?q\?[^?]*\?=", head_of(raw))
+    assert words and max(len(w) for w in words) <= 75
+    assert parse(sample(subject=value))["Subject"] == value
+
+
+def test_plain_words_next_to_an_encoded_one_stay_readable():
+    raw = mime.message_bytes(sample(subject="build failure on =?utf-8?q?x?= branch"))
+    assert b"\r\nSubject: build failure on =?utf-8?q?=3D=3Futf-8=3Fq=3Fx=3F=3D?= branch\r\n" in head_of(raw)
+
+
+def test_display_names_with_quotes_and_backslashes_come_back_literally():
+    raw = mime.message_bytes(sample(to=['"Bob \\"the\\" \\\\ builder" <bob@example.org>']))
+    assert b'\r\nTo: "Bob \\"the\\" \\\\ builder" <bob@example.org>\r\n' in head_of(raw)
+    received = email.message_from_bytes(raw, policy=policy.default)
+    assert [(x.display_name, x.addr_spec) for x in received["To"].addresses] == [
+        ('Bob "the" \\ builder', "bob@example.org")]
+
+
+def test_a_body_of_exactly_the_limit_is_kept_and_a_cut_never_splits_a_character():
+    assert mime.bounded_body("x" * 10, html=False, limit=10) == "x" * 10
+    note = "[... 16 more bytes not shown: one mail is at most 1,000,000 bytes; the build page has everything]"
+    assert mime.bounded_body("é" * 10, html=False, limit=5) == f"éé\n\n{note}\n"
+    assert mime.bounded_body("é" * 10, html=True, limit=5) == f"éé\n<p>{note}</p>\n"
+
+
+def test_attachments_fill_the_budget_exactly_then_each_one_past_it_is_a_note():
+    budget = mime.MAX_ATTACHMENT_BYTES
+    received = parse(sample(attachments=[
+        ("a.log", b"a" * 100), ("b.log", b"b" * (budget - 100)), ("c.patch", b"c"), ("d.log", b"dd"), ("", b"e" * budget),
+    ]))
+    got = [(x.get_filename(), x.get_content()) for x in received.iter_attachments()]
+    got = [(name, content.encode() if isinstance(content, str) else content) for name, content in got]
+    assert [name for name, _ in got] == ["a.log", "b.log", "c.patch", "d.log", "attachment"]
+    assert got[0][1] == b"a" * 100 and got[1][1].replace(b"\r\n", b"") == b"b" * (budget - 100)
+    assert got[2][1] == (b"patch of 1 bytes not attached: one mail carries at most 131,072 bytes of "
+                         b"attachments (c.patch); the build page has it\n")
+    assert got[3][1].startswith(b"attachment of 2 bytes not attached")
+    assert got[4][1].startswith(b"attachment of 131,072 bytes not attached")
+
+
+def test_header_names_up_to_76_characters_are_accepted():
+    name = "X-" + "a" * 74
+    assert mime.extra_header_errors({name: "v"}) == []
+    assert parse(sample(extra_headers={name: "v"}))[name] == "v"
+    assert mime.extra_header_errors({"X-" + "b" * 78: "v"}) == [
+        "extraHeaders: 'X-bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb'... is longer than 76 characters; "
+        "use a shorter header name"]
+
+
+def test_a_cut_body_says_so_in_its_own_format():
+    huge = "x" * (mime.MAX_PART_BYTES + 10)
+    received = parse(sample(text=huge, html=huge))
+    plain = received.get_body(("plain",)).get_content().replace("\r\n", "\n")
+    html = received.get_body(("html",)).get_content().replace("\r\n", "\n")
+    assert plain.endswith("\n\n[... 10 more bytes not shown: one mail is at most 1,000,000 bytes; the build page "
+                          "has everything]\n")
+    assert html.endswith("\n<p>[... 10 more bytes not shown: one mail is at most 1,000,000 bytes; the build page "
+                         "has everything]</p>\n")
+    html_only = parse(sample(text=None, html=huge)).get_content().replace("\r\n", "\n")
+    assert html_only.endswith("has everything]</p>\n")
+
+
+def test_attachments_declare_utf8():
+    received = parse(sample(attachments=[("log", "é".encode())]))
+    (attachment,) = list(received.iter_attachments())
+    assert attachment.get_content_charset() == "utf-8"
+    assert attachment.get_content() in ("é", "é".encode())
+
+
+def test_the_net_names_the_mail_by_its_message_id_without_a_label(monkeypatch):
+    lines = []
+    monkeypatch.setattr(mime.log, "msg", lambda text: lines.append(text))
+    msg = sample()
+    msg.set_raw("X-Raw", "a\r\nBcc: victim@example.net")
+    mime.message_bytes(msg)
+    (line,) = lines
+    assert line == (f"buildbot-mailext: mail {msg['Message-ID']}: header X-Raw did not come back as built; "
+                    "sent with its value replaced (a bug in buildbot-mailext: please report it)")
+
+
+def test_a_body_part_that_is_not_valid_smtp_is_sent_as_base64(monkeypatch):
+    lines = []
+    monkeypatch.setattr(mime.log, "msg", lambda text: lines.append(text))
+    subject = "a long subject " * 10  # 150 characters: stays on its line, as built
+    mixed = sample(subject=subject, attachments=[("build.log", b"log line\n")])
+    mixed.get_body(("html",)).set_content("<p>caf\u00e9</p>", subtype="html", cte="8bit")
+    raw = mime.message_bytes(mixed, label="route 'x' build #7")
+    assert f"\r\nSubject: {subject.strip()}\r\n".encode() in raw
+    assert all(len(line) <= 998 and line.isascii() for line in raw.split(b"\r\n"))
+    received = email.message_from_bytes(raw, policy=policy.default)
+    html = received.get_body(("html",))
+    assert (html.get_content_type(), html["Content-Transfer-Encoding"]) == ("text/html", "base64")
+    assert html.get_content().rstrip("\r\n") == "<p>caf\u00e9</p>"
+    assert received.get_body(("plain",)).get_content().strip() == "plain body"
+    (attachment,) = list(received.iter_attachments())
+    assert attachment.get_filename() == "build.log"
+    assert attachment.get_content() in ("log line\n", b"log line\n", "log line\r\n")
+    lines.clear()
+    msg = sample(html=None)
+    msg.set_content("caf\u00e9 \u2013 8bit on the wire", cte="8bit")  # what build_email never does
+    raw = mime.message_bytes(msg, label="route 'x' build #7")
+    assert all(len(line) <= 998 and line.isascii() for line in raw.split(b"\r\n"))
+    received = email.message_from_bytes(raw, policy=policy.default)
+    assert received["Content-Transfer-Encoding"] == "base64"
+    assert received.get_content().rstrip("\r\n") == "caf\u00e9 \u2013 8bit on the wire"
+    assert lines == ["buildbot-mailext: route 'x' build #7: a body line was not valid SMTP; sent as base64"]
+    lines.clear()
+    mime.message_bytes(msg)
+    assert lines == []  # now base64: nothing to fix
+    msg.set_content("caf\u00e9", cte="8bit")
+    mime.message_bytes(msg)
+    assert lines == ["buildbot-mailext: mail: a body line was not valid SMTP; sent as base64"]
+
+
+@pytest.mark.parametrize("word", ["=?utf-8?q?a=0Ab?=", "=?utf-8?q?a=07b?=", "=?utf-8?q?a=0Db?="])
+def test_the_net_replaces_a_value_that_decodes_to_a_line_break_or_a_control(word, monkeypatch):
+    monkeypatch.setattr(mime.log, "msg", lambda text: None)
+    msg = sample()
+    msg.set_raw("X-Word", word)  # what header_text never writes: it encodes "=?" itself
+    received = email.message_from_bytes(mime.message_bytes(msg), policy=policy.default)
+    assert received["X-Word"] == mime.REPLACED_VALUE
+
+
+def test_the_net_replaces_a_to_value_with_an_empty_group(monkeypatch):
+    monkeypatch.setattr(mime.log, "msg", lambda text: None)
+    msg = sample(cc=["ops@example.org"])
+    for name in ("To", "Cc"):
+        del msg[name]
+        msg.set_raw(name, "a@example.org\r\nBcc: victim@example.net")
+    raw = mime.message_bytes(msg)
+    assert b"\r\nTo: undisclosed-recipients:;\r\n" in raw and b"\r\nCc: undisclosed-recipients:;\r\n" in raw
+    assert b"victim" not in raw
+
+
+def test_cc_folds_like_to():
+    a, b, c, d, e = ("a" * 18 + "@example.org", "b" * 27 + "@example.org", "c" * 17 + "@example.org",
+                     "d" * 31 + "@example.org", "e@example.org")
+    raw = mime.message_bytes(sample(to=["x@example.org"], cc=[a, b, c, d, e]))
+    assert f"\r\nCc: {a}, {b},\r\n {c}, {d},\r\n {e}\r\n".encode() in head_of(raw)
+
+
+@pytest.mark.parametrize("text, cte", [
+    ("word " * 250, "quoted-printable"),  # one line of 1250 characters, spaces in it
+    ("a short line\n" * 300, "7bit"),  # 3900 characters, every line short
+])
+def test_seven_bit_is_about_each_line_not_each_word_or_the_whole_text(text, cte):
+    assert mime.body_cte(text) == cte
+    raw = mime.message_bytes(sample(text=text, html=None))
+    assert f"Content-Transfer-Encoding: {cte}".encode() in raw
+
+
+def _encoded_size(text, cte):
+    from email.message import EmailMessage
+
+    part = EmailMessage(policy=mime.BODY_POLICY)
+    part.set_content(text, subtype="plain", charset="utf-8", cte=cte)
+    return len(part.get_payload())
+
+
+@pytest.mark.parametrize("plain_run", [1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 40])
+def test_the_transfer_encoding_chosen_is_the_shorter_one(plain_run):
+    text = ("\u00e9" + "a" * plain_run) * (20000 // (plain_run + 1))
+    chosen = mime.body_cte(text)
+    other = "base64" if chosen == "quoted-printable" else "quoted-printable"
+    assert _encoded_size(text, chosen) <= _encoded_size(text, other) * 1.02, (chosen, plain_run)
+
+
+def test_set_recipients_puts_only_addresses_that_pass_the_gate_and_replaces_the_old_value():
+    msg = sample()
+    assert mime.set_recipients(msg, "To", ["Dev <dev@example.org>", "bad\x07@example.org", "qa@example.org"]) == [
+        "dev@example.org", "qa@example.org"]
+    assert mime.set_recipients(msg, "Cc", ["ops@example.org"]) == ["ops@example.org"]
+    raw = mime.message_bytes(msg)
+    assert b"\r\nTo: Dev <dev@example.org>, qa@example.org\r\n" in raw and b"dev-list" not in raw
+    assert b"\r\nCc: ops@example.org\r\n" in raw
+    assert mime.set_recipients(msg, "Cc", ["not an address"]) == []
+    assert b"\r\nCc:" not in mime.message_bytes(msg)
+
+
+def test_buildbot_headers_for_list_filters():
+    assert mime.buildbot_headers("linux", "failure", "http://ci/b/1") == {
+        "X-Buildbot-Builder": "linux", "X-Buildbot-Result": "failure", "X-Buildbot-URL": "http://ci/b/1"}

@@ -268,3 +268,18 @@ def test_from_notifier_args_carries_every_setting():
     with pytest.raises(ValueError) as caught:
         SmtpSettings.from_notifier_args(useTls=True, useSmtps=True)
     assert str(caught.value) == "useTls=True (STARTTLS) and useSmtps=True (implicit TLS) exclude each other; pick one"
+
+
+@pytest.mark.parametrize("value", ["mail..example.org", "[mail..example.org]:25"])
+def test_a_host_name_with_an_empty_label_is_refused(value):
+    with pytest.raises(ValueError, match=r"is not a valid host name or IP address"):
+        parse_relayhost(value)
+
+
+def test_route_label_names_endpoint_protection_and_auth():
+    assert SmtpSettings(host="relay.example.org", port=25).route_label() == "relay.example.org:25 (plain SMTP)"
+    assert SmtpSettings(host="relay.example.org", port=587, tls="starttls", user="ci").route_label() == (
+        "relay.example.org:587 (STARTTLS, AUTH)")
+    assert SmtpSettings(host="::1", port=465, tls="smtps", tls_verify=False).route_label() == (
+        "[::1]:465 (SMTPS UNVERIFIED)")
+    assert SmtpSettings(host="relay", tls="none", tls_verify=False).route_label() == "relay:25 (plain SMTP)"

@@ -309,3 +309,99 @@ class RouteFilterTests(TestReactorMixin, ReporterTestMixin, unittest.TestCase):
     def test_schedulers_filter(self):
         self.assertTrue((yield self.reported(schedulers=["checkin"])))
         self.assertFalse((yield self.reported(schedulers=["nightly"])))
+
+
+def test_every_issue9_setting_names_its_own_error_and_the_fix():
+    route = MailRoute("dev@example.org", name="dev", notify_culprits="yes", exclude_recipients=["x", ""],
+                      error_patterns=[1], list_id="not a list id!", reply_to="bad address", group_by="week",
+                      max_mails=(True, 5))
+    assert route.config_errors() == [
+        "MailRoute 'dev': 'notify_culprits' must be True or False",
+        "MailRoute 'dev': 'exclude_recipients' must be a list of fnmatch patterns such as ['*noreply*', "
+        "'dependabot*'], got ('x', '')",
+        "MailRoute 'dev': error_patterns: 1 is not a valid regular expression (first argument must be "
+        "string or compiled pattern); fix or remove it",
+        "MailRoute 'dev': list_id 'not a list id!' is not a list identifier; write it as 'builds.example.org' "
+        "or 'Build results <builds.example.org>' (RFC 2919)",
+        "MailRoute 'dev': reply_to 'bad address' is not a valid email address; write it as 'dev@example.org' "
+        "or 'Developers <dev@example.org>'",
+        "MailRoute 'dev': group_by 'week' is unknown; use 'build' (one mail per build) or 'buildset' (one mail "
+        "when the whole buildset has finished)",
+        "MailRoute 'dev': max_mails must be (count, seconds) with count >= 1 and seconds > 0, e.g. "
+        "max_mails=(5, 3600), or None; got (True, 5)",
+    ]
+
+
+def test_good_issue9_settings_pass_and_each_bad_one_is_caught():
+    good = dict(list_id="Build results <builds.example.org>", reply_to="Developers <dev@example.org>",
+                max_mails=(5, 3600), exclude_recipients=["*noreply*"], group_by="buildset")
+    assert MailRoute("dev@example.org", **good).config_errors() == []
+    for bad in (dict(max_mails=(5, -1)), dict(exclude_recipients=[1])):
+        [error] = MailRoute("dev@example.org", name="dev", **bad).config_errors()
+        assert error.startswith(("MailRoute 'dev': max_mails", "MailRoute 'dev': 'exclude_recipients'")), error
+
+
+def test_closest_lists_up_to_three_matches_and_twenty_known_names():
+    from buildbot_mailext.routes import closest
+
+    assert closest("linux", []) == " (this configuration defines none)"
+    assert closest("linux", ["linux1", "linux2"]) == (
+        "; did you mean 'linux2' or 'linux1'? (known: linux1, linux2)")
+    four = ["linux1", "linux2", "linux3", "linux4"]
+    assert closest("linux", four) == (
+        "; did you mean 'linux4' or 'linux3' or 'linux2'? (known: linux1, linux2, linux3, linux4)")
+    twenty = [f"b{i:02d}" for i in range(20)]
+    assert closest("zzz", twenty) == f" (known: {', '.join(twenty)})"
+    assert closest("zzz", twenty + ["b20"]) == f" (known: {', '.join(twenty)}, ...)"
+
+
+@pytest.mark.parametrize("max_mails, ok", [
+    (None, True), ((1, 0.5), True), ([2, 60], True), ((5, 3600), True),
+    ((0, 60), False), ((5, 0), False), ((5, -1), False), ((True, 5), False), ((5.0, 60), False),
+    ((5,), False), ((5, 60, 1), False), ((5, "x"), False), ("5/h", False),
+])
+def test_max_mails_is_a_count_of_at_least_one_and_a_positive_number_of_seconds(max_mails, ok):
+    errors = MailRoute("dev@example.org", name="dev", max_mails=max_mails).config_errors()
+    assert errors == ([] if ok else [
+        "MailRoute 'dev': max_mails must be (count, seconds) with count >= 1 and seconds > 0, e.g. "
+        f"max_mails=(5, 3600), or None; got {tuple(max_mails) if isinstance(max_mails, list) else max_mails!r}"])
+
+
+def test_issue9_settings_are_kept_as_given_and_a_lone_pattern_is_one_pattern():
+    route = MailRoute("dev@example.org")
+    assert (route.notify_culprits, route.exclude_recipients, route.error_patterns, route.list_id,
+            route.reply_to, route.max_mails) == (False, (), None, None, None, None)
+    route = MailRoute("dev@example.org", exclude_recipients="*noreply*", error_patterns=r"^error:",
+                      list_id="builds.example.org", reply_to="dev@example.org", max_mails=[5, 3600])
+    assert (route.exclude_recipients, route.error_patterns, route.list_id, route.reply_to, route.max_mails) == (
+        ("*noreply*",), (r"^error:",), "builds.example.org", "dev@example.org", (5, 3600))
+    route = MailRoute("dev@example.org", exclude_recipients=["a*", "b*"], error_patterns=["x", "y"])
+    assert (tuple(route.exclude_recipients), tuple(route.error_patterns)) == (("a*", "b*"), ("x", "y"))
+
+
+@pytest.mark.parametrize("value, header", [
+    ("builds.example.org", "<builds.example.org>"),
+    ("<builds.example.org>", "<builds.example.org>"),
+    ("  Build results  <builds.example.org> ", "Build results <builds.example.org>"),
+    ('Say "hi" <builds.example.org>', None),
+    ("Build\r\nBcc: x <builds.example.org>", None),
+    ("builds.example.org\x7f", None),
+    ("not a list id!", None),
+    (5, None),
+])
+def test_list_id_header_value(value, header):
+    from buildbot_mailext.routes import list_id_header
+
+    assert list_id_header(value) == header
+
+
+def test_excluded_matches_the_whole_text_or_the_bare_address_case_insensitively():
+    from buildbot_mailext.routes import excluded
+
+    assert excluded("Dependabot <dependabot@GitHub.com>", ["dependabot*"])
+    assert excluded("Bot <NoReply@example.org>", ["*noreply*"])
+    assert excluded("noreply@example.org", ["NOREPLY@*"])
+    assert excluded("Bot <noreply@example.org>", ["NoReply@*"])  # the bare address only
+    assert excluded("Build Bot <x@example.org>", ["BUILD BOT *"])  # the whole text only
+    assert not excluded("Dev <dev@example.org>", ["*noreply*", "dependabot*"])
+    assert not excluded("dev@example.org", [])

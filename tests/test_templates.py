@@ -495,3 +495,68 @@ def test_result_filters_edges():
     assert render("{{ v|result_name }}", v="weird") == "weird"
     assert render("{{ v|result_color }}", v=n) == "#555555"
     assert render("[{{ v|indent_lines }}]", v=None) == "[]"
+
+
+def test_block_tags_leave_no_blank_indent_and_a_text_part_keeps_its_last_newline(tmp_path):
+    write(tmp_path, "layout.subject.j2", "{{ buildername }}")
+    write(tmp_path, "layout.txt.j2", "Steps:\n    {% if result %}\n  failed: {{ result }}\n    {% endif %}\nend\n")
+    write(tmp_path, "layout.html.j2", "<p>{{ result }}</p>\n")
+    mail = TemplateSet(str(tmp_path)).render("layout", sample_context())
+    assert mail.text == "Steps:\n  failed: failure\nend\n"
+    assert mail.html == "<p>failure</p>\n"
+
+
+def test_the_text_part_is_not_html_escaped(tmp_path):
+    write(tmp_path, "raw.subject.j2", "{{ buildername }}")
+    write(tmp_path, "raw.txt.j2", "{{ buildername }}")
+    write(tmp_path, "raw.html.j2", "{{ buildername }}")
+    context = dict(sample_context(), buildername="a<b & c")
+    mail = TemplateSet(str(tmp_path)).render("raw", context)
+    assert (mail.subject, mail.text, mail.html) == ("a<b & c", "a<b & c", "a&lt;b &amp; c")
+
+
+def test_indent_lines_indents_by_four_spaces_by_default():
+    ts = TemplateSet()
+    assert ts.render_string("{{ v|indent_lines }}", {"v": "a\n\nb"}) == "    a\n\n    b"
+
+
+def test_an_inline_subject_is_checked_against_the_sample_context_by_default():
+    ts = TemplateSet()
+    assert ts.validate_string("{{ buildername }} {{ result }}", "subject") == []
+    (error,) = ts.validate_string("{{ biuldername }}", "subject")
+    assert error.startswith("subject '{{ biuldername }}': undefined variable: 'biuldername' is undefined; "
+                            "the template context offers: ")
+    assert "buildername" in error
+
+
+def test_validate_lists_the_known_templates_and_names_a_missing_include(tmp_path):
+    ts = TemplateSet(str(tmp_path))
+    (error,) = ts.validate("build_failur")
+    assert f"; known templates: {', '.join(ts.names())}; searched " in error
+    write(tmp_path, "inc.subject.j2", "{{ buildername }}")
+    write(tmp_path, "inc.txt.j2", "{% include 'nope.j2' %}")
+    write(tmp_path, "inc.html.j2", "<p></p>")
+    (error,) = TemplateSet(str(tmp_path)).validate("inc")
+    assert error == (f"{tmp_path / 'inc.txt.j2'}: includes or extends 'nope.j2', which does not exist "
+                     f"({TemplateSet(str(tmp_path))._searched()})")
+
+
+def test_validate_says_where_rendering_failed_and_what_the_context_offers(tmp_path):
+    write(tmp_path, "bad.subject.j2", "{{ buildername }}")
+    write(tmp_path, "bad.txt.j2", "one\n{{ 1 // 0 }}\n")
+    write(tmp_path, "bad.html.j2", "<p>{{ nope }}</p>")
+    errors = TemplateSet(str(tmp_path)).validate("bad")
+    context = sample_context()
+    assert errors == [
+        f"{tmp_path / 'bad.txt.j2'}:2: rendering failed: ZeroDivisionError: integer division or modulo by zero",
+        f"{tmp_path / 'bad.html.j2'}:1: undefined variable: 'nope' is undefined; the template context offers: "
+        f"{', '.join(sorted(context))}",
+    ]
+
+
+def test_validate_names_a_file_that_cannot_be_read(tmp_path):
+    write(tmp_path, "enc.subject.j2", "{{ buildername }}")
+    (tmp_path / "enc.txt.j2").write_bytes(b"caf\xe9\n")  # Latin-1, not UTF-8
+    write(tmp_path, "enc.html.j2", "<p></p>")
+    (error,) = TemplateSet(str(tmp_path)).validate("enc")
+    assert error.startswith(f"{tmp_path / 'enc.txt.j2'}: rendering failed: UnicodeDecodeError: "), error
