@@ -132,7 +132,9 @@ def _prop(properties: dict | None, name: str, default: Any = None) -> Any:
 
 
 async def _build_properties(master, build: dict) -> dict:
-    if build.get("properties") is not None:
+    # A build dict prepared without want_properties still has "properties": the data API's
+    # empty default, so an empty dict means "not fetched" (a real build always has some).
+    if build.get("properties"):
         return build["properties"]
     props = await master.data.get(("builds", build["buildid"], "properties"))
     return props or {}

@@ -390,9 +390,13 @@ class BuildContextTests(FakeBuildMixin, unittest.TestCase):
         build = yield self.master.data.get(("builders", BUILDER_ID, "builds", 0))
         yield utils.getDetailsForBuild(self.master, build)
         self.assertNotIn("steps", build)
+        self.assertEqual(build["properties"], {})  # the data API's default: not fetched
         ctx = yield build_context(self.master, build, None, None, 40)
         self.assertEqual([s["name"] for s in ctx["failed_steps"]], ["compile"])
         self.assertEqual(ctx["branch"], "main")
+        # the properties are read here: worker, got_revision, reason and the properties dict
+        self.assertEqual((ctx["worker"], ctx["revision"], ctx["reason"]), ("wrk", "abcdef123", "nightly"))
+        self.assertEqual(ctx["properties"]["got_revision"], "abcdef123")
 
 
 class WorkerContextTests(unittest.TestCase):
@@ -513,7 +517,7 @@ def test_worker_context_exact():
             empty["last_connection"], empty["notify"]) == ("<unknown>", None, None, None, None, [])
 
 
-class ReadLogTailEdgeTests(unittest.TestCase):
+class LogStoreMixin:
     """read_log_tail against a log store that serves exactly the lines asked for."""
 
     def master_with(self, lines, fail=False):
@@ -535,6 +539,8 @@ class ReadLogTailEdgeTests(unittest.TestCase):
             read_log_tail(self.master_with(lines, fail), log_dict, n, max_chars=max_chars)
         )
 
+
+class ReadLogTailEdgeTests(LogStoreMixin, unittest.TestCase):
     @defer.inlineCallbacks
     def test_text_log_keeps_lines_whole_and_streams_empty(self):
         tail = yield self.tail(["oabc", "hdef"], 10, log_type="t")
@@ -618,3 +624,196 @@ def test_worker_host_cap():
 
     ctx = worker_context(M, {"workerinfo": {"host": "h" * 1000}})
     assert ctx["worker_host"] == "h" * 300 + " [... line truncated]"
+
+
+# --- more exact outputs (survivors of the issue-13 `make mutate` run) ----------------------
+
+
+def test_summary_says_how_the_build_ended():
+    # README (Template context reference): ``summary`` is "Build failed: failed compile"
+    state = {"state_string": "failed compile"}
+    assert ctxmod._summary(state, SUCCESS) == "Build succeeded"
+    assert ctxmod._summary(state, WARNINGS) == "Build had warnings: failed compile"
+    assert ctxmod._summary({}, WARNINGS) == "Build had warnings"
+    assert ctxmod._summary(state, CANCELLED) == "Build was cancelled"
+    assert ctxmod._summary(state, None) == "Build in progress: failed compile"
+    assert ctxmod._summary({"state_string": None}, None) == "Build in progress"
+    assert ctxmod._summary(state, FAILURE) == "Build failed: failed compile"
+    assert ctxmod._summary(state, EXCEPTION) == "Build failed: failed compile"
+    assert ctxmod._summary({}, FAILURE) == "Build failed"
+    # the state text is one line, capped at 300 characters
+    assert ctxmod._summary({"state_string": "a\r\nb"}, FAILURE) == "Build failed: a b"
+    assert ctxmod._summary({"state_string": _long("s")}, FAILURE) == "Build failed: " + _capped("s", 300)
+
+
+def test_build_line_exact():
+    build = {"builder": {"name": _long("n")}, "number": 12, "results": WARNINGS,
+             "state_string": "a\nb", "url": "http://bb/#/builders/1/builds/12"}
+    assert ctxmod.build_line(build) == {
+        "buildername": _capped("n", 200), "buildnumber": 12, "results": WARNINGS,
+        "result": "warnings", "state_string": "a b", "url": "http://bb/#/builders/1/builds/12",
+    }
+    assert ctxmod.build_line(dict(build, state_string=_long("s")))["state_string"] == _capped("s", 200)
+    assert ctxmod.build_line({}) == {
+        "buildername": "", "buildnumber": None, "results": None, "result": None,
+        "state_string": "", "url": None,
+    }
+
+
+def test_revision_exact():
+    rev = ctxmod._revision
+    # several codebases: "cb1: rev1, cb2: rev2", sorted, codebases without a revision left out
+    assert rev({"got_revision": ({"web": "w1", "core": "c1", "doc": ""}, "src")}, []) == "core: c1, web: w1"
+    # no codebase has one: the sourcestamps' revision, the first that has one
+    sourcestamps = [{"revision": None}, {"revision": "s2"}, {"revision": "s3"}]
+    assert rev({"got_revision": ({"web": None}, "src")}, sourcestamps) == "s2"
+    assert rev({}, sourcestamps) == "s2"
+    assert rev({}, [{"revision": ""}]) is None
+    assert rev({"got_revision": (_long("g"), "src")}, []) == _capped("g", 200)
+    assert rev({}, [{"revision": _long("r")}]) == _capped("r", 200)
+
+
+def test_safe_url_length_bound():
+    url = "https://x.org/" + "l" * (500 - len("https://x.org/"))
+    assert ctxmod.safe_url(url) == url
+    assert ctxmod.safe_url(url + "l") is None  # 501 characters: not kept whole, no link
+
+
+def test_worker_context_workerinfo_and_notify():
+    class M:
+        class config:
+            title = "T"
+            buildbotURL = "u"
+
+    ctx = worker_context(M, {"workerinfo": {"admin": "a\r\nb", "os": "linux"},
+                             "notify": [_long("n")]})
+    assert ctx["workerinfo"] == {"admin": "a\nb", "os": "linux"}  # bounded_value of it
+    assert ctx["notify"] == [_capped("n", 300)]
+
+
+class CommandLineTests(LogStoreMixin, unittest.TestCase):
+    """``command``: the first header line of a stdio log, when it is one."""
+
+    @defer.inlineCallbacks
+    def command_of(self, first_line):
+        tail = yield self.tail([first_line, "oout"], 10)
+        return tail["command"]
+
+    @defer.inlineCallbacks
+    def test_first_line_forms(self):
+        self.assertEqual((yield self.command_of("hmake all")), "make all")
+        self.assertEqual((yield self.command_of("h:")), ":")        # a one-character command
+        self.assertEqual((yield self.command_of("hw -s")), "w -s")  # its second character a space
+        self.assertIsNone((yield self.command_of("h  HOME=/root")))  # an indented detail line
+        self.assertIsNone((yield self.command_of("h")))              # an empty header line
+        self.assertIsNone((yield self.command_of("ocompiling")))     # output, not a header
+
+    @defer.inlineCallbacks
+    def test_log_claiming_lines_it_does_not_serve(self):
+        # num_lines says 2, the store gives nothing (chunks not written yet): no crash
+        class Empty:
+            class db:
+                class logs:
+                    @staticmethod
+                    def getLogLines(logid, first_line, last_line):
+                        return defer.succeed("")
+
+        log_dict = {"logid": 9, "name": "stdio", "num_lines": 2, "type": "s", "url": "U"}
+        tail = yield defer.ensureDeferred(read_log_tail(Empty, log_dict, 10))
+        self.assertEqual((tail["command"], tail["lines"]), (None, []))
+
+    @defer.inlineCallbacks
+    def test_short_log_is_read_once(self):
+        # the window starts at line 0: the command comes from it, no second read of line 0
+        reads = []
+
+        class Logs:
+            def getLogLines(self, logid, first_line, last_line):
+                reads.append((first_line, last_line))
+                return defer.succeed("hmake\noout\n")
+
+        class M:
+            class db:
+                logs = Logs()
+
+        log_dict = {"logid": 9, "name": "stdio", "num_lines": 2, "type": "s", "url": "U"}
+        tail = yield defer.ensureDeferred(read_log_tail(M, log_dict, 10))
+        self.assertEqual(tail["command"], "make")
+        self.assertEqual(reads, [(0, 1)])
+
+
+class LineCutTests(LogStoreMixin, unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_line_cut_before_its_visible_text_says_so(self):
+        # only the start of a huge line is cleaned; when that start is all control characters
+        # the line still says it was cut
+        tail = yield self.tail(["o" + "\x00" * 5000 + "visible"], 10)
+        self.assertEqual(tail["lines"], [" [... line truncated]"])
+
+    @defer.inlineCallbacks
+    def test_size_budget_counts_each_newline(self):
+        lines = [f"o{i}" + "x" * 7 for i in range(5)]  # 8 characters + newline each
+        tail = yield self.tail(lines, 10, max_chars=35)
+        self.assertEqual(tail["lines"], [l[1:] for l in lines[-3:]])  # 27 <= 35 < 36
+
+
+class ErrorExcerptBudgetTests(FakeBuildMixin, unittest.TestCase):
+    """Error excerpts count against the per-mail budget of log excerpts too."""
+
+    BIG = "o" + "x" * 255  # 256 characters with its newline: 256 of them fill a log's 64 KiB
+
+    @defer.inlineCallbacks
+    def context_of(self, steps):
+        yield self.insert_build(0, "main", FAILURE,
+                                steps=[(f"step{i}", FAILURE, lines) for i, lines in enumerate(steps)])
+        build = yield self.get_build(0)
+        ctx = yield build_context(self.master, build, ("failing",), [], 256,
+                                  error_patterns=("error:",))
+        tails = [t for step in ctx["failed_steps"] for t in step["log_tail"]]
+        used = sum(len(line) + 1 for t in tails
+                   for line in t["lines"] + ((t["excerpt"] or {}).get("lines") or []))
+        self.assertLessEqual(used, ctxmod.MAX_TAIL_CHARS_PER_MAIL)
+        return tails
+
+    @defer.inlineCallbacks
+    def test_no_excerpt_once_the_tails_used_the_budget_up(self):
+        self.assertEqual(ctxmod.MAX_TAIL_CHARS_PER_MAIL, 2 * 256 * 256)  # else this proves nothing
+        tails = yield self.context_of([[self.BIG] * 256, ["oerror: boom"] + [self.BIG] * 256])
+        self.assertEqual(len(tails[1]["lines"]), 256)
+        self.assertIsNone(tails[1]["excerpt"])  # budget 0 left: the error above is not shown
+
+    @defer.inlineCallbacks
+    def test_no_excerpt_when_the_tail_itself_did_not_fit(self):
+        # 256 characters left; the last line of the third log is longer: its tail is empty
+        # and no excerpt is added either
+        tails = yield self.context_of([[self.BIG] * 256, [self.BIG] * 255,
+                                       ["oerror: boom", "o" + "y" * 299]])
+        self.assertEqual((tails[2]["lines"], tails[2]["excerpt"]), ([], None))
+        self.assertTrue(tails[2]["truncated"])
+
+    @defer.inlineCallbacks
+    def test_error_the_tail_shows_is_not_repeated(self):
+        # the dropped header lines below the error make the tail reach above the line the
+        # excerpt search starts from: the error is in the tail, so no excerpt repeats it
+        tails = yield self.context_of([["oerror: boom"] + ["h  ENV=x"] * 5 + ["ook"] * 2])
+        self.assertEqual(tails[0]["lines"], ["error: boom", "ok", "ok"])
+        self.assertIsNone(tails[0]["excerpt"])
+
+
+def test_failed_test_rules():
+    # Buildbot's test result categories (buildbot.util.test_result_submitter)
+    passed = ctxmod._test_passed
+    assert passed({"category": "pass_only"}, {"value": "took 3s"}) is True
+    for category in ("fail_only", "code_issue"):
+        # only failures are stored there, whatever the value says
+        for value in ("1", "ok", "assert 1 == 2"):
+            assert passed({"category": category}, {"value": value}) is False, (category, value)
+    for value, expected in (("1", True), ("0", False), (" 1 ", True), ("True", True),
+                            ("PASS", True), ("Passed", True), ("ok", True), ("FAIL", False),
+                            (None, False)):
+        assert passed({"category": "pass_fail"}, {"value": value}) is expected, value
+    message = ctxmod._test_message
+    assert message({"category": "pass_fail"}, {"value": "0"}) == ""  # only "0": no message
+    assert message({"category": "fail_only"}, {"value": "assert 1 == 2\r\nE x"}) == "assert 1 == 2 E x"
+    assert message({"category": "code_issue"}, {"value": _long("m")}) == _capped("m", 300)
+    assert message({"category": "fail_only"}, {}) == ""
