@@ -369,11 +369,27 @@ class BuildContextTests(FakeBuildMixin, unittest.TestCase):
         self.assertEqual(ctx["duration"], "2m 05s")
         self.assertEqual([s["name"] for s in ctx["steps"]], ["git", "lint", "compile", "upload"])
         self.assertEqual([s["name"] for s in ctx["failed_steps"]], ["compile"])
+        self.assertEqual(ctx["failed_steps"][0]["url"], ctx["build_url"] + "/steps/2")
         self.assertEqual(ctx["failed_steps"][0]["log_tail"][0]["lines"], ["a", "b"])
         (change,) = ctx["changes"]
         self.assertEqual(change["author"], "Jane <jane@example.org>")
         self.assertIn("<script>", change["comments"])  # raw here; escaping is the HTML env's job
         self.assertEqual(change["files"], ["a.c", "b.c"])
+
+    @defer.inlineCallbacks
+    def test_builder_read_when_the_dict_has_none(self):
+        build = yield self.get_build(0)
+        del build["builder"]
+        ctx = yield build_context(self.master, build, None, None, 40)
+        self.assertEqual(ctx["buildername"], "linux")
+
+    @defer.inlineCallbacks
+    def test_forty_log_lines_by_default(self):
+        yield self.insert_build(1, "main", FAILURE,
+                                steps=[("compile", FAILURE, [f"o{i}" for i in range(50)])])
+        build = yield self.get_build(1)
+        ctx = yield build_context(self.master, build, None, None)
+        self.assertEqual(ctx["failed_steps"][0]["log_tail"][0]["lines"], [str(i) for i in range(10, 50)])
 
     def test_same_keys_as_sample_context(self):
         # validation renders against sample_context(): it must offer exactly what real mails get
@@ -778,9 +794,11 @@ class ErrorExcerptBudgetTests(FakeBuildMixin, unittest.TestCase):
     @defer.inlineCallbacks
     def test_no_excerpt_once_the_tails_used_the_budget_up(self):
         self.assertEqual(ctxmod.MAX_TAIL_CHARS_PER_MAIL, 2 * 256 * 256)  # else this proves nothing
-        tails = yield self.context_of([[self.BIG] * 256, ["oerror: boom"] + [self.BIG] * 256])
+        tails = yield self.context_of([[self.BIG] * 256, ["oerror: boom"] + [self.BIG] * 256,
+                                       ["oerror: late"]])
         self.assertEqual(len(tails[1]["lines"]), 256)
         self.assertIsNone(tails[1]["excerpt"])  # budget 0 left: the error above is not shown
+        self.assertEqual(len(tails), 2)  # nor the third step's log: it is listed without a tail
 
     @defer.inlineCallbacks
     def test_no_excerpt_when_the_tail_itself_did_not_fit(self):
