@@ -30,7 +30,7 @@ from buildbot_mailext.context import worker_context
 BUILDER_ID = 79
 
 
-def build_rows(number, branch, results, steps=(), changes=(), props=None):
+def build_rows(number, branch, results, steps=(), changes=(), props=None, branch_prop=True):
     """fakedb rows of one build #number on BUILDER_ID; ids derive from the number.
 
     steps: (name, results, log_lines or None) -- log_lines is a list of raw stdio lines
@@ -46,9 +46,10 @@ def build_rows(number, branch, results, steps=(), changes=(), props=None):
         fakedb.Build(id=bid, number=number, builderid=BUILDER_ID, buildrequestid=brid, workerid=13,
                      masterid=92, results=results, state_string="finished",
                      started_at=1000000 + number * 1000, complete_at=1000000 + number * 1000 + 125),
-        fakedb.BuildProperty(buildid=bid, name="branch", value=branch, source="Build"),
         fakedb.BuildProperty(buildid=bid, name="workername", value="wrk", source="Worker"),
     ]
+    if branch_prop:
+        rows.append(fakedb.BuildProperty(buildid=bid, name="branch", value=branch, source="Build"))
     for k, v in (props or {}).items():
         rows.append(fakedb.BuildProperty(buildid=bid, name=k, value=v, source="test"))
     for i, (name, sresults, lines) in enumerate(steps):
@@ -158,6 +159,48 @@ class PreviousBuildSameBranchTests(FakeBuildMixin, unittest.TestCase):
 
     def test_feature_branch_compares_with_feature(self):
         return self.check(6, 3, "new failure")
+
+
+class SourcestampBranchTests(FakeBuildMixin, unittest.TestCase):
+    """Builds without a ``branch`` property (forced builds): the first sourcestamp's branch,
+    for the build and for the earlier builds alike."""
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        yield super().setUp()
+        yield self.insert_build(0, "main", SUCCESS, branch_prop=False)
+        yield self.insert_build(1, "feature", FAILURE, branch_prop=False)
+        yield self.insert_build(2, "main", FAILURE, branch_prop=False)
+
+    @defer.inlineCallbacks
+    def test_previous_build_of_the_sourcestamp_branch(self):
+        build = yield self.get_build(2)
+        self.assertNotIn("branch", build["properties"])
+        prev = yield previous_build_same_branch(self.master, build)
+        self.assertEqual(prev["number"], 0)  # not #1, on feature
+        ctx = yield build_context(self.master, build, ("failing",), [], 10)
+        self.assertEqual((ctx["branch"], ctx["transition"]), ("main", "new failure"))
+
+    @defer.inlineCallbacks
+    def test_unreadable_old_build_is_skipped_and_logged(self):
+        from twisted.python import log
+
+        lines = []
+        observer = lambda event: lines.append(log.textFromEventDict(event) or "")  # noqa: E731
+        log.addObserver(observer)
+        self.addCleanup(log.removeObserver, observer)
+        real_get = self.master.data.get
+
+        def get(path, *args, **kwargs):
+            if path == ("buildrequests", 200):  # build #0's request
+                return defer.fail(RuntimeError("gone"))
+            return real_get(path, *args, **kwargs)
+
+        self.patch(self.master.data, "get", get)
+        build = yield self.get_build(2)
+        prev = yield previous_build_same_branch(self.master, build)
+        self.assertIsNone(prev)
+        self.assertIn("buildbot-mailext: cannot read sourcestamp of build 100: gone", lines)
 
 
 class LogTailTests(FakeBuildMixin, unittest.TestCase):
@@ -390,6 +433,15 @@ class BuildContextTests(FakeBuildMixin, unittest.TestCase):
         build = yield self.get_build(1)
         ctx = yield build_context(self.master, build, None, None)
         self.assertEqual(ctx["failed_steps"][0]["log_tail"][0]["lines"], [str(i) for i in range(10, 50)])
+
+    @defer.inlineCallbacks
+    def test_log_tail_lines_zero_and_one(self):
+        build = yield self.get_build(0)
+        ctx = yield build_context(self.master, build, None, None, 0)
+        self.assertEqual(ctx["failed_steps"][0]["log_tail"], [])  # 0: no log tails at all
+        build = yield self.get_build(0)
+        ctx = yield build_context(self.master, build, None, None, 1)
+        self.assertEqual(ctx["failed_steps"][0]["log_tail"][0]["lines"], ["b"])
 
     def test_same_keys_as_sample_context(self):
         # validation renders against sample_context(): it must offer exactly what real mails get
