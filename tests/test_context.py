@@ -461,6 +461,9 @@ class BuildContextTests(FakeBuildMixin, unittest.TestCase):
         self.assertEqual(build["properties"], {})  # the data API's default: not fetched
         ctx = yield build_context(self.master, build, None, None, 40)
         self.assertEqual([s["name"] for s in ctx["failed_steps"]], ["compile"])
+        self.assertEqual(ctx["failed_steps"][0]["log_tail"][0]["lines"], ["a", "b"])  # logs read too
+        self.assertEqual(ctx["failed_steps"][0]["log_tail"][0]["url"],
+                         ctx["build_url"] + "/steps/2/logs/stdio")
         self.assertEqual(ctx["branch"], "main")
         # the properties are read here: worker, got_revision, reason and the properties dict
         self.assertEqual((ctx["worker"], ctx["revision"], ctx["reason"]), ("wrk", "abcdef123", "nightly"))
