@@ -865,6 +865,19 @@ class ErrorExcerptBudgetTests(FakeBuildMixin, unittest.TestCase):
         self.assertTrue(tails[2]["truncated"])
 
     @defer.inlineCallbacks
+    def test_second_log_of_a_step_after_the_budget_is_used_up(self):
+        yield self.insert_build(0, "main", FAILURE, steps=[
+            ("a", FAILURE, [self.BIG] * 256), ("b", FAILURE, [self.BIG] * 256)])
+        yield self.master.db.insert_test_data([  # a second log, "junit", on step b
+            fakedb.Log(id=6001, stepid=1001, name="junit", slug="junit", type="t", num_lines=1),
+            fakedb.LogChunk(logid=6001, first_line=0, last_line=0, content="tests failed"),
+        ])
+        build = yield self.get_build(0)
+        ctx = yield build_context(self.master, build, ("failing",), [], 256)
+        self.assertEqual([[t["name"] for t in s["log_tail"]] for s in ctx["failed_steps"]],
+                         [["stdio"], ["stdio"]])  # no room left for junit
+
+    @defer.inlineCallbacks
     def test_error_the_tail_shows_is_not_repeated(self):
         # the dropped header lines below the error make the tail reach above the line the
         # excerpt search starts from: the error is in the tail, so no excerpt repeats it
