@@ -878,6 +878,24 @@ class ErrorExcerptBudgetTests(FakeBuildMixin, unittest.TestCase):
                          [["stdio"], ["stdio"]])  # no room left for junit
 
     @defer.inlineCallbacks
+    def test_excerpt_lines_count_against_the_budget_exactly(self):
+        # Step a: a full 64 KiB tail plus a one-line excerpt ("error: boom", 12 characters
+        # with its newline): 65524 left for step b, whose tail is 255 full lines and a first
+        # line of t characters (t + 1 with its newline).
+        shown = []
+        for number, t in enumerate((243, 244)):  # 65524 exactly; one more
+            steps = [("a", FAILURE, ["oerror: boom"] + [self.BIG] * 256),
+                     ("b", FAILURE, ["o" + "z" * t] + [self.BIG] * 255)]
+            yield self.insert_build(number, f"br{number}", FAILURE, steps=steps)
+            build = yield self.get_build(number)
+            ctx = yield build_context(self.master, build, ("failing",), [], 256,
+                                      error_patterns=("error:",))
+            a, b = (s["log_tail"][0] for s in ctx["failed_steps"])
+            self.assertEqual(a["excerpt"]["lines"], ["error: boom"])
+            shown.append(len(b["lines"]))
+        self.assertEqual(shown, [256, 255])
+
+    @defer.inlineCallbacks
     def test_error_the_tail_shows_is_not_repeated(self):
         # the dropped header lines below the error make the tail reach above the line the
         # excerpt search starts from: the error is in the tail, so no excerpt repeats it
