@@ -203,6 +203,38 @@ class SourcestampBranchTests(FakeBuildMixin, unittest.TestCase):
         self.assertIn("buildbot-mailext: cannot read sourcestamp of build 100: gone", lines)
 
 
+class BranchAndChangesTests(FakeBuildMixin, unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_branch_property_wins_over_the_sourcestamp(self):
+        # README: ``branch`` is the branch property, else the first sourcestamp's branch
+        yield self.insert_build(0, "main", FAILURE, branch_prop=False, props={"branch": "release/1"})
+        build = yield self.get_build(0)
+        ctx = yield build_context(self.master, build, ("failing",), [], 10)
+        self.assertEqual((ctx["branch"], ctx["sourcestamps"][0]["branch"]), ("release/1", "main"))
+
+    @defer.inlineCallbacks
+    def test_unreadable_changes_are_logged_and_the_mail_goes_on(self):
+        from twisted.python import log
+
+        lines = []
+        observer = lambda event: lines.append(log.textFromEventDict(event) or "")  # noqa: E731
+        log.addObserver(observer)
+        self.addCleanup(log.removeObserver, observer)
+        yield self.insert_build(0, "main", FAILURE, changes=[("Jane <j@example.org>", "fix")])
+        build = yield self.get_build(0)
+        real_get = self.master.data.get
+
+        def get(path, *args, **kwargs):
+            if path == ("builds", 100, "changes"):
+                return defer.fail(RuntimeError("db gone"))
+            return real_get(path, *args, **kwargs)
+
+        self.patch(self.master.data, "get", get)
+        ctx = yield build_context(self.master, build, ("failing",), [], 10)
+        self.assertEqual(ctx["changes"], [])
+        self.assertIn("buildbot-mailext: cannot read changes of build 100: db gone", lines)
+
+
 class LogTailTests(FakeBuildMixin, unittest.TestCase):
     @defer.inlineCallbacks
     def test_reads_only_the_last_n_lines_of_a_big_log(self):
