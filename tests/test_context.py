@@ -235,6 +235,35 @@ class BranchAndChangesTests(FakeBuildMixin, unittest.TestCase):
         self.assertIn("buildbot-mailext: cannot read changes of build 100: db gone", lines)
 
 
+class LongAndMissingValuesTests(FakeBuildMixin, unittest.TestCase):
+    """Each build-level context value: capped when long, its documented fallback when absent."""
+
+    @defer.inlineCallbacks
+    def test_values(self):
+        yield self.insert_build(0, "main", SUCCESS)
+        yield self.insert_build(1, "main", FAILURE, steps=[("compile", FAILURE, ["oa"])])
+        build = yield self.get_build(1)
+        build["builder"] = dict(build["builder"], name=_long("n"), tags=[_long("t"), "fast"])
+        build["state_string"] = _long("s")
+        del build["properties"]["workername"]
+        ctx = yield build_context(self.master, build, ("failing",), [_long("u")], 10)
+        self.assertEqual(ctx["buildername"], _capped("n", 200))
+        self.assertEqual(ctx["builder_tags"], [_capped("t", 100), "fast"])
+        self.assertEqual(ctx["state_string"], _capped("s", 300))
+        self.assertEqual(ctx["summary"], "Build failed: " + _capped("s", 300))
+        self.assertEqual(ctx["worker"], "<unknown>")  # no workername property
+        self.assertEqual(ctx["reason"], "because")  # no reason property: the buildset's
+        self.assertEqual((ctx["previous_results"], ctx["previous_result"], ctx["transition"]),
+                         (SUCCESS, "success", "new failure"))
+        self.assertEqual(ctx["previous_build_url"], "http://localhost:8080/#/builders/79/builds/0")
+        self.assertEqual(ctx["steps"][0]["url"], ctx["build_url"] + "/steps/0")
+        self.assertEqual(ctx["blamelist"], [_capped("u", 200)])
+
+        build["state_string"] = None
+        ctx = yield build_context(self.master, build, ("failing",), [], 10)
+        self.assertEqual((ctx["state_string"], ctx["summary"]), ("", "Build failed"))
+
+
 class LogTailTests(FakeBuildMixin, unittest.TestCase):
     @defer.inlineCallbacks
     def test_reads_only_the_last_n_lines_of_a_big_log(self):
