@@ -260,8 +260,10 @@ class LongAndMissingValuesTests(FakeBuildMixin, unittest.TestCase):
         self.assertEqual(ctx["blamelist"], [_capped("u", 200)])
 
         build["state_string"] = None
+        build["properties"]["workername"] = (_long("w"), "Worker")
         ctx = yield build_context(self.master, build, ("failing",), [], 10)
         self.assertEqual((ctx["state_string"], ctx["summary"]), ("", "Build failed"))
+        self.assertEqual(ctx["worker"], _capped("w", 200))
 
 
 class LogTailTests(FakeBuildMixin, unittest.TestCase):
