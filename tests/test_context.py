@@ -266,6 +266,42 @@ class LongAndMissingValuesTests(FakeBuildMixin, unittest.TestCase):
         self.assertEqual(ctx["worker"], _capped("w", 200))
 
 
+class SourcestampAndPropertyValuesTests(FakeBuildMixin, unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_values(self):
+        yield self.insert_build(1, "main", FAILURE)
+        build = yield self.get_build(1)
+        ctx = yield build_context(self.master, build, ("failing",), [], 10)
+        self.assertEqual(ctx["sourcestamps"], [{
+            "branch": "main", "revision": "rev1", "repository": "https://git.example.org/r.git",
+            "project": "proj", "codebase": "",
+        }])
+        self.assertEqual((ctx["started_at"], ctx["complete_at"]),
+                         ("1970-01-12 14:03:20 UTC", "1970-01-12 14:05:25 UTC"))
+
+        build["properties"][_long("p")] = ("v", "test")
+        build["properties"]["branch"] = (_long("b"), "Build")
+        (ss,) = build["buildset"]["sourcestamps"]
+        build["buildset"] = dict(build["buildset"], reason=_long("r"), sourcestamps=[
+            dict(ss, branch=None, revision=_long("v"), project=_long("j"))])
+        ctx = yield build_context(self.master, build, ("failing",), [], 10)
+        self.assertEqual(ctx["properties"][_capped("p", 200)], "v")
+        self.assertEqual(ctx["branch"], _capped("b", 300))
+        self.assertEqual(ctx["reason"], _capped("r", 500))  # the buildset's
+        self.assertEqual(ctx["sourcestamps"][0]["branch"], None)
+        self.assertEqual(ctx["sourcestamps"][0]["revision"], _capped("v", 300))
+        self.assertEqual(ctx["project"], _capped("j", 300))
+
+        # nothing to go by: no branch, no reason; a project-less sourcestamp shows the title
+        del build["properties"]["branch"]
+        build["buildset"] = dict(build["buildset"], reason=None, sourcestamps=[
+            dict(ss, branch=None, project="")])
+        ctx = yield build_context(self.master, build, ("failing",), [], 10)
+        self.assertEqual((ctx["branch"], ctx["reason"]), (None, None))
+        self.assertTrue(self.master.config.title)
+        self.assertEqual(ctx["project"], self.master.config.title)
+
+
 class LogTailTests(FakeBuildMixin, unittest.TestCase):
     @defer.inlineCallbacks
     def test_reads_only_the_last_n_lines_of_a_big_log(self):
