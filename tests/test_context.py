@@ -513,6 +513,12 @@ class BuildContextTests(FakeBuildMixin, unittest.TestCase):
         self.assertEqual([s["name"] for s in ctx["failed_steps"]], ["compile"])
         self.assertEqual(ctx["failed_steps"][0]["url"], ctx["build_url"] + "/steps/2")
         self.assertEqual(ctx["failed_steps"][0]["log_tail"][0]["lines"], ["a", "b"])
+        self.assertEqual(ctx["mode"], ["failing"])
+        self.assertIs(ctx["is_buildset"], False)
+        self.assertEqual(ctx["builds"], [{
+            "buildername": "linux", "buildnumber": 0, "results": FAILURE, "result": "failure",
+            "state_string": "finished", "url": ctx["build_url"],
+        }])
         (change,) = ctx["changes"]
         self.assertEqual(change["author"], "Jane <jane@example.org>")
         self.assertIn("<script>", change["comments"])  # raw here; escaping is the HTML env's job
@@ -521,9 +527,11 @@ class BuildContextTests(FakeBuildMixin, unittest.TestCase):
     @defer.inlineCallbacks
     def test_builder_read_when_the_dict_has_none(self):
         build = yield self.get_build(0)
-        del build["builder"]
+        del build["builder"], build["url"]
         ctx = yield build_context(self.master, build, None, None, 40)
         self.assertEqual(ctx["buildername"], "linux")
+        self.assertEqual((ctx["builds"][0]["buildername"], ctx["builds"][0]["url"]),
+                         ("linux", ctx["build_url"]))
 
     @defer.inlineCallbacks
     def test_forty_log_lines_by_default(self):
@@ -541,6 +549,13 @@ class BuildContextTests(FakeBuildMixin, unittest.TestCase):
         build = yield self.get_build(0)
         ctx = yield build_context(self.master, build, None, None, 1)
         self.assertEqual(ctx["failed_steps"][0]["log_tail"][0]["lines"], ["b"])
+
+    @defer.inlineCallbacks
+    def test_mode_forms(self):
+        for mode, expected in (("all", ["all"]), (None, []), (["failing", "warnings"], ["failing", "warnings"])):
+            build = yield self.get_build(0)
+            ctx = yield build_context(self.master, build, mode, None, 0)
+            self.assertEqual(ctx["mode"], expected, mode)
 
     def test_same_keys_as_sample_context(self):
         # validation renders against sample_context(): it must offer exactly what real mails get
