@@ -1035,3 +1035,19 @@ def test_failed_test_rules():
     assert message({"category": "fail_only"}, {"value": "assert 1 == 2\r\nE x"}) == "assert 1 == 2 E x"
     assert message({"category": "code_issue"}, {"value": _long("m")}) == _capped("m", 300)
     assert message({"category": "fail_only"}, {}) == ""
+
+
+class CulpritsSectionTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_passing_build_and_requester_forms(self):
+        # README: ``requester`` is the forced build's owner property, or None
+        for owner, requester in ((None, None), ("", None), (["alice"], None),
+                                 ("Olivia\r\n<o@example.org>", "Olivia <o@example.org>"),
+                                 (_long("o"), _capped("o", 200))):
+            props = {} if owner is None else {"owner": (owner, "Force Build Form")}
+            section = yield defer.ensureDeferred(
+                ctxmod.culprits_context(None, {"results": SUCCESS}, props))
+            self.assertEqual(section, {
+                "culprits": [], "culprits_more": 0, "culprits_more_unknown": False,
+                "culprits_since": None, "requester": requester,
+            }, owner)
