@@ -1051,3 +1051,49 @@ class CulpritsSectionTests(unittest.TestCase):
                 "culprits": [], "culprits_more": 0, "culprits_more_unknown": False,
                 "culprits_since": None, "requester": requester,
             }, owner)
+
+
+class FailedTestsSectionTests(unittest.TestCase):
+    """``test_results``: per result set with failures, at most 50 tests (the rest counted)."""
+
+    def section(self, sets, results):
+        class Data:
+            def get(self, path):
+                if path[0] == "builds":
+                    return defer.succeed(sets)
+                return defer.succeed(results.get(path[1], []))
+
+        class M:
+            data = Data()
+
+        return defer.ensureDeferred(ctxmod.failed_tests_context(M, {"buildid": 1}))
+
+    @defer.inlineCallbacks
+    def test_sets_tests_names_and_bounds(self):
+        def result_set(setid, failed, **kw):
+            return dict({"test_result_setid": setid, "description": f"set{setid}",
+                         "category": "fail_only", "tests_passed": 3, "tests_failed": failed}, **kw)
+
+        sets = [result_set(1, 0), result_set(2, None), result_set(3, 53)]
+        sets += [result_set(10 + i, 1) for i in range(10)]  # 11 sets with failures in all
+        results = {
+            3: [{"test_name": "t_named", "value": "boom"},
+                {"test_code_path": "tests/a.py::t", "value": "x"},
+                {"value": "y"},
+                {"test_name": _long("n"), "value": "z"}]
+               + [{"test_name": f"t{i}", "value": "f"} for i in range(49)],
+        }
+        section = yield self.section(sets, results)
+        sets_out = section["test_results"]
+        # sets without failures are skipped; at most 10 sets are looked at
+        self.assertEqual([s["description"] for s in sets_out], ["set3"] + [f"set{10 + i}" for i in range(7)])
+        first = sets_out[0]
+        self.assertEqual(len(first["tests"]), 50)
+        self.assertEqual(first["more"], 3)
+        self.assertEqual(first["tests"][:4], [
+            {"name": "t_named", "message": "boom"},
+            {"name": "tests/a.py::t", "message": "x"},
+            {"name": "(unnamed test)", "message": "y"},
+            {"name": _capped("n", 300), "message": "z"},
+        ])
+        self.assertEqual((first["category"], first["passed"], first["failed"]), ("fail_only", 3, 53))
