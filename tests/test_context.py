@@ -1076,6 +1076,8 @@ class FailedTestsSectionTests(unittest.TestCase):
 
         sets = [result_set(1, 0), result_set(2, None), result_set(3, 53)]
         sets += [result_set(10 + i, 1) for i in range(10)]  # 11 sets with failures in all
+        sets[3].update(description=_long("d"), category=_long("c"))
+        sets[4].update(description=None, category=None)
         results = {
             3: [{"test_name": "t_named", "value": "boom"},
                 {"test_code_path": "tests/a.py::t", "value": "x"},
@@ -1086,7 +1088,9 @@ class FailedTestsSectionTests(unittest.TestCase):
         section = yield self.section(sets, results)
         sets_out = section["test_results"]
         # sets without failures are skipped; at most 10 sets are looked at
-        self.assertEqual([s["description"] for s in sets_out], ["set3"] + [f"set{10 + i}" for i in range(7)])
+        self.assertEqual([s["description"] for s in sets_out],
+                         ["set3", _capped("d", 200), ""] + [f"set{10 + i}" for i in range(2, 7)])
+        self.assertEqual([s["category"] for s in sets_out[1:3]], [_capped("c", 100), ""])
         first = sets_out[0]
         self.assertEqual(len(first["tests"]), 50)
         self.assertEqual(first["more"], 3)
