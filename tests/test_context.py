@@ -1079,6 +1079,7 @@ class FailedTestsSectionTests(unittest.TestCase):
         sets[3].update(description=_long("d"), category=_long("c"))
         sets[4].update(description=None, category=None)
         results = {
+            12: [{"test_name": "only", "value": "bad"}],
             3: [{"test_name": "t_named", "value": "boom"},
                 {"test_code_path": "tests/a.py::t", "value": "x"},
                 {"value": "y"},
@@ -1091,6 +1092,7 @@ class FailedTestsSectionTests(unittest.TestCase):
         self.assertEqual([s["description"] for s in sets_out],
                          ["set3", _capped("d", 200), ""] + [f"set{10 + i}" for i in range(2, 7)])
         self.assertEqual([s["category"] for s in sets_out[1:3]], [_capped("c", 100), ""])
+        self.assertEqual((sets_out[3]["tests"], sets_out[3]["more"]), ([{"name": "only", "message": "bad"}], 0))
         first = sets_out[0]
         self.assertEqual(len(first["tests"]), 50)
         self.assertEqual(first["more"], 3)
@@ -1101,3 +1103,22 @@ class FailedTestsSectionTests(unittest.TestCase):
             {"name": _capped("n", 300), "message": "z"},
         ])
         self.assertEqual((first["category"], first["passed"], first["failed"]), ("fail_only", 3, 53))
+
+    @defer.inlineCallbacks
+    def test_unreadable_results_are_logged(self):
+        from twisted.python import log
+
+        lines = []
+        observer = lambda event: lines.append(log.textFromEventDict(event) or "")  # noqa: E731
+        log.addObserver(observer)
+        self.addCleanup(log.removeObserver, observer)
+
+        class M:
+            class data:
+                @staticmethod
+                def get(path):
+                    return defer.fail(RuntimeError("gone"))
+
+        section = yield defer.ensureDeferred(ctxmod.failed_tests_context(M, {"buildid": 7}))
+        self.assertEqual(section, {"test_results": []})
+        self.assertIn("buildbot-mailext: cannot read test results of build 7: RuntimeError: gone", lines)
