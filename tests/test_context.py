@@ -30,7 +30,7 @@ from buildbot_mailext.context import worker_context
 BUILDER_ID = 79
 
 
-def build_rows(number, branch, results, steps=(), changes=(), props=None):
+def build_rows(number, branch, results, steps=(), changes=(), props=None, branch_prop=True):
     """fakedb rows of one build #number on BUILDER_ID; ids derive from the number.
 
     steps: (name, results, log_lines or None) -- log_lines is a list of raw stdio lines
@@ -46,9 +46,10 @@ def build_rows(number, branch, results, steps=(), changes=(), props=None):
         fakedb.Build(id=bid, number=number, builderid=BUILDER_ID, buildrequestid=brid, workerid=13,
                      masterid=92, results=results, state_string="finished",
                      started_at=1000000 + number * 1000, complete_at=1000000 + number * 1000 + 125),
-        fakedb.BuildProperty(buildid=bid, name="branch", value=branch, source="Build"),
         fakedb.BuildProperty(buildid=bid, name="workername", value="wrk", source="Worker"),
     ]
+    if branch_prop:
+        rows.append(fakedb.BuildProperty(buildid=bid, name="branch", value=branch, source="Build"))
     for k, v in (props or {}).items():
         rows.append(fakedb.BuildProperty(buildid=bid, name=k, value=v, source="test"))
     for i, (name, sresults, lines) in enumerate(steps):
@@ -158,6 +159,147 @@ class PreviousBuildSameBranchTests(FakeBuildMixin, unittest.TestCase):
 
     def test_feature_branch_compares_with_feature(self):
         return self.check(6, 3, "new failure")
+
+
+class SourcestampBranchTests(FakeBuildMixin, unittest.TestCase):
+    """Builds without a ``branch`` property (forced builds): the first sourcestamp's branch,
+    for the build and for the earlier builds alike."""
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        yield super().setUp()
+        yield self.insert_build(0, "main", SUCCESS, branch_prop=False)
+        yield self.insert_build(1, "feature", FAILURE, branch_prop=False)
+        yield self.insert_build(2, "main", FAILURE, branch_prop=False)
+
+    @defer.inlineCallbacks
+    def test_previous_build_of_the_sourcestamp_branch(self):
+        build = yield self.get_build(2)
+        self.assertNotIn("branch", build["properties"])
+        prev = yield previous_build_same_branch(self.master, build)
+        self.assertEqual(prev["number"], 0)  # not #1, on feature
+        ctx = yield build_context(self.master, build, ("failing",), [], 10)
+        self.assertEqual((ctx["branch"], ctx["transition"]), ("main", "new failure"))
+
+    @defer.inlineCallbacks
+    def test_unreadable_old_build_is_skipped_and_logged(self):
+        from twisted.python import log
+
+        lines = []
+        observer = lambda event: lines.append(log.textFromEventDict(event) or "")  # noqa: E731
+        log.addObserver(observer)
+        self.addCleanup(log.removeObserver, observer)
+        real_get = self.master.data.get
+
+        def get(path, *args, **kwargs):
+            if path == ("buildrequests", 200):  # build #0's request
+                return defer.fail(RuntimeError("gone"))
+            return real_get(path, *args, **kwargs)
+
+        self.patch(self.master.data, "get", get)
+        build = yield self.get_build(2)
+        prev = yield previous_build_same_branch(self.master, build)
+        self.assertIsNone(prev)
+        self.assertIn("buildbot-mailext: cannot read sourcestamp of build 100: gone", lines)
+
+
+class BranchAndChangesTests(FakeBuildMixin, unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_branch_property_wins_over_the_sourcestamp(self):
+        # README: ``branch`` is the branch property, else the first sourcestamp's branch
+        yield self.insert_build(0, "main", FAILURE, branch_prop=False, props={"branch": "release/1"})
+        build = yield self.get_build(0)
+        ctx = yield build_context(self.master, build, ("failing",), [], 10)
+        self.assertEqual((ctx["branch"], ctx["sourcestamps"][0]["branch"]), ("release/1", "main"))
+
+    @defer.inlineCallbacks
+    def test_unreadable_changes_are_logged_and_the_mail_goes_on(self):
+        from twisted.python import log
+
+        lines = []
+        observer = lambda event: lines.append(log.textFromEventDict(event) or "")  # noqa: E731
+        log.addObserver(observer)
+        self.addCleanup(log.removeObserver, observer)
+        yield self.insert_build(0, "main", FAILURE, changes=[("Jane <j@example.org>", "fix")])
+        build = yield self.get_build(0)
+        real_get = self.master.data.get
+
+        def get(path, *args, **kwargs):
+            if path == ("builds", 100, "changes"):
+                return defer.fail(RuntimeError("db gone"))
+            return real_get(path, *args, **kwargs)
+
+        self.patch(self.master.data, "get", get)
+        ctx = yield build_context(self.master, build, ("failing",), [], 10)
+        self.assertEqual(ctx["changes"], [])
+        self.assertIn("buildbot-mailext: cannot read changes of build 100: db gone", lines)
+
+
+class LongAndMissingValuesTests(FakeBuildMixin, unittest.TestCase):
+    """Each build-level context value: capped when long, its documented fallback when absent."""
+
+    @defer.inlineCallbacks
+    def test_values(self):
+        yield self.insert_build(0, "main", SUCCESS)
+        yield self.insert_build(1, "main", FAILURE, steps=[("compile", FAILURE, ["oa"])])
+        build = yield self.get_build(1)
+        build["builder"] = dict(build["builder"], name=_long("n"), tags=[_long("t"), "fast"])
+        build["state_string"] = _long("s")
+        del build["properties"]["workername"]
+        ctx = yield build_context(self.master, build, ("failing",), [_long("u")], 10)
+        self.assertEqual(ctx["buildername"], _capped("n", 200))
+        self.assertEqual(ctx["builder_tags"], [_capped("t", 100), "fast"])
+        self.assertEqual(ctx["state_string"], _capped("s", 300))
+        self.assertEqual(ctx["summary"], "Build failed: " + _capped("s", 300))
+        self.assertEqual(ctx["worker"], "<unknown>")  # no workername property
+        self.assertEqual(ctx["reason"], "because")  # no reason property: the buildset's
+        self.assertEqual((ctx["previous_results"], ctx["previous_result"], ctx["transition"]),
+                         (SUCCESS, "success", "new failure"))
+        self.assertEqual(ctx["previous_build_url"], "http://localhost:8080/#/builders/79/builds/0")
+        self.assertEqual(ctx["steps"][0]["url"], ctx["build_url"] + "/steps/0")
+        self.assertEqual(ctx["blamelist"], [_capped("u", 200)])
+
+        build["state_string"] = None
+        build["properties"]["workername"] = (_long("w"), "Worker")
+        ctx = yield build_context(self.master, build, ("failing",), [], 10)
+        self.assertEqual((ctx["state_string"], ctx["summary"]), ("", "Build failed"))
+        self.assertEqual(ctx["worker"], _capped("w", 200))
+
+
+class SourcestampAndPropertyValuesTests(FakeBuildMixin, unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_values(self):
+        yield self.insert_build(1, "main", FAILURE)
+        build = yield self.get_build(1)
+        ctx = yield build_context(self.master, build, ("failing",), [], 10)
+        self.assertEqual(ctx["sourcestamps"], [{
+            "branch": "main", "revision": "rev1", "repository": "https://git.example.org/r.git",
+            "project": "proj", "codebase": "",
+        }])
+        self.assertEqual((ctx["started_at"], ctx["complete_at"]),
+                         ("1970-01-12 14:03:20 UTC", "1970-01-12 14:05:25 UTC"))
+
+        build["properties"][_long("p")] = ("v", "test")
+        build["properties"]["branch"] = (_long("b"), "Build")
+        (ss,) = build["buildset"]["sourcestamps"]
+        build["buildset"] = dict(build["buildset"], reason=_long("r"), sourcestamps=[
+            dict(ss, branch=None, revision=_long("v"), project=_long("j"))])
+        ctx = yield build_context(self.master, build, ("failing",), [], 10)
+        self.assertEqual(ctx["properties"][_capped("p", 200)], "v")
+        self.assertEqual(ctx["branch"], _capped("b", 300))
+        self.assertEqual(ctx["reason"], _capped("r", 500))  # the buildset's
+        self.assertEqual(ctx["sourcestamps"][0]["branch"], None)
+        self.assertEqual(ctx["sourcestamps"][0]["revision"], _capped("v", 300))
+        self.assertEqual(ctx["project"], _capped("j", 300))
+
+        # nothing to go by: no branch, no reason; a project-less sourcestamp shows the title
+        del build["properties"]["branch"]
+        build["buildset"] = dict(build["buildset"], reason=None, sourcestamps=[
+            dict(ss, branch=None, project="")])
+        ctx = yield build_context(self.master, build, ("failing",), [], 10)
+        self.assertEqual((ctx["branch"], ctx["reason"]), (None, None))
+        self.assertTrue(self.master.config.title)
+        self.assertEqual(ctx["project"], self.master.config.title)
 
 
 class LogTailTests(FakeBuildMixin, unittest.TestCase):
@@ -369,11 +511,51 @@ class BuildContextTests(FakeBuildMixin, unittest.TestCase):
         self.assertEqual(ctx["duration"], "2m 05s")
         self.assertEqual([s["name"] for s in ctx["steps"]], ["git", "lint", "compile", "upload"])
         self.assertEqual([s["name"] for s in ctx["failed_steps"]], ["compile"])
+        self.assertEqual(ctx["failed_steps"][0]["url"], ctx["build_url"] + "/steps/2")
         self.assertEqual(ctx["failed_steps"][0]["log_tail"][0]["lines"], ["a", "b"])
+        self.assertEqual(ctx["mode"], ["failing"])
+        self.assertIs(ctx["is_buildset"], False)
+        self.assertEqual(ctx["builds"], [{
+            "buildername": "linux", "buildnumber": 0, "results": FAILURE, "result": "failure",
+            "state_string": "finished", "url": ctx["build_url"],
+        }])
         (change,) = ctx["changes"]
         self.assertEqual(change["author"], "Jane <jane@example.org>")
         self.assertIn("<script>", change["comments"])  # raw here; escaping is the HTML env's job
         self.assertEqual(change["files"], ["a.c", "b.c"])
+
+    @defer.inlineCallbacks
+    def test_builder_read_when_the_dict_has_none(self):
+        build = yield self.get_build(0)
+        del build["builder"], build["url"]
+        ctx = yield build_context(self.master, build, None, None, 40)
+        self.assertEqual(ctx["buildername"], "linux")
+        self.assertEqual((ctx["builds"][0]["buildername"], ctx["builds"][0]["url"]),
+                         ("linux", ctx["build_url"]))
+
+    @defer.inlineCallbacks
+    def test_forty_log_lines_by_default(self):
+        yield self.insert_build(1, "main", FAILURE,
+                                steps=[("compile", FAILURE, [f"o{i}" for i in range(50)])])
+        build = yield self.get_build(1)
+        ctx = yield build_context(self.master, build, None, None)
+        self.assertEqual(ctx["failed_steps"][0]["log_tail"][0]["lines"], [str(i) for i in range(10, 50)])
+
+    @defer.inlineCallbacks
+    def test_log_tail_lines_zero_and_one(self):
+        build = yield self.get_build(0)
+        ctx = yield build_context(self.master, build, None, None, 0)
+        self.assertEqual(ctx["failed_steps"][0]["log_tail"], [])  # 0: no log tails at all
+        build = yield self.get_build(0)
+        ctx = yield build_context(self.master, build, None, None, 1)
+        self.assertEqual(ctx["failed_steps"][0]["log_tail"][0]["lines"], ["b"])
+
+    @defer.inlineCallbacks
+    def test_mode_forms(self):
+        for mode, expected in (("all", ["all"]), (None, []), (["failing", "warnings"], ["failing", "warnings"])):
+            build = yield self.get_build(0)
+            ctx = yield build_context(self.master, build, mode, None, 0)
+            self.assertEqual(ctx["mode"], expected, mode)
 
     def test_same_keys_as_sample_context(self):
         # validation renders against sample_context(): it must offer exactly what real mails get
@@ -390,9 +572,16 @@ class BuildContextTests(FakeBuildMixin, unittest.TestCase):
         build = yield self.master.data.get(("builders", BUILDER_ID, "builds", 0))
         yield utils.getDetailsForBuild(self.master, build)
         self.assertNotIn("steps", build)
+        self.assertEqual(build["properties"], {})  # the data API's default: not fetched
         ctx = yield build_context(self.master, build, None, None, 40)
         self.assertEqual([s["name"] for s in ctx["failed_steps"]], ["compile"])
+        self.assertEqual(ctx["failed_steps"][0]["log_tail"][0]["lines"], ["a", "b"])  # logs read too
+        self.assertEqual(ctx["failed_steps"][0]["log_tail"][0]["url"],
+                         ctx["build_url"] + "/steps/2/logs/stdio")
         self.assertEqual(ctx["branch"], "main")
+        # the properties are read here: worker, got_revision, reason and the properties dict
+        self.assertEqual((ctx["worker"], ctx["revision"], ctx["reason"]), ("wrk", "abcdef123", "nightly"))
+        self.assertEqual(ctx["properties"]["got_revision"], "abcdef123")
 
 
 class WorkerContextTests(unittest.TestCase):
@@ -513,7 +702,7 @@ def test_worker_context_exact():
             empty["last_connection"], empty["notify"]) == ("<unknown>", None, None, None, None, [])
 
 
-class ReadLogTailEdgeTests(unittest.TestCase):
+class LogStoreMixin:
     """read_log_tail against a log store that serves exactly the lines asked for."""
 
     def master_with(self, lines, fail=False):
@@ -535,6 +724,8 @@ class ReadLogTailEdgeTests(unittest.TestCase):
             read_log_tail(self.master_with(lines, fail), log_dict, n, max_chars=max_chars)
         )
 
+
+class ReadLogTailEdgeTests(LogStoreMixin, unittest.TestCase):
     @defer.inlineCallbacks
     def test_text_log_keeps_lines_whole_and_streams_empty(self):
         tail = yield self.tail(["oabc", "hdef"], 10, log_type="t")
@@ -618,3 +809,316 @@ def test_worker_host_cap():
 
     ctx = worker_context(M, {"workerinfo": {"host": "h" * 1000}})
     assert ctx["worker_host"] == "h" * 300 + " [... line truncated]"
+
+
+# --- more exact outputs (survivors of the issue-13 `make mutate` run) ----------------------
+
+
+def test_summary_says_how_the_build_ended():
+    # README (Template context reference): ``summary`` is "Build failed: failed compile"
+    state = {"state_string": "failed compile"}
+    assert ctxmod._summary(state, SUCCESS) == "Build succeeded"
+    assert ctxmod._summary(state, WARNINGS) == "Build had warnings: failed compile"
+    assert ctxmod._summary({}, WARNINGS) == "Build had warnings"
+    assert ctxmod._summary(state, CANCELLED) == "Build was cancelled"
+    assert ctxmod._summary(state, None) == "Build in progress: failed compile"
+    assert ctxmod._summary({"state_string": None}, None) == "Build in progress"
+    assert ctxmod._summary(state, FAILURE) == "Build failed: failed compile"
+    assert ctxmod._summary(state, EXCEPTION) == "Build failed: failed compile"
+    assert ctxmod._summary({}, FAILURE) == "Build failed"
+    # the state text is one line, capped at 300 characters
+    assert ctxmod._summary({"state_string": "a\r\nb"}, FAILURE) == "Build failed: a b"
+    assert ctxmod._summary({"state_string": _long("s")}, FAILURE) == "Build failed: " + _capped("s", 300)
+
+
+def test_build_line_exact():
+    build = {"builder": {"name": _long("n")}, "number": 12, "results": WARNINGS,
+             "state_string": "a\nb", "url": "http://bb/#/builders/1/builds/12"}
+    assert ctxmod.build_line(build) == {
+        "buildername": _capped("n", 200), "buildnumber": 12, "results": WARNINGS,
+        "result": "warnings", "state_string": "a b", "url": "http://bb/#/builders/1/builds/12",
+    }
+    assert ctxmod.build_line(dict(build, state_string=_long("s")))["state_string"] == _capped("s", 200)
+    assert ctxmod.build_line({}) == {
+        "buildername": "", "buildnumber": None, "results": None, "result": None,
+        "state_string": "", "url": None,
+    }
+
+
+def test_revision_exact():
+    rev = ctxmod._revision
+    # several codebases: "cb1: rev1, cb2: rev2", sorted, codebases without a revision left out
+    assert rev({"got_revision": ({"web": "w1", "core": "c1", "doc": ""}, "src")}, []) == "core: c1, web: w1"
+    # no codebase has one: the sourcestamps' revision, the first that has one
+    sourcestamps = [{"revision": None}, {"revision": "s2"}, {"revision": "s3"}]
+    assert rev({"got_revision": ({"web": None}, "src")}, sourcestamps) == "s2"
+    assert rev({}, sourcestamps) == "s2"
+    assert rev({}, [{"revision": ""}]) is None
+    assert rev({"got_revision": (_long("g"), "src")}, []) == _capped("g", 200)
+    assert rev({}, [{"revision": _long("r")}]) == _capped("r", 200)
+
+
+def test_safe_url_length_bound():
+    url = "https://x.org/" + "l" * (500 - len("https://x.org/"))
+    assert ctxmod.safe_url(url) == url
+    assert ctxmod.safe_url(url + "l") is None  # 501 characters: not kept whole, no link
+
+
+def test_worker_context_workerinfo_and_notify():
+    class M:
+        class config:
+            title = "T"
+            buildbotURL = "u"
+
+    ctx = worker_context(M, {"workerinfo": {"admin": "a\r\nb", "os": "linux"},
+                             "notify": [_long("n")]})
+    assert ctx["workerinfo"] == {"admin": "a\nb", "os": "linux"}  # bounded_value of it
+    assert ctx["notify"] == [_capped("n", 300)]
+
+
+class CommandLineTests(LogStoreMixin, unittest.TestCase):
+    """``command``: the first header line of a stdio log, when it is one."""
+
+    @defer.inlineCallbacks
+    def command_of(self, first_line):
+        tail = yield self.tail([first_line, "oout"], 10)
+        return tail["command"]
+
+    @defer.inlineCallbacks
+    def test_first_line_forms(self):
+        self.assertEqual((yield self.command_of("hmake all")), "make all")
+        self.assertEqual((yield self.command_of("h:")), ":")        # a one-character command
+        self.assertEqual((yield self.command_of("hw -s")), "w -s")  # its second character a space
+        self.assertIsNone((yield self.command_of("h  HOME=/root")))  # an indented detail line
+        self.assertIsNone((yield self.command_of("h")))              # an empty header line
+        self.assertIsNone((yield self.command_of("ocompiling")))     # output, not a header
+
+    @defer.inlineCallbacks
+    def test_log_claiming_lines_it_does_not_serve(self):
+        # num_lines says 2, the store gives nothing (chunks not written yet): no crash
+        class Empty:
+            class db:
+                class logs:
+                    @staticmethod
+                    def getLogLines(logid, first_line, last_line):
+                        return defer.succeed("")
+
+        log_dict = {"logid": 9, "name": "stdio", "num_lines": 2, "type": "s", "url": "U"}
+        tail = yield defer.ensureDeferred(read_log_tail(Empty, log_dict, 10))
+        self.assertEqual((tail["command"], tail["lines"]), (None, []))
+
+    @defer.inlineCallbacks
+    def test_short_log_is_read_once(self):
+        # the window starts at line 0: the command comes from it, no second read of line 0
+        reads = []
+
+        class Logs:
+            def getLogLines(self, logid, first_line, last_line):
+                reads.append((first_line, last_line))
+                return defer.succeed("hmake\noout\n")
+
+        class M:
+            class db:
+                logs = Logs()
+
+        log_dict = {"logid": 9, "name": "stdio", "num_lines": 2, "type": "s", "url": "U"}
+        tail = yield defer.ensureDeferred(read_log_tail(M, log_dict, 10))
+        self.assertEqual(tail["command"], "make")
+        self.assertEqual(reads, [(0, 1)])
+
+
+class LineCutTests(LogStoreMixin, unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_line_cut_before_its_visible_text_says_so(self):
+        # only the start of a huge line is cleaned; when that start is all control characters
+        # the line still says it was cut
+        tail = yield self.tail(["o" + "\x00" * 5000 + "visible"], 10)
+        self.assertEqual(tail["lines"], [" [... line truncated]"])
+
+    @defer.inlineCallbacks
+    def test_size_budget_counts_each_newline(self):
+        lines = [f"o{i}" + "x" * 7 for i in range(5)]  # 8 characters + newline each
+        tail = yield self.tail(lines, 10, max_chars=35)
+        self.assertEqual(tail["lines"], [l[1:] for l in lines[-3:]])  # 27 <= 35 < 36
+
+
+class ErrorExcerptBudgetTests(FakeBuildMixin, unittest.TestCase):
+    """Error excerpts count against the per-mail budget of log excerpts too."""
+
+    BIG = "o" + "x" * 255  # 256 characters with its newline: 256 of them fill a log's 64 KiB
+
+    @defer.inlineCallbacks
+    def context_of(self, steps):
+        yield self.insert_build(0, "main", FAILURE,
+                                steps=[(f"step{i}", FAILURE, lines) for i, lines in enumerate(steps)])
+        build = yield self.get_build(0)
+        ctx = yield build_context(self.master, build, ("failing",), [], 256,
+                                  error_patterns=("error:",))
+        tails = [t for step in ctx["failed_steps"] for t in step["log_tail"]]
+        used = sum(len(line) + 1 for t in tails
+                   for line in t["lines"] + ((t["excerpt"] or {}).get("lines") or []))
+        self.assertLessEqual(used, ctxmod.MAX_TAIL_CHARS_PER_MAIL)
+        return tails
+
+    @defer.inlineCallbacks
+    def test_no_excerpt_once_the_tails_used_the_budget_up(self):
+        self.assertEqual(ctxmod.MAX_TAIL_CHARS_PER_MAIL, 2 * 256 * 256)  # else this proves nothing
+        tails = yield self.context_of([[self.BIG] * 256, ["oerror: boom"] + [self.BIG] * 256,
+                                       ["oerror: late"]])
+        self.assertEqual(len(tails[1]["lines"]), 256)
+        self.assertIsNone(tails[1]["excerpt"])  # budget 0 left: the error above is not shown
+        self.assertEqual(len(tails), 2)  # nor the third step's log: it is listed without a tail
+
+    @defer.inlineCallbacks
+    def test_no_excerpt_when_the_tail_itself_did_not_fit(self):
+        # 256 characters left; the last line of the third log is longer: its tail is empty
+        # and no excerpt is added either
+        tails = yield self.context_of([[self.BIG] * 256, [self.BIG] * 255,
+                                       ["oerror: boom", "o" + "y" * 299]])
+        self.assertEqual((tails[2]["lines"], tails[2]["excerpt"]), ([], None))
+        self.assertTrue(tails[2]["truncated"])
+
+    @defer.inlineCallbacks
+    def test_second_log_of_a_step_after_the_budget_is_used_up(self):
+        yield self.insert_build(0, "main", FAILURE, steps=[
+            ("a", FAILURE, [self.BIG] * 256), ("b", FAILURE, [self.BIG] * 256)])
+        yield self.master.db.insert_test_data([  # a second log, "junit", on step b
+            fakedb.Log(id=6001, stepid=1001, name="junit", slug="junit", type="t", num_lines=1),
+            fakedb.LogChunk(logid=6001, first_line=0, last_line=0, content="tests failed"),
+        ])
+        build = yield self.get_build(0)
+        ctx = yield build_context(self.master, build, ("failing",), [], 256)
+        self.assertEqual([[t["name"] for t in s["log_tail"]] for s in ctx["failed_steps"]],
+                         [["stdio"], ["stdio"]])  # no room left for junit
+
+    @defer.inlineCallbacks
+    def test_excerpt_lines_count_against_the_budget_exactly(self):
+        # Step a: a full 64 KiB tail plus a one-line excerpt ("error: boom", 12 characters
+        # with its newline): 65524 left for step b, whose tail is 255 full lines and a first
+        # line of t characters (t + 1 with its newline).
+        shown = []
+        for number, t in enumerate((243, 244)):  # 65524 exactly; one more
+            steps = [("a", FAILURE, ["oerror: boom"] + [self.BIG] * 256),
+                     ("b", FAILURE, ["o" + "z" * t] + [self.BIG] * 255)]
+            yield self.insert_build(number, f"br{number}", FAILURE, steps=steps)
+            build = yield self.get_build(number)
+            ctx = yield build_context(self.master, build, ("failing",), [], 256,
+                                      error_patterns=("error:",))
+            a, b = (s["log_tail"][0] for s in ctx["failed_steps"])
+            self.assertEqual(a["excerpt"]["lines"], ["error: boom"])
+            shown.append(len(b["lines"]))
+        self.assertEqual(shown, [256, 255])
+
+    @defer.inlineCallbacks
+    def test_error_the_tail_shows_is_not_repeated(self):
+        # the dropped header lines below the error make the tail reach above the line the
+        # excerpt search starts from: the error is in the tail, so no excerpt repeats it
+        tails = yield self.context_of([["oerror: boom"] + ["h  ENV=x"] * 5 + ["ook"] * 2])
+        self.assertEqual(tails[0]["lines"], ["error: boom", "ok", "ok"])
+        self.assertIsNone(tails[0]["excerpt"])
+
+
+def test_failed_test_rules():
+    # Buildbot's test result categories (buildbot.util.test_result_submitter)
+    passed = ctxmod._test_passed
+    assert passed({"category": "pass_only"}, {"value": "took 3s"}) is True
+    for category in ("fail_only", "code_issue"):
+        # only failures are stored there, whatever the value says
+        for value in ("1", "ok", "assert 1 == 2"):
+            assert passed({"category": category}, {"value": value}) is False, (category, value)
+    for value, expected in (("1", True), ("0", False), (" 1 ", True), ("True", True),
+                            ("PASS", True), ("Passed", True), ("ok", True), ("FAIL", False),
+                            (None, False)):
+        assert passed({"category": "pass_fail"}, {"value": value}) is expected, value
+    message = ctxmod._test_message
+    assert message({"category": "pass_fail"}, {"value": "0"}) == ""  # only "0": no message
+    assert message({"category": "fail_only"}, {"value": "assert 1 == 2\r\nE x"}) == "assert 1 == 2 E x"
+    assert message({"category": "code_issue"}, {"value": _long("m")}) == _capped("m", 300)
+    assert message({"category": "fail_only"}, {}) == ""
+
+
+class CulpritsSectionTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_passing_build_and_requester_forms(self):
+        # README: ``requester`` is the forced build's owner property, or None
+        for owner, requester in ((None, None), ("", None), (["alice"], None),
+                                 ("Olivia\r\n<o@example.org>", "Olivia <o@example.org>"),
+                                 (_long("o"), _capped("o", 200))):
+            props = {} if owner is None else {"owner": (owner, "Force Build Form")}
+            section = yield defer.ensureDeferred(
+                ctxmod.culprits_context(None, {"results": SUCCESS}, props))
+            self.assertEqual(section, {
+                "culprits": [], "culprits_more": 0, "culprits_more_unknown": False,
+                "culprits_since": None, "requester": requester,
+            }, owner)
+
+
+class FailedTestsSectionTests(unittest.TestCase):
+    """``test_results``: per result set with failures, at most 50 tests (the rest counted)."""
+
+    def section(self, sets, results):
+        class Data:
+            def get(self, path):
+                if path[0] == "builds":
+                    return defer.succeed(sets)
+                return defer.succeed(results.get(path[1], []))
+
+        class M:
+            data = Data()
+
+        return defer.ensureDeferred(ctxmod.failed_tests_context(M, {"buildid": 1}))
+
+    @defer.inlineCallbacks
+    def test_sets_tests_names_and_bounds(self):
+        def result_set(setid, failed, **kw):
+            return dict({"test_result_setid": setid, "description": f"set{setid}",
+                         "category": "fail_only", "tests_passed": 3, "tests_failed": failed}, **kw)
+
+        sets = [result_set(1, 0), result_set(2, None), result_set(3, 53)]
+        sets += [result_set(10 + i, 1) for i in range(10)]  # 11 sets with failures in all
+        sets[3].update(description=_long("d"), category=_long("c"))
+        sets[4].update(description=None, category=None)
+        results = {
+            12: [{"test_name": "only", "value": "bad"}],
+            3: [{"test_name": "t_named", "value": "boom"},
+                {"test_code_path": "tests/a.py::t", "value": "x"},
+                {"value": "y"},
+                {"test_name": _long("n"), "value": "z"}]
+               + [{"test_name": f"t{i}", "value": "f"} for i in range(49)],
+        }
+        section = yield self.section(sets, results)
+        sets_out = section["test_results"]
+        # sets without failures are skipped; at most 10 sets are looked at
+        self.assertEqual([s["description"] for s in sets_out],
+                         ["set3", _capped("d", 200), ""] + [f"set{10 + i}" for i in range(2, 7)])
+        self.assertEqual([s["category"] for s in sets_out[1:3]], [_capped("c", 100), ""])
+        self.assertEqual((sets_out[3]["tests"], sets_out[3]["more"]), ([{"name": "only", "message": "bad"}], 0))
+        first = sets_out[0]
+        self.assertEqual(len(first["tests"]), 50)
+        self.assertEqual(first["more"], 3)
+        self.assertEqual(first["tests"][:4], [
+            {"name": "t_named", "message": "boom"},
+            {"name": "tests/a.py::t", "message": "x"},
+            {"name": "(unnamed test)", "message": "y"},
+            {"name": _capped("n", 300), "message": "z"},
+        ])
+        self.assertEqual((first["category"], first["passed"], first["failed"]), ("fail_only", 3, 53))
+
+    @defer.inlineCallbacks
+    def test_unreadable_results_are_logged(self):
+        from twisted.python import log
+
+        lines = []
+        observer = lambda event: lines.append(log.textFromEventDict(event) or "")  # noqa: E731
+        log.addObserver(observer)
+        self.addCleanup(log.removeObserver, observer)
+
+        class M:
+            class data:
+                @staticmethod
+                def get(path):
+                    return defer.fail(RuntimeError("gone"))
+
+        section = yield defer.ensureDeferred(ctxmod.failed_tests_context(M, {"buildid": 7}))
+        self.assertEqual(section, {"test_results": []})
+        self.assertIn("buildbot-mailext: cannot read test results of build 7: RuntimeError: gone", lines)

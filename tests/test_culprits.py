@@ -81,8 +81,13 @@ class CulpritTests(CulpritHistoryMixin, unittest.TestCase):
         ctx = yield self.context(2)
         got = [(c["revision"], c["new"], c["first_build"]["number"]) for c in ctx["culprits"]]
         self.assertEqual(got, [("D", True, 2), ("C", True, 2), ("B", False, 1)])
-        self.assertEqual(ctx["culprits_since"]["number"], 0)
+        self.assertEqual(ctx["culprits_since"], {
+            "number": 0, "url": "http://localhost:8080/#/builders/79/builds/0", "result": "success"})
+        self.assertIs(ctx["culprits_more_unknown"], False)
         d = ctx["culprits"][0]
+        self.assertEqual(d["first_build"], {
+            "number": 2, "url": "http://localhost:8080/#/builders/79/builds/2", "result": "failure"})
+        self.assertEqual((d["files_count"], d["login"]), (0, None))
         self.assertEqual(d["title"], "D: <b>first line</b>")
         self.assertIsNone(d["revlink"])  # javascript: dropped
         self.assertEqual(d["address"], "carol@example.org")
