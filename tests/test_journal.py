@@ -128,3 +128,21 @@ class WriteJournalTests(unittest.TestCase):
         later = self.journal.add("mail 3")
         self.runner.finish()
         self.assertEqual(self.successResultOf(later), "row mail 3")
+
+    def test_with_linger_zero_a_deletion_commits_at_once(self):
+        journal = WriteJournal(self.runner, lambda: self.clock, linger=0)
+        journal.delete("delivered 1")
+        self.assertEqual(self.runner.commits, [([], ["delivered 1"])])  # no reactor turn needed
+
+    def test_an_idle_journal_holds_no_timer(self):
+        # Nothing left waiting, nothing scheduled: a master that stops leaves no stray call.
+        self.journal.add("mail 1")
+        self.runner.finish()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.journal.delete("delivered 1")
+        self.journal.delete("delivered 2")  # the lingering timer is not doubled
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.clock.advance(DEFAULT_LINGER)
+        self.runner.finish()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(self.runner.commits[-1], ([], ["delivered 1", "delivered 2"]))

@@ -229,6 +229,23 @@ class OutboxTestCase(TestReactorMixin, unittest.TestCase):
         self.assertEqual(self.rows_once_deletions_committed(), [])
         self.assertEqual(len(self.lines("done")), 2)
 
+    @defer.inlineCallbacks
+    def test_the_deletions_and_the_new_mails_of_one_commit_fail_together(self):
+        # One transaction: when the new mail cannot be written, the delivered row is not
+        # deleted either (the journal then splits the commit and retries each part).
+        pool = self.master.db.pool
+        yield pool.do(ob.thd_ensure_tables)
+        [kept] = yield pool.do(ob.thd_add, "MailExtNotifier_test", [self.mail(1)], 1, 0.0, 60,
+                               ob.OutboxLimits(), digest)
+        [delivered] = self.rows()
+        broken = ob.NewMail("route dev", "build #2", "FAILURE: build #2", "bb@example.org",
+                            ["dev@example.org"], None)  # no message bytes: the write fails
+        with self.assertRaises(TypeError):
+            yield pool.do(ob.thd_add, "MailExtNotifier_test", [broken], 1, 0.0, 60, ob.OutboxLimits(), digest,
+                          [delivered])
+        self.flushLoggedErrors(TypeError)  # Buildbot's DB pool logs what a call raised
+        self.assertEqual([r.id for r in self.rows()], [kept.id])
+
     # ------------------------------------------------------------------ retries
 
     @defer.inlineCallbacks
