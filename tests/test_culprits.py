@@ -378,3 +378,26 @@ class ChangesReadOnceTests(CulpritHistoryMixin, unittest.TestCase):
         got = yield notifier.getResponsibleUsersForBuild(self.master, build["buildid"])
         self.assertEqual(got, (yield stock_blamelist(self.master, build["buildid"])))
         self.assertIn("quinn", got)
+
+
+class CulpritFieldsTests(CulpritHistoryMixin, unittest.TestCase):
+    """The fields of one culprit (issue 13, survivors of culprits_context): a bare-name
+    author gives a ``login`` for ``lookup``, an empty comment an empty title, a long first
+    comment line a title capped at 200 characters."""
+
+    @defer.inlineCallbacks
+    def test_login_empty_title_and_capped_title(self):
+        yield self.insert_build(5, "main", FAILURE)
+        yield self.master.db.insert_test_data([
+            fakedb.Change(changeid=7, author="jane", comments="", branch="main", revision="J",
+                          sourcestampid=405, parent_changeids=6),
+            fakedb.Change(changeid=8, author="Lena <lena@example.org>", comments="x" * 300 + "\nsecond line",
+                          branch="main", revision="L", sourcestampid=405, parent_changeids=7),
+        ])
+        build = yield self.get_build(5)
+        ctx = yield build_context(self.master, build, ("failing",), [], 10)
+        by_revision = {c["revision"]: c for c in ctx["culprits"]}
+        self.assertEqual((by_revision["J"]["login"], by_revision["J"]["address"]), ("jane", None))
+        self.assertEqual(by_revision["J"]["title"], "")
+        self.assertIsNone(by_revision["L"]["login"])
+        self.assertEqual(by_revision["L"]["title"], "x" * 200 + " [... line truncated]")
