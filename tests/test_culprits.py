@@ -345,13 +345,16 @@ class ChangesReadOnceTests(CulpritHistoryMixin, unittest.TestCase):
 
         build = yield self.get_build(2)  # changes C, D (and B before); owner Olivia
         expected = yield stock_blamelist(self.master, build["buildid"])
+        # what Buildbot answers (Buildbot < 4.2's fake DB gives fewer changes than a real one)
+        revisions = sorted(c["revision"] for c in (yield self.master.data.get(("builds", build["buildid"], "changes"))))
         reads = self.count_change_reads()
         notifier = MailExtNotifier(fromaddr="bb@example.org", preflight="off")
         got = yield notifier.getResponsibleUsersForBuild(self.master, build["buildid"])
         self.assertEqual(got, expected)
         self.assertIn("Olivia <olivia@example.org>", got)
         ctx = yield build_context(self.master, build, ("failing",), got, 10)
-        self.assertEqual(sorted(c["revision"] for c in ctx["changes"]), ["B", "C", "D"])
+        self.assertEqual(sorted(c["revision"] for c in ctx["changes"]), revisions)
+        self.assertIn("C", revisions)
         self.assertEqual(reads, [build["buildid"]])  # one read for both
 
     @defer.inlineCallbacks
@@ -359,12 +362,13 @@ class ChangesReadOnceTests(CulpritHistoryMixin, unittest.TestCase):
         from buildbot_mailext import reads as reads_mod
 
         build = yield self.get_build(2)
+        revisions = sorted(c["revision"] for c in (yield self.master.data.get(("builds", build["buildid"], "changes"))))
         reads = self.count_change_reads()
         yield defer.ensureDeferred(reads_mod.build_changes(self.master, build["buildid"]))
         self.reactor.advance(reads_mod.TTL + 1)
         changes = yield defer.ensureDeferred(reads_mod.build_changes(self.master, build["buildid"]))
         self.assertEqual(reads, [build["buildid"]] * 2)
-        self.assertEqual(sorted(c["revision"] for c in changes), ["B", "C", "D"])
+        self.assertEqual(sorted(c["revision"] for c in changes), revisions)
 
     @defer.inlineCallbacks
     def test_blamelist_takes_the_owners_list_as_stock_does(self):
