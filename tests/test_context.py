@@ -1122,3 +1122,66 @@ class FailedTestsSectionTests(unittest.TestCase):
         section = yield defer.ensureDeferred(ctxmod.failed_tests_context(M, {"buildid": 7}))
         self.assertEqual(section, {"test_results": []})
         self.assertIn("buildbot-mailext: cannot read test results of build 7: RuntimeError: gone", lines)
+
+
+class SmallHelperTests(unittest.TestCase):
+    """The helpers every context value goes through (issue 13: survivors of the run over
+    context.py's small helpers): exact outputs at their edges."""
+
+    def test_format_duration_edges(self):
+        from buildbot_mailext.context import format_duration
+
+        self.assertIsNone(format_duration(None))
+        self.assertIsNone(format_duration(-1))
+        self.assertEqual(format_duration(0), "0s")
+        self.assertEqual(format_duration(0.4), "0s")
+        self.assertEqual(format_duration(59), "59s")
+        self.assertEqual(format_duration(3599), "59m 59s")
+        self.assertEqual(format_duration(3600), "1h 00m 00s")
+        self.assertEqual(format_duration(86399), "23h 59m 59s")
+        self.assertEqual(format_duration(86400), "1d 00h 00m")
+
+    def test_result_name_of_a_result_buildbot_does_not_know(self):
+        from buildbot.process.results import Results
+
+        from buildbot_mailext.context import result_name
+
+        self.assertEqual(result_name(len(Results) - 1), Results[-1])
+        self.assertEqual(result_name(len(Results)), str(len(Results)))
+        self.assertEqual(result_name(-1), "-1")
+        self.assertIsNone(result_name(None))
+
+    def test_bounded_value_cuts_nesting_keys_and_values(self):
+        from buildbot_mailext.context import MAX_DEPTH, MAX_VALUE_CHARS, bounded_value
+
+        nested: object = "leaf"
+        for _ in range(MAX_DEPTH + 2):
+            nested = [nested]
+        out = bounded_value(nested)
+        for _ in range(MAX_DEPTH):
+            out = out[0]
+        self.assertEqual(out, "[...]")  # exactly MAX_DEPTH levels kept
+        as_tuple = bounded_value(("a", ("b", ("c",))))
+        self.assertEqual(as_tuple, ("a", ("b", ("c",))))
+        deep_dict = {"k": {"k": {"k": {"k": {"k": {"k": "v"}}}}}}
+        self.assertEqual(bounded_value(deep_dict)["k"]["k"]["k"]["k"]["k"], "[...]")
+        long_key = "K" * 300
+        [key] = bounded_value({long_key: 1}).keys()
+        self.assertEqual(key, "K" * 200 + " [... line truncated]")
+        self.assertEqual(bounded_value({7: "x"}), {7: "x"})  # non-string keys kept
+        text = bounded_value(object())
+        self.assertTrue(text.startswith("<object object at"))
+        self.assertLessEqual(len(bounded_value("y" * 5000)), MAX_VALUE_CHARS + 40)
+
+    def test_times_naive_and_aware(self):
+        import datetime
+
+        from buildbot_mailext.context import _fmt_time, _to_epoch
+
+        naive = datetime.datetime(2026, 11, 26, 12, 0, 0)
+        aware = datetime.datetime(2026, 11, 26, 13, 0, 0, tzinfo=datetime.timezone(datetime.timedelta(hours=1)))
+        self.assertEqual(_to_epoch(naive), 1795694400.0)  # naive means UTC
+        self.assertEqual(_to_epoch(aware), 1795694400.0)
+        self.assertEqual(_fmt_time(1795694400), "2026-11-26 12:00:00 UTC")
+        self.assertEqual(_fmt_time(aware), "2026-11-26 12:00:00 UTC")
+        self.assertEqual(_fmt_time("yesterday"), "yesterday")
