@@ -71,6 +71,20 @@ def build_rows(number, branch, results, steps=(), changes=(), props=None, branch
     return rows
 
 
+
+def logged_lines(testcase) -> list:
+    """The text of every log line from now until ``testcase`` ends."""
+    from twisted.python import log
+
+    lines: list = []
+
+    def observer(event):
+        lines.append(log.textFromEventDict(event) or "")
+
+    log.addObserver(observer)
+    testcase.addCleanup(log.removeObserver, observer)
+    return lines
+
 class FakeBuildMixin(TestReactorMixin):
     @defer.inlineCallbacks
     def setUp(self):
@@ -183,12 +197,7 @@ class SourcestampBranchTests(FakeBuildMixin, unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_unreadable_old_build_is_skipped_and_logged(self):
-        from twisted.python import log
-
-        lines = []
-        observer = lambda event: lines.append(log.textFromEventDict(event) or "")  # noqa: E731
-        log.addObserver(observer)
-        self.addCleanup(log.removeObserver, observer)
+        lines = logged_lines(self)
         real_get = self.master.data.get
 
         def get(path, *args, **kwargs):
@@ -214,12 +223,7 @@ class BranchAndChangesTests(FakeBuildMixin, unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_unreadable_changes_are_logged_and_the_mail_goes_on(self):
-        from twisted.python import log
-
-        lines = []
-        observer = lambda event: lines.append(log.textFromEventDict(event) or "")  # noqa: E731
-        log.addObserver(observer)
-        self.addCleanup(log.removeObserver, observer)
+        lines = logged_lines(self)
         yield self.insert_build(0, "main", FAILURE, changes=[("Jane <j@example.org>", "fix")])
         build = yield self.get_build(0)
         real_get = self.master.data.get
@@ -767,12 +771,7 @@ class ReadLogTailEdgeTests(LogStoreMixin, unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_unreadable_log_exact(self):
-        lines = []
-        from twisted.python import log
-
-        observer = lambda event: lines.append(log.textFromEventDict(event) or "")  # noqa: E731
-        log.addObserver(observer)
-        self.addCleanup(log.removeObserver, observer)
+        lines = logged_lines(self)
         tail = yield self.tail(["oa"], 5, fail=True)
         self.assertEqual(tail, {
             "name": "stdio", "url": "U", "command": None, "lines": ["[log tail unavailable: ValueError]"],
@@ -1106,12 +1105,7 @@ class FailedTestsSectionTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_unreadable_results_are_logged(self):
-        from twisted.python import log
-
-        lines = []
-        observer = lambda event: lines.append(log.textFromEventDict(event) or "")  # noqa: E731
-        log.addObserver(observer)
-        self.addCleanup(log.removeObserver, observer)
+        lines = logged_lines(self)
 
         class M:
             class data:
