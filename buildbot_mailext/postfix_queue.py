@@ -6,7 +6,8 @@ with the queue id of every mail the local Postfix accepted. While (and only whil
 is outstanding, the tracker reads ``postqueue -j`` every ``poll_interval`` seconds (60 by
 default), in a thread, never blocking the reactor. A mail still in the queue after
 ``stuck_after`` seconds gets ONE log line naming the mail (build and route), the queue id,
-Postfix's ``delay_reason`` and the fix; when it then leaves the queue, one line says so.
+Postfix's ``delay_reason`` and the fix (while Postfix has recorded no reason yet, the line waits
+for the next poll, up to ``stuck_after`` more); when it then leaves the queue, one line says so.
 Nothing is re-sent: once Postfix said 250, the mail is Postfix's. When the queue cannot be
 read (Postfix stopped, ``authorized_mailq_users``), the tracker says so once, keeps polling,
 and says when it can read it again; when the relay is not the local Postfix at all, it
@@ -189,8 +190,12 @@ class PostfixQueueTracker:
                         "in Postfix's log)"
                     )
             elif not mail.reported_stuck and waited >= self.stuck_after:
-                mail.reported_stuck = True
                 reasons = postfix.delay_reasons(entry)
+                if not reasons and waited < self.stuck_after + max(self.stuck_after, self.poll_interval):
+                    # Postfix is trying the delivery right now (no reason recorded yet): the line
+                    # is only useful with its reason, which the next poll reads.
+                    continue
+                mail.reported_stuck = True
                 reason = "; ".join(reasons) or f"no delay_reason yet (in its {entry.get('queue_name')} queue)"
                 log.msg(
                     f"{self.name}: mail {mail.label}: stuck in Postfix for {postfix.format_age(waited)}: queue id {queue_id}, "
