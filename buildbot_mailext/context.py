@@ -248,7 +248,11 @@ def _head(value: Any, max_chars: int) -> tuple[str, bool]:
     and whether anything was cut off."""
     limit = max_chars * _SCAN_FACTOR + 64
     if isinstance(value, bytes):
-        return _safe_str(value[: limit * 4])[:limit], len(value) > limit
+        # at most 4 bytes a character: limit * 4 bytes hold the first `limit` characters.
+        # Cut when bytes were left unread or characters past `limit`, not by the byte count
+        # alone (2000 bytes of Cyrillic are 1000 characters)
+        text = _safe_str(value[: limit * 4])
+        return text[:limit], len(value) > limit * 4 or len(text) > limit
     text = value if isinstance(value, str) else _safe_str(value)
     return _safe_str(text[:limit]), len(text) > limit
 
@@ -268,7 +272,8 @@ def _clean_line_text(text: str, max_chars: int, cut: bool) -> str:
     text = text.rstrip("\r\n")
     # a CR inside a line is a progress-bar redraw: only the last redraw is what a terminal shows
     if "\r" in text:
-        text = text.rsplit("\r", 1)[-1] or text.replace("\r", "")
+        # (never empty: the line was stripped of trailing CRs above)
+        text = text.rsplit("\r", 1)[-1]
     text = _ANSI_RE.sub("", text)
     text = _LINE_CONTROL_RE.sub("", text)
     if cut or len(text) > max_chars:

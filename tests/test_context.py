@@ -1179,3 +1179,159 @@ class SmallHelperTests(unittest.TestCase):
         self.assertEqual(_fmt_time(1795694400), "2026-11-26 12:00:00 UTC")
         self.assertEqual(_fmt_time(aware), "2026-11-26 12:00:00 UTC")
         self.assertEqual(_fmt_time("yesterday"), "yesterday")
+
+    def test_bytes_values_read_as_utf8(self):
+        from buildbot_mailext.context import bounded_value
+
+        # bytes become text (invalid UTF-8 one U+FFFD a byte), keys and values alike
+        self.assertEqual(bounded_value({b"caf\xc3\xa9": b"na\xefve \xff"}),
+                         {"caf\u00e9": "na\ufffdve \ufffd"})
+        # cut by characters, not bytes: 2100 two-byte C1 controls (4200 bytes, more than the
+        # 4064 characters scanned for a 1000-character value) are all read and removed
+        self.assertEqual(bounded_value(b"\xc2\x85" * 2100 + b"ok"), "ok")
+        # a truncation mark only when something was left unread or cut
+        self.assertEqual(bounded_value(b"\xf0\x9f\x98\x80" * 1000), "\U0001f600" * 1000)
+        self.assertEqual(bounded_value(b"\xf0\x9f\x98\x80" * 1001),
+                         "\U0001f600" * 1000 + "\n[... truncated]")
+        self.assertEqual(bounded_value(b"ok" + b"\x00" * 100000), "ok\n[... truncated]")
+        # all bytes read, but characters past the scanned 4064 (where "tail" is) left out
+        self.assertEqual(bounded_value(b"ok" + b"\x00" * 5000 + b"tail"), "ok\n[... truncated]")
+
+    def test_truncation_mark_only_when_something_was_cut(self):
+        from buildbot_mailext.context import MAX_VALUE_CHARS, bounded_value
+
+        # _head reads max_chars * _SCAN_FACTOR + 64 characters: a value of exactly that length
+        # was read whole, so no mark, whatever the cleaning removed
+        window = 200 * ctxmod._SCAN_FACTOR + 64
+        self.assertEqual(ctxmod._change_summary({"author": "Jane" + "\x00" * (window - 4)})["author"],
+                         "Jane")
+        window = MAX_VALUE_CHARS * ctxmod._SCAN_FACTOR + 64
+        self.assertEqual(bounded_value(b"ok" + b"\x00" * (window - 2)), "ok")
+        self.assertEqual(bounded_value("ok" + "\x00" * (window - 2)), "ok")
+        # a field whose visible text lies past what is read says it was cut
+        author = ctxmod._change_summary({"author": "Jane" + "\x00" * 5000 + "Doe"})["author"]
+        self.assertEqual(author, "Jane [... line truncated]")
+
+    def test_values_that_are_not_text(self):
+        # an svn-style revision number in got_revision shows as its digits
+        self.assertEqual(ctxmod._revision({"got_revision": (1234, "SVN")}, []), "1234")
+        self.assertEqual(ctxmod._revision({"got_revision": ({"lib": 7, "app": None}, "SVN")}, []),
+                         "lib: 7")
+
+    def test_bounded_value_cuts_nested_tuples_too(self):
+        from buildbot_mailext.context import MAX_DEPTH, bounded_value
+
+        # the build dict's properties are (value, source) tuples: a deep value inside one is
+        # cut at the same depth as anywhere else
+        deep: object = "leaf"
+        for _ in range(MAX_DEPTH + 2):
+            deep = (deep,)
+        out = bounded_value({"properties": {"p": (deep, "src")}})
+        value = out["properties"]["p"][0]
+        for _ in range(MAX_DEPTH - 3):
+            value = value[0]
+        self.assertEqual(value, "[...]")
+
+    def test_times_are_utc_whatever_the_local_time_zone(self):
+        import datetime
+        import time
+
+        local_time_zone(self, "Asia/Tokyo")
+        self.assertEqual(time.localtime(0).tm_gmtoff, 9 * 3600)  # the zone is in force
+        utc = datetime.timezone.utc
+        # an epoch time is written in UTC, not in the master's local time
+        self.assertEqual(ctxmod._change_summary({"when_timestamp": 1795694400})["when"],
+                         "2026-11-26 12:00:00 UTC")
+        self.assertEqual(ctxmod._fmt_time(datetime.datetime(2026, 11, 26, 21, 0, tzinfo=datetime.timezone(
+            datetime.timedelta(hours=9)))), "2026-11-26 12:00:00 UTC")
+        # a naive time is UTC too: started 12:00 (naive), ended 12:02:05 UTC: 2m 05s
+        step = ctxmod._step_summary({"number": 0, "started_at": datetime.datetime(2026, 11, 26, 12, 0),
+                                     "complete_at": datetime.datetime(2026, 11, 26, 12, 2, 5, tzinfo=utc)},
+                                    "u")
+        self.assertEqual(step["duration"], "2m 05s")
+
+
+def local_time_zone(testcase, name: str) -> None:
+    """Run the rest of ``testcase`` with the process's local time zone set to ``name``."""
+    import os
+    import time
+
+    old = os.environ.get("TZ")
+
+    def restore():
+        if old is None:
+            os.environ.pop("TZ", None)
+        else:
+            os.environ["TZ"] = old
+        time.tzset()
+
+    testcase.addCleanup(restore)
+    os.environ["TZ"] = name
+    time.tzset()
+
+
+class LineCleaningTests(LogStoreMixin, unittest.TestCase):
+    """What a log line shows: a line rewritten with carriage returns (a text log, or output
+    stored without Buildbot's splitter) shows its last state, as a terminal would."""
+
+    @defer.inlineCallbacks
+    def test_carriage_returns(self):
+        tail = yield self.tail([
+            "progress 10%\rprogress 50%\rprogress 100%",   # the last redraw
+            "progress 50%\rprogress 100%\r\r",             # trailing CRs: the last redraw too
+            "Downloading 100%\r" + " " * 17 + "\r",        # cleared with spaces: a blank line
+            "FAILED tests/test_x.py::TestX",               # a line ending in X is kept whole
+        ], 10, log_type="t")
+        self.assertEqual(tail["lines"], ["progress 100%", "progress 100%", " " * 17,
+                                         "FAILED tests/test_x.py::TestX"])
+
+    @defer.inlineCallbacks
+    def test_log_name_capped(self):
+        log_dict = {"logid": 9, "name": "n" * 1000, "num_lines": 0, "type": "s", "url": "U"}
+        tail = yield defer.ensureDeferred(read_log_tail(self.master_with([]), log_dict, 10))
+        self.assertEqual(tail["name"], _capped("n", 200))
+
+
+class BranchOfTheWalkTests(FakeBuildMixin, unittest.TestCase):
+    """The previous build of the same branch (README: the branch property, else the first
+    sourcestamp's branch), for the build and for each earlier build alike."""
+
+    @defer.inlineCallbacks
+    def check(self, number, prev_number, branch, transition, edit=None):
+        build = yield self.get_build(number)
+        if edit:
+            edit(build)
+        prev = yield previous_build_same_branch(self.master, build)
+        self.assertEqual(prev["number"] if prev else None, prev_number)
+        ctx = yield build_context(self.master, build, ("failing",), [], 10)
+        self.assertEqual((ctx["branch"], ctx["transition"]), (branch, transition))
+
+    @defer.inlineCallbacks
+    def test_branch_property_wins_on_both_sides(self):
+        # sourcestamp branch and branch property swapped from build to build: comparing by
+        # sourcestamp on either side would pick #1
+        yield self.insert_build(0, "main", SUCCESS, branch_prop=False, props={"branch": "release"})
+        yield self.insert_build(1, "release", FAILURE, branch_prop=False, props={"branch": "main"})
+        yield self.insert_build(2, "main", FAILURE, branch_prop=False, props={"branch": "release"})
+        yield self.check(2, 0, "release", "new failure")
+
+    @defer.inlineCallbacks
+    def test_walk_on_a_builder_past_the_search_limit(self):
+        n = ctxmod.PREVIOUS_BUILD_SEARCH_LIMIT + 10
+        yield self.insert_build(n - 3, "main", FAILURE)
+        yield self.insert_build(n - 2, "main", SUCCESS)
+        yield self.insert_build(n - 1, "feature", FAILURE)
+        yield self.insert_build(n, "main", FAILURE)
+        yield self.check(n, n - 2, "main", "new failure")
+
+    @defer.inlineCallbacks
+    def test_build_without_any_branch(self):
+        # no branch property, and a buildset without sourcestamps (a scheduler may make one):
+        # no branch, so no earlier build of it
+        yield self.insert_build(0, "main", SUCCESS, branch_prop=False)
+        yield self.insert_build(1, "main", FAILURE, branch_prop=False)
+
+        def no_sourcestamps(build):
+            build["buildset"] = dict(build["buildset"], sourcestamps=[])
+
+        yield self.check(1, None, None, "first build", edit=no_sourcestamps)
