@@ -55,6 +55,7 @@ from twisted.internet import defer
 from twisted.python import log
 
 from buildbot_mailext.journal import WriteJournal
+from buildbot_mailext.sqlite_wal import WalKeeper
 from buildbot_mailext.transport import Delivery, describe
 
 PENDING = "pending"
@@ -678,6 +679,8 @@ class Outbox:
         self._tables_ready = False
         # New rows and deletions of delivered ones share commits (one fsync each on SQLite).
         self._journal = WriteJournal(self._write_batch, lambda: self.reactor)
+        # On SQLite, one idle connection kept open spares every commit a checkpoint.
+        self._wal_keeper = WalKeeper(notifier)
 
     # -- plumbing
     @property
@@ -717,6 +720,7 @@ class Outbox:
     def start(self) -> Any:
         """Create the tables if needed and resume pending mail at once."""
         yield self.ensure_tables()
+        yield self._wal_keeper.open(self.master.db.pool)
         yield self._db(thd_renew_lease, self.notifier, self.owner, self._now(), self.lease)
         self._holds_lease = True
         self._running = True
@@ -739,6 +743,13 @@ class Outbox:
         self._journal.flush()  # delivered rows are deleted now, not after lingering
         if self._in_flight:
             yield defer.DeferredList(list(self._in_flight.values()), consumeErrors=True)
+        try:
+            yield self._release_leases()
+        finally:
+            yield self._wal_keeper.close(self.master.db.pool)
+
+    @defer.inlineCallbacks
+    def _release_leases(self) -> Any:
         if not self._holds_lease:
             # never started (e.g. `buildbot-mailext preview`, which reads the database
             # only): there is no lease to release, and nothing may be written

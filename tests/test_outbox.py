@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sqlite3
 import tempfile
 from unittest import mock
 
@@ -592,6 +593,51 @@ class OutboxTestCase(TestReactorMixin, unittest.TestCase):
         current = yield self.master.db.model.is_current()
         self.assertTrue(current)
         self.assertEqual(len(self.rows()), 1)
+
+    # ------------------------------------------------------------------ the SQLite log (issue 8)
+
+    def wal_exists(self):
+        return os.path.exists(self.db_path + "-wal")
+
+    @defer.inlineCallbacks
+    def test_sqlite_log_stays_open_while_the_outbox_runs_and_is_checkpointed_at_stop(self):
+        # Without a connection kept open, every Buildbot DB call closes the last connection:
+        # SQLite then checkpoints and deletes the log (what made each commit ~10x dearer).
+        yield self.master.db.pool.do(lambda conn: conn.exec_driver_sql("SELECT 1").fetchall())
+        self.assertFalse(self.wal_exists(), "the fake master's DB is not in WAL mode: the test shows nothing")
+        box, _ = self.make_outbox(accepted())
+        yield box.start()
+        yield box.queue(self.mail())
+        self.assertEqual(self.rows_once_deletions_committed(), [])
+        self.assertTrue(self.wal_exists(), "the log was checkpointed away after a call: no connection kept it")
+        yield box.stop()
+        self.assertFalse(self.wal_exists())  # the last close checkpoints it into state.sqlite
+        self.assertEqual(self.rows(), [])
+
+    @defer.inlineCallbacks
+    def test_the_kept_connection_holds_no_lock(self):
+        box, _ = self.make_outbox(refused())
+        yield box.start()
+        self.addCleanup(box.stop)
+        # Another process writing with no patience at all (timeout=0) is not blocked by it.
+        other = sqlite3.connect(self.db_path, timeout=0, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")
+            other.execute("DELETE FROM mailext_leases")
+            other.execute("COMMIT")
+        finally:
+            other.close()
+        yield box.queue(self.mail())
+        self.assertEqual(len(self.rows()), 1)
+
+    def test_only_an_sqlite_file_has_a_log_to_keep(self):
+        from buildbot_mailext.sqlite_wal import sqlite_file
+
+        self.assertEqual(sqlite_file(sa.create_engine(f"sqlite:///{self.db_path}")), self.db_path)
+        self.assertIsNone(sqlite_file(sa.create_engine("sqlite://")))  # in memory
+        self.assertIsNone(sqlite_file(sa.create_engine(f"sqlite:///{self.db_path}.missing")))
+        postgresql = mock.Mock(url=sa.engine.make_url("postgresql://bb@127.0.0.1/bb"))  # its URL is all it reads
+        self.assertIsNone(sqlite_file(postgresql))
 
 
 class OptionsTestCase(unittest.TestCase):
