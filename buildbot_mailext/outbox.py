@@ -38,8 +38,9 @@ PostgreSQL and MySQL.
 
 Every database call runs in Buildbot's DB thread pool, so the reactor never waits on the
 database; on SQLite it runs on one connection kept open while the outbox runs
-(``sqlite_wal.py``), elsewhere on a connection of Buildbot's pool (``master.db.pool.do``). The ``thd_*`` functions take a SQLAlchemy connection
-and are shared with the ``buildbot-mailext outbox`` command, which opens the same database.
+(``sqlite_wal.py``), elsewhere on a connection of Buildbot's pool (``master.db.pool.do``).
+The ``thd_*`` functions take a SQLAlchemy connection and are shared with the
+``buildbot-mailext outbox`` command, which opens the same database.
 """
 
 from __future__ import annotations
