@@ -57,6 +57,7 @@ class KeptConnection:
         self.name = name
         self._engine: Any = None
         self._connection: Any = None  # set and cleared in the DB thread only
+        self._asked = False  # open() was called and close() not yet (reactor thread)
 
     @property
     def is_open(self) -> bool:
@@ -65,6 +66,7 @@ class KeptConnection:
     def open(self, pool: Any) -> defer.Deferred:
         """Open the connection in ``pool`` (Buildbot's ``master.db.pool``); a no-op for other
         databases. Never fails: without it, mail is only slower."""
+        self._asked = True
         d = pool.do_with_engine(self._thd_open)
         d.addErrback(self._not_opened)
         return d
@@ -76,7 +78,11 @@ class KeptConnection:
     def close(self, pool: Any) -> defer.Deferred:
         """Close the connection after the calls queued before (SQLite then checkpoints and
         removes the log, as at every last close). Never fails: at shutdown the DB thread may
-        already be gone, and the connection closes with the process."""
+        already be gone, and the connection closes with the process. A no-op when it was
+        never opened (an outbox that was not started, e.g. in ``buildbot-mailext preview``)."""
+        if not self._asked:
+            return defer.succeed(None)
+        self._asked = False
         d = pool.do_with_engine(self._thd_close)
         d.addErrback(lambda f: None)
         return d
