@@ -52,6 +52,8 @@ _NEEDS_REAL_DB_BEFORE_4_2 = {
         "the fake getChangeFromSSid returns one change per sourcestamp",
     "tests/test_culprits.py::CulpritTests::test_walk_is_bounded_and_counted":
         "the fake getChangeFromSSid returns one change per sourcestamp",
+    "tests/test_culprits.py::ChangesReadOnceTests::test_each_earlier_build_is_read_once_for_the_previous_build_and_the_culprits":
+        "the fake getChangeFromSSid returns one change per sourcestamp",
     "tests/test_culprits.py::CulpritFieldsTests::":
         "the fake getChangeFromSSid returns one change per sourcestamp",
     "tests/test_culprits.py::ErrorExcerptTests::test_reads_are_bounded_whatever_the_log_size":

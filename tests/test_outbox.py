@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sqlite3
 import tempfile
 from unittest import mock
 
@@ -192,16 +193,14 @@ class OutboxTestCase(TestReactorMixin, unittest.TestCase):
     def test_an_outcome_that_cannot_be_recorded_is_logged_and_the_mail_stays_queued(self):
         box, transport = self.make_outbox(accepted())
         yield box.start()
-        pool = self.master.db.pool
-        real_do = pool.do
+        real_db = box._db  # every database call of the outbox goes through it
 
-        def no_delete(fn, *args, **kw):
+        def no_delete(fn, *args):
             if fn is ob.thd_add and args[-1]:  # the write journal's delivered rows to delete
                 return defer.fail(sa.exc.OperationalError("DELETE", {}, Exception("database is locked")))
-            return real_do(fn, *args, **kw)
+            return real_db(fn, *args)
 
-        pool.do = no_delete
-        self.addCleanup(pool.__dict__.pop, "do", None)
+        box._db = no_delete
         row_id = yield box.queue(self.mail())
         self.reactor.advance(journal.DEFAULT_LINGER)  # the deletion waited for company, then failed
         self.assertEqual([r.id for r in self.rows()], [row_id])
@@ -509,15 +508,13 @@ class OutboxTestCase(TestReactorMixin, unittest.TestCase):
         box, transport = self.make_outbox(refused(), accepted())
         yield box.start()
         yield box.queue(self.mail())  # refused: next attempt in 30 s
-        pool = self.master.db.pool
-        pool.do = lambda fn, *args, **kw: defer.fail(sa.exc.OperationalError("SELECT", {}, Exception("disk I/O error")))
-        self.addCleanup(pool.__dict__.pop, "do", None)
+        box._db = lambda fn, *args: defer.fail(sa.exc.OperationalError("SELECT", {}, Exception("disk I/O error")))
         self.reactor.advance(30)
         self.assertEqual(len(transport.attempts), 1)
         [line] = self.lines("outbox: cannot read the outbox from the database (")
         self.assertIn("disk I/O error", line)
         self.assertTrue(line.endswith("; trying again in 30s (mail stays queued)"), line)
-        del pool.do
+        del box._db  # the database is back
         self.reactor.advance(30)
         self.assertEqual(len(transport.attempts), 2)
         self.assertEqual(self.rows_once_deletions_committed(), [])
@@ -528,23 +525,21 @@ class OutboxTestCase(TestReactorMixin, unittest.TestCase):
         yield box.start()
         self.reactor.advance(0)  # the start's pass
         row_id = yield box.queue(self.mail())  # 550: a dead letter
-        pool = self.master.db.pool
-        real_do = pool.do
+        real_db = box._db
         held = []
 
-        def slow(fn, *args, **kw):
-            d = real_do(fn, *args, **kw)
+        def slow(fn, *args):
+            d = real_db(fn, *args)
             if fn is ob.thd_take_due and not held:  # the next pass's read of due rows is slow
                 answer = defer.Deferred()
                 held.append((d, answer))
                 return answer
             return d
 
-        pool.do = slow
-        self.addCleanup(pool.__dict__.pop, "do", None)
+        box._db = slow
         self.reactor.advance(box.poll_interval)
         self.assertEqual(len(held), 1)
-        yield real_do(ob.thd_retry_now, [row_id], self.reactor.seconds())  # `outbox retry` meanwhile
+        yield real_db(ob.thd_retry_now, [row_id], self.reactor.seconds())  # `outbox retry` meanwhile
         box.wake_now()
         self.reactor.advance(0)
         self.assertEqual(len(transport.attempts), 1)  # one pass at a time
@@ -598,6 +593,89 @@ class OutboxTestCase(TestReactorMixin, unittest.TestCase):
         current = yield self.master.db.model.is_current()
         self.assertTrue(current)
         self.assertEqual(len(self.rows()), 1)
+
+    # ------------------------------------------------------------------ the SQLite log (issue 8)
+
+    def wal_exists(self):
+        return os.path.exists(self.db_path + "-wal")
+
+    @defer.inlineCallbacks
+    def test_sqlite_log_stays_open_while_the_outbox_runs_and_is_checkpointed_at_stop(self):
+        # Without a connection kept open, every Buildbot DB call closes the last connection:
+        # SQLite then checkpoints and deletes the log (what made each commit ~10x dearer).
+        yield self.master.db.pool.do(lambda conn: conn.exec_driver_sql("SELECT 1").fetchall())
+        self.assertFalse(self.wal_exists(), "the fake master's DB is not in WAL mode: the test shows nothing")
+        box, _ = self.make_outbox(accepted())
+        yield box.start()
+        yield box.queue(self.mail())
+        self.assertEqual(self.rows_once_deletions_committed(), [])
+        self.assertTrue(self.wal_exists(), "the log was checkpointed away after a call: no connection kept it")
+        yield box.stop()
+        self.assertFalse(self.wal_exists())  # the last close checkpoints it into state.sqlite
+        self.assertEqual(self.rows(), [])
+
+    def other_process_can_write_and_checkpoint(self):
+        """What another process (``buildbot-mailext outbox``, ``sqlite3``) can do right now
+        without waiting at all (timeout=0): take the write lock, and checkpoint the whole
+        log, which SQLite refuses (busy) while any connection holds an open read snapshot."""
+        other = sqlite3.connect(self.db_path, timeout=0, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")
+            other.execute("UPDATE mailext_leases SET lease_until = lease_until")
+            other.execute("COMMIT")
+            busy, _, _ = other.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            return busy == 0
+        finally:
+            other.close()
+
+    @defer.inlineCallbacks
+    def test_the_kept_connection_holds_no_lock_and_no_snapshot_between_calls(self):
+        box, _ = self.make_outbox(refused())
+        yield box.start()
+        self.addCleanup(box.stop)
+        self.reactor.advance(0)  # a pass: reads (due rows, next due) on the kept connection
+        yield box.queue(self.mail())
+        self.assertTrue(box._kept.is_open)
+        self.assertTrue(self.other_process_can_write_and_checkpoint())
+
+    @defer.inlineCallbacks
+    def test_a_call_that_fails_halfway_leaves_nothing_behind_on_the_kept_connection(self):
+        box, _ = self.make_outbox(refused())
+        yield box.start()
+        self.addCleanup(box.stop)
+
+        def insert_then_fail(conn):
+            ob.thd_claim(conn, "k" * 40, "MailExtNotifier_test", 1, 0.0)  # commits: kept
+            conn.execute(ob.leases_table.delete())  # not committed: must be rolled back
+            raise sa.exc.OperationalError("DELETE", {}, Exception("disk I/O error"))
+
+        with self.assertRaises(sa.exc.OperationalError):
+            yield box._db(insert_then_fail)
+        self.flushLoggedErrors(sa.exc.OperationalError)  # Buildbot's pool logs it, as for any query
+        self.assertTrue(self.other_process_can_write_and_checkpoint())
+        leases = yield box._db(lambda conn: conn.execute(sa.select(ob.leases_table)).fetchall())
+        self.assertEqual(len(leases), 1)  # the delete was rolled back
+        yield box.queue(self.mail())
+        self.assertEqual(len(self.rows()), 1)
+
+    @defer.inlineCallbacks
+    def test_calls_after_the_stop_go_through_buildbots_pool(self):
+        box, _ = self.make_outbox(refused())
+        yield box.start()
+        yield box.queue(self.mail())
+        yield box.stop()
+        self.assertFalse(box._kept.is_open)
+        rows = yield box._db(ob.thd_list)  # e.g. `buildbot-mailext preview` after a stop
+        self.assertEqual(len(rows), 1)
+
+    def test_only_an_sqlite_file_has_a_log_to_keep(self):
+        from buildbot_mailext.sqlite_wal import sqlite_file
+
+        self.assertEqual(sqlite_file(sa.create_engine(f"sqlite:///{self.db_path}")), self.db_path)
+        self.assertIsNone(sqlite_file(sa.create_engine("sqlite://")))  # in memory
+        self.assertIsNone(sqlite_file(sa.create_engine(f"sqlite:///{self.db_path}.missing")))
+        postgresql = mock.Mock(url=sa.engine.make_url("postgresql://bb@127.0.0.1/bb"))  # its URL is all it reads
+        self.assertIsNone(sqlite_file(postgresql))
 
 
 class OptionsTestCase(unittest.TestCase):
