@@ -280,6 +280,15 @@ def _commit(conn: Any) -> None:
         commit()
 
 
+def _rollback(conn: Any) -> None:
+    """Roll back after a failed statement. SQLAlchemy 1.4's connections (Buildbot 4.0/4.1)
+    have no rollback(): each statement runs in a transaction of its own, which SQLAlchemy
+    itself rolls back when the statement fails."""
+    rollback = getattr(conn, "rollback", None)
+    if rollback is not None:
+        rollback()
+
+
 # Each thd_* function runs in a DB thread (master.db.pool.do) or in the CLI, and commits
 # its own work: a crash between two of them leaves the database consistent.
 
@@ -291,7 +300,7 @@ def thd_ensure_tables(conn: Any) -> None:
         metadata.create_all(conn, checkfirst=True)
         _commit(conn)
     except sa.exc.SQLAlchemyError:
-        conn.rollback()
+        _rollback(conn)
         inspector = sa.inspect(conn)
         if not all(inspector.has_table(t.name) for t in metadata.sorted_tables):
             raise
@@ -304,7 +313,7 @@ def thd_claim(conn: Any, key: str, notifier: str, owner: Optional[int], now: flo
         _commit(conn)
         return True
     except sa.exc.IntegrityError:
-        conn.rollback()
+        _rollback(conn)
         return False
 
 
