@@ -352,8 +352,12 @@ async def bench_master(basedir: str):
     return master
 
 
-async def report_path_phase(sink: SmtpServer, master, builds: int, reps: int, log) -> dict:
-    """Failing builds through each notifier's whole report path, on the real reactor."""
+async def report_path_phase(sink: SmtpServer, master, stock_master, builds: int, reps: int, log) -> dict:
+    """Failing builds through each notifier's whole report path, on the real reactor.
+
+    Each notifier runs on a master of its own (its own SQLite file), as a site would run
+    one or the other: ours keeps the SQLite log open while it runs (sqlite_wal.py), which
+    makes every DB call of its master cheaper; stock's master must not get that for free."""
     from buildbot.reporters.generators.build import BuildStatusGenerator
     from buildbot.reporters.message import MessageFormatter
     from buildbot.process.results import FAILURE, SUCCESS
@@ -361,7 +365,8 @@ async def report_path_phase(sink: SmtpServer, master, builds: int, reps: int, lo
 
     from buildbot_mailext import MailRoute
 
-    await master.db.insert_test_data(bench_run.build_rows(100))
+    for m in (master, stock_master):
+        await m.db.insert_test_data(bench_run.build_rows(100))
     # Every event is a build of its own (claims are per build: one mail per build event),
     # failed in its compile step with the same 100-line log as build 20, right after a
     # passing build of the same builder and branch: a bad commit breaking builders that
@@ -386,12 +391,13 @@ async def report_path_phase(sink: SmtpServer, master, builds: int, reps: int, lo
         ]
         rows += [fakedb.LogChunk(logid=number, first_line=c.first_line, last_line=c.last_line,
                                  content=c.content) for c in log_chunks]
-    await master.db.insert_test_data(rows)
+    for m in (master, stock_master):
+        await m.db.insert_test_data(rows)
     events = {number: await master.data.get(("builds", number)) for number in event_numbers}
 
     ours = await our_notifier(sink.port, master, routes=[MailRoute(TO, builders=[BUILDER])])
     stock = await stock_notifier(
-        sink.port, master, sendToInterestedUsers=False, extraRecipients=[TO],
+        sink.port, stock_master, sendToInterestedUsers=False, extraRecipients=[TO],
         generators=[BuildStatusGenerator(mode=("failing",), message_formatter=MessageFormatter(template_type="html"))],
     )
 
@@ -586,17 +592,20 @@ def main() -> None:
         sink = SmtpServer(pipelining=not args.no_pipelining).start()
         basedir = tempfile.mkdtemp(prefix="bench-master-")
         master = await bench_master(basedir)
+        stock_basedir = tempfile.mkdtemp(prefix="bench-stock-master-")
+        stock_master = await bench_master(stock_basedir)
         try:
             progress("phase 1: sendMail")
             send = await sendmail_phase(sink, master, args.n, args.reps, progress)
             progress("phase 2: report path")
-            path = await report_path_phase(sink, master, args.builds, args.reps, progress)
+            path = await report_path_phase(sink, master, stock_master, args.builds, args.reps, progress)
         finally:
             sink.stop()
         progress("phase 3: slow relay")
         slow = await slow_relay_phase(master, args.slow, args.reps, progress, not args.no_pipelining)
-        await master.db.logs.stopService()
-        shutil.rmtree(basedir, ignore_errors=True)
+        for m, d in ((master, basedir), (stock_master, stock_basedir)):
+            await m.db.logs.stopService()
+            shutil.rmtree(d, ignore_errors=True)
         load = (load_start, os.getloadavg()[0])
         print(render(args, send, path, slow, time.perf_counter() - t0, load))
         print(f"(log lines of the run: {log_file.name})")

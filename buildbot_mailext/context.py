@@ -181,12 +181,13 @@ async def _search_previous_build(master, build: dict) -> dict | None:
     return None
 
 
-async def earlier_builds_same_branch(master, build: dict):
+async def earlier_builds_same_branch(master, build: dict, below: int | None = None):
     """The earlier finished builds of the same builder and branch, newest first (an async
     iterator), skipping builds whose result says nothing about the code; at most
-    ``PREVIOUS_BUILD_SEARCH_LIMIT`` build numbers are looked at."""
+    ``PREVIOUS_BUILD_SEARCH_LIMIT`` build numbers are looked at. ``below``: start under this
+    build number instead of under ``build``'s (the limit still counts from ``build``)."""
     branch = await _build_branch(master, build)
-    number = build["number"] - 1
+    number = (build["number"] if below is None else below) - 1
     lowest = max(0, build["number"] - PREVIOUS_BUILD_SEARCH_LIMIT)
     while number >= lowest:
         prev = await master.data.get(("builders", build["builderid"], "builds", number))
@@ -200,6 +201,18 @@ async def earlier_builds_same_branch(master, build: dict):
             prev_branch = await _sourcestamp_branch_of(master, prev)
         if prev_branch == branch:
             yield prev
+
+
+async def _earlier_builds_from_previous(master, build: dict):
+    """``earlier_builds_same_branch``, whose first answer is the previous build the context
+    (or a route) already found and kept in the build dict: the culprits walk does not read
+    it again (two queries per failure mail, issue 8)."""
+    previous = await _previous_build_same_branch(master, build)
+    if previous is None:  # none within the search limit: there is nothing earlier to walk
+        return
+    yield previous
+    async for earlier in earlier_builds_same_branch(master, build, below=previous["number"]):
+        yield earlier
 
 
 async def _sourcestamp_branch_of(master, build: dict) -> str | None:
@@ -712,9 +725,7 @@ async def culprits_context(master, build: dict, properties: dict) -> dict:
     }
     if build.get("results") not in _FAILING:
         return section
-    found = await culprits_mod.find_culprits(
-        master, build, earlier_builds_same_branch(master, build)
-    )
+    found = await culprits_mod.find_culprits(master, build, _earlier_builds_from_previous(master, build))
 
     def build_ref(b: dict) -> dict:
         return {

@@ -36,9 +36,11 @@ extra tables do not trip it. Claims use a primary key on a hash of (notifier, ro
 event): an ``INSERT`` either wins or raises ``IntegrityError``, atomically on SQLite,
 PostgreSQL and MySQL.
 
-Every database call runs in Buildbot's DB thread pool (``master.db.pool.do``), so the
-reactor never waits on the database. The ``thd_*`` functions take a SQLAlchemy connection
-and are shared with the ``buildbot-mailext outbox`` command, which opens the same database.
+Every database call runs in Buildbot's DB thread pool, so the reactor never waits on the
+database; on SQLite it runs on one connection kept open while the outbox runs
+(``sqlite_wal.py``), elsewhere on a connection of Buildbot's pool (``master.db.pool.do``).
+The ``thd_*`` functions take a SQLAlchemy connection and are shared with the
+``buildbot-mailext outbox`` command, which opens the same database.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ from twisted.internet import defer
 from twisted.python import log
 
 from buildbot_mailext.journal import WriteJournal
+from buildbot_mailext.sqlite_wal import KeptConnection
 from buildbot_mailext.transport import Delivery, describe
 
 PENDING = "pending"
@@ -277,6 +280,15 @@ def _commit(conn: Any) -> None:
         commit()
 
 
+def _rollback(conn: Any) -> None:
+    """Roll back after a failed statement. SQLAlchemy 1.4's connections (Buildbot 4.0/4.1)
+    have no rollback(): each statement runs in a transaction of its own, which SQLAlchemy
+    itself rolls back when the statement fails."""
+    rollback = getattr(conn, "rollback", None)
+    if rollback is not None:
+        rollback()
+
+
 # Each thd_* function runs in a DB thread (master.db.pool.do) or in the CLI, and commits
 # its own work: a crash between two of them leaves the database consistent.
 
@@ -288,7 +300,7 @@ def thd_ensure_tables(conn: Any) -> None:
         metadata.create_all(conn, checkfirst=True)
         _commit(conn)
     except sa.exc.SQLAlchemyError:
-        conn.rollback()
+        _rollback(conn)
         inspector = sa.inspect(conn)
         if not all(inspector.has_table(t.name) for t in metadata.sorted_tables):
             raise
@@ -301,7 +313,7 @@ def thd_claim(conn: Any, key: str, notifier: str, owner: Optional[int], now: flo
         _commit(conn)
         return True
     except sa.exc.IntegrityError:
-        conn.rollback()
+        _rollback(conn)
         return False
 
 
@@ -678,6 +690,8 @@ class Outbox:
         self._tables_ready = False
         # New rows and deletions of delivered ones share commits (one fsync each on SQLite).
         self._journal = WriteJournal(self._write_batch, lambda: self.reactor)
+        # On SQLite, one connection kept open spares every commit a checkpoint (sqlite_wal.py).
+        self._kept = KeptConnection(notifier)
 
     # -- plumbing
     @property
@@ -692,7 +706,7 @@ class Outbox:
         return float(self.reactor.seconds())
 
     def _db(self, fn: Callable, *args: Any) -> defer.Deferred:
-        return self.master.db.pool.do(fn, *args)
+        return self._kept.do(self.master.db.pool, fn, *args)
 
     @property
     def poll_interval(self) -> float:
@@ -717,6 +731,7 @@ class Outbox:
     def start(self) -> Any:
         """Create the tables if needed and resume pending mail at once."""
         yield self.ensure_tables()
+        yield self._kept.open(self.master.db.pool)
         yield self._db(thd_renew_lease, self.notifier, self.owner, self._now(), self.lease)
         self._holds_lease = True
         self._running = True
@@ -739,6 +754,13 @@ class Outbox:
         self._journal.flush()  # delivered rows are deleted now, not after lingering
         if self._in_flight:
             yield defer.DeferredList(list(self._in_flight.values()), consumeErrors=True)
+        try:
+            yield self._release_leases()
+        finally:
+            yield self._kept.close(self.master.db.pool)
+
+    @defer.inlineCallbacks
+    def _release_leases(self) -> Any:
         if not self._holds_lease:
             # never started (e.g. `buildbot-mailext preview`, which reads the database
             # only): there is no lease to release, and nothing may be written

@@ -16,6 +16,24 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
     import buildbot.util.ssl  # noqa: F401
 
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="class")
+def postgres(request):
+    """Sets ``postgres_url`` on the test class: a throwaway PostgreSQL cluster of this
+    process (tests/pg_cluster.py, one per process). Where PostgreSQL or psycopg2 is missing
+    the class is skipped with the reason, or fails under ``CI=true`` (.ci/run installs both);
+    a cluster that is installed but does not start is an error everywhere."""
+    import pg_cluster
+
+    try:
+        request.cls.postgres_url = pg_cluster.url()
+    except pg_cluster.Unavailable as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true but the PostgreSQL tests cannot run: {exc}")
+        pytest.skip(f"PostgreSQL tests: {exc}")
+
 
 # --- Buildbot < 4.2: what its fake DB cannot stand in for ---------------------------------
 # Before 4.2, ``fakemaster.make_master(wantDb=True)`` gives a pure-Python FakeDBConnector: no
@@ -29,10 +47,12 @@ _NEEDS_REAL_DB_BEFORE_4_2 = {
     "tests/test_notifier.py::StartupWarningTestCase": "the notifier's outbox needs master.db.pool",
     "tests/test_hostile.py::": "the notifier's outbox needs master.db.pool",
     "tests/test_issue9_notifier.py::": "the notifier's outbox needs master.db.pool",
-    "tests/test_outbox.py::": "the outbox needs master.db.pool (and make_master(db_url=))",
+    "tests/test_outbox.py::OutboxTestCase": "the outbox needs master.db.pool (and make_master(db_url=))",
     "tests/test_culprits.py::CulpritTests::test_second_failure_lists_new_and_old_culprits":
         "the fake getChangeFromSSid returns one change per sourcestamp",
     "tests/test_culprits.py::CulpritTests::test_walk_is_bounded_and_counted":
+        "the fake getChangeFromSSid returns one change per sourcestamp",
+    "tests/test_culprits.py::ChangesReadOnceTests::test_each_earlier_build_is_read_once_for_the_previous_build_and_the_culprits":
         "the fake getChangeFromSSid returns one change per sourcestamp",
     "tests/test_culprits.py::CulpritFieldsTests::":
         "the fake getChangeFromSSid returns one change per sourcestamp",

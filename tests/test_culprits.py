@@ -358,6 +358,27 @@ class ChangesReadOnceTests(CulpritHistoryMixin, unittest.TestCase):
         self.assertEqual(reads, [build["buildid"]])  # one read for both
 
     @defer.inlineCallbacks
+    def test_each_earlier_build_is_read_once_for_the_previous_build_and_the_culprits(self):
+        # Build 2 fails after failing build 1 and passing build 0: the previous-build search
+        # finds 1, the culprits walk goes on to 0 without reading 1 again (issue 8).
+        build = yield self.get_build(2)
+        reads = []
+        get = self.master.data.get
+
+        def counting_get(path, *args, **kwargs):
+            if path[0] == "builders" and len(path) == 4 and path[2] == "builds":
+                reads.append(path[3])
+            return get(path, *args, **kwargs)
+
+        self.patch(self.master.data, "get", counting_get)
+        ctx = yield build_context(self.master, build, ("failing",), [], 10)
+        self.assertEqual((ctx["previous_result"], ctx["transition"]), ("failure", "still failing"))
+        self.assertEqual([(c["revision"], c["first_build"]["number"]) for c in ctx["culprits"]],
+                         [("D", 2), ("C", 2), ("B", 1)])
+        self.assertEqual(ctx["culprits_since"]["number"], 0)
+        self.assertEqual(reads, [1, 0])
+
+    @defer.inlineCallbacks
     def test_the_read_is_made_again_once_it_is_older_than_the_ttl(self):
         from buildbot_mailext import reads as reads_mod
 

@@ -517,6 +517,22 @@ def test_a_body_part_that_is_not_valid_smtp_is_sent_as_base64(monkeypatch):
     assert lines == ["buildbot-mailext: mail: a body line was not valid SMTP; sent as base64"]
 
 
+def test_a_printable_body_line_longer_than_smtp_allows_is_sent_as_base64(monkeypatch):
+    # Printable ASCII with spaces, 1,500 bytes on one line (7bit: what build_email never
+    # writes): every word is short, the line is not; SMTP allows 998 bytes a line.
+    lines = []
+    monkeypatch.setattr(mime.log, "msg", lambda text: lines.append(text))
+    text = "word " * 300
+    msg = sample(html=None)
+    msg.set_content(text, cte="7bit")
+    raw = mime.message_bytes(msg, label="route 'x' build #8")
+    assert all(len(line) <= 998 and line.isascii() for line in raw.split(b"\r\n"))
+    received = email.message_from_bytes(raw, policy=policy.default)
+    assert received["Content-Transfer-Encoding"] == "base64"
+    assert received.get_content().rstrip("\r\n") == text.rstrip("\n")
+    assert lines == ["buildbot-mailext: route 'x' build #8: a body line was not valid SMTP; sent as base64"]
+
+
 @pytest.mark.parametrize("word", ["=?utf-8?q?a=0Ab?=", "=?utf-8?q?a=07b?=", "=?utf-8?q?a=0Db?="])
 def test_the_net_replaces_a_value_that_decodes_to_a_line_break_or_a_control(word, monkeypatch):
     monkeypatch.setattr(mime.log, "msg", lambda text: None)
