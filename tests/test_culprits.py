@@ -96,6 +96,19 @@ class CulpritTests(CulpritHistoryMixin, unittest.TestCase):
         self.assertEqual(ctx["culprits_more"], 0)
 
     @defer.inlineCallbacks
+    def test_culprits_of_a_build_whose_previous_build_was_not_searched_yet(self):
+        # the notifier's culprit addresses read culprits_context on the report's build dict,
+        # which the context (or a route) may not have seen yet: the walk searches it then
+        from buildbot_mailext.context import PREVIOUS_BUILD_KEY, culprits_context
+
+        build = yield self.get_build(2)
+        self.assertNotIn(PREVIOUS_BUILD_KEY, build)
+        section = yield defer.ensureDeferred(culprits_context(self.master, build, build["properties"]))
+        got = [(c["revision"], c["new"], c["first_build"]["number"]) for c in section["culprits"]]
+        self.assertEqual(got, [("D", True, 2), ("C", True, 2), ("B", False, 1)])
+        self.assertEqual(build[PREVIOUS_BUILD_KEY]["number"], 1)
+
+    @defer.inlineCallbacks
     def test_warnings_end_a_failure_run(self):
         # Buildbot's builds/N/changes counts only SUCCESS: it would list B, C, D, W, E here
         ctx = yield self.context(4)
