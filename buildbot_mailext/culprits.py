@@ -72,14 +72,25 @@ def model_field(obj: Any, name: str, default: Any = None) -> Any:
     return getattr(obj, name, default)
 
 
-async def _heads(master, buildid: int) -> dict[str, int]:
-    """codebase -> changeid of the newest change in the build's sourcestamps."""
-    heads: dict[str, int] = {}
-    for ss in await master.db.sourcestamps.getSourceStampsForBuild(buildid) or []:
+async def _head_changes(master, build: dict) -> dict[str, Any]:
+    """codebase -> the newest change in the build's sourcestamps (a ChangeModel). The
+    sourcestamps of the build being mailed are in its buildset already (Buildbot's
+    generators fetched it): one query less than asking for them again."""
+    buildset = build.get("buildset")
+    sourcestamps = buildset.get("sourcestamps") if isinstance(buildset, dict) else None
+    if sourcestamps is None:
+        sourcestamps = await master.db.sourcestamps.getSourceStampsForBuild(build["buildid"]) or []
+    heads: dict[str, Any] = {}
+    for ss in sourcestamps:
         change = await master.db.changes.getChangeFromSSid(model_field(ss, "ssid"))
         if change is not None:
-            heads[model_field(ss, "codebase") or ""] = model_field(change, "changeid")
+            heads[model_field(ss, "codebase") or ""] = change
     return heads
+
+
+async def _heads(master, build: dict) -> dict[str, int]:
+    """codebase -> changeid of the newest change in the build's sourcestamps."""
+    return {cb: model_field(change, "changeid") for cb, change in (await _head_changes(master, build)).items()}
 
 
 async def find_culprits(master, build: dict, earlier_builds) -> dict:
@@ -118,19 +129,20 @@ async def _find_culprits(master, build: dict, earlier_builds) -> dict:
             break
     # changeid -> the builds whose newest change it is (the current one included)
     head_builds: dict[int, list[dict]] = {}
-    current_heads = await _heads(master, build["buildid"])
+    current_changes = await _head_changes(master, build)
+    current_heads = {cb: model_field(change, "changeid") for cb, change in current_changes.items()}
     for cb, changeid in current_heads.items():
         head_builds.setdefault(changeid, []).append(build)
     for earlier in failing:
-        for changeid in (await _heads(master, earlier["buildid"])).values():
+        for changeid in (await _heads(master, earlier)).values():
             head_builds.setdefault(changeid, []).append(earlier)
-    stop_at = await _heads(master, since["buildid"]) if since else {}
+    stop_at = await _heads(master, since) if since else {}
 
     walked: list[tuple[Any, dict]] = []
     more_unknown = False
     for cb, changeid in sorted(current_heads.items()):
         first: dict | None = None
-        change = await master.db.changes.getChange(changeid)
+        change = current_changes[cb]  # the head itself, read with it (no getChange for it)
         count = 0
         while change is not None and model_field(change, "changeid") != stop_at.get(cb):
             for candidate in head_builds.get(model_field(change, "changeid"), []):

@@ -362,6 +362,8 @@ class ChangesReadOnceTests(CulpritHistoryMixin, unittest.TestCase):
         # Build 2 fails after failing build 1 and passing build 0: the previous-build search
         # finds 1, the culprits walk goes on to 0 without reading 1 again (issue 8).
         build = yield self.get_build(2)
+        build_1 = yield self.get_build(1)
+        build_0 = yield self.get_build(0)
         reads = []
         get = self.master.data.get
 
@@ -371,12 +373,26 @@ class ChangesReadOnceTests(CulpritHistoryMixin, unittest.TestCase):
             return get(path, *args, **kwargs)
 
         self.patch(self.master.data, "get", counting_get)
+        sourcestamps_read, changes_read = [], []
+        for component, name, calls in ((self.master.db.sourcestamps, "getSourceStampsForBuild", sourcestamps_read),
+                                       (self.master.db.changes, "getChange", changes_read)):
+            def spy(key, *args, _real=getattr(component, name), _calls=calls, **kwargs):
+                _calls.append(key)
+                return _real(key, *args, **kwargs)
+            self.patch(component, name, spy)
         ctx = yield build_context(self.master, build, ("failing",), [], 10)
         self.assertEqual((ctx["previous_result"], ctx["transition"]), ("failure", "still failing"))
         self.assertEqual([(c["revision"], c["first_build"]["number"]) for c in ctx["culprits"]],
                          [("D", 2), ("C", 2), ("B", 1)])
         self.assertEqual(ctx["culprits_since"]["number"], 0)
         self.assertEqual(reads, [1, 0])
+        # The culprits take the mailed build's sourcestamps from its buildset (only Buildbot's
+        # builds/N/changes endpoint, for the blamelist, reads them) and its head change (D,
+        # id 4) with them: the earlier builds' sourcestamps and D's parents are read.
+        self.assertEqual(sourcestamps_read.count(build["buildid"]), 1, sourcestamps_read)
+        self.assertEqual(sourcestamps_read[-2:], [build_1["buildid"], build_0["buildid"]])
+        self.assertNotIn(4, changes_read)  # (Buildbot's endpoint walks C and B by id too)
+        self.assertIn(3, changes_read)
 
     @defer.inlineCallbacks
     def test_the_read_is_made_again_once_it_is_older_than_the_ttl(self):
