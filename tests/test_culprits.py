@@ -455,3 +455,46 @@ class CulpritFieldsTests(CulpritHistoryMixin, unittest.TestCase):
         self.assertEqual(by_revision["J"]["title"], "")
         self.assertIsNone(by_revision["L"]["login"])
         self.assertEqual(by_revision["L"]["title"], "x" * 200 + " [... line truncated]")
+
+
+class BranchPropertyCulpritTests(FakeBuildMixin, unittest.TestCase):
+    """An earlier build's branch is its ``branch`` property when it has one, as for the build
+    mailed (the sourcestamp's branch is only the fallback): #1, a release build made from
+    main's sourcestamp, is no passing build of main. #0 passes (A); #1 passes, branch
+    property "release" (R); #2 fails on main (B)."""
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        yield super().setUp()
+        yield self.insert_build(0, "main", SUCCESS)
+        yield self.insert_build(1, "main", SUCCESS, branch_prop=False, props={"branch": "release"})
+        yield self.insert_build(2, "main", FAILURE)
+        yield self.master.db.insert_test_data([
+            change_row(1, 400, "Alice <alice@example.org>", "A"),
+            change_row(2, 401, "Rita <rita@example.org>", "R", parent=1),
+            change_row(3, 402, "Bob <bob@example.org>", "B", parent=2),
+        ])
+
+    @defer.inlineCallbacks
+    def test_the_last_passing_build_of_the_branch_is_found_by_its_branch_property(self):
+        build = yield self.get_build(2)
+        ctx = yield build_context(self.master, build, ("failing",), [], 10)
+        self.assertEqual(ctx["culprits_since"]["number"], 0)
+        self.assertEqual([c["revision"] for c in ctx["culprits"]], ["B", "R"])
+
+
+class CulpritsWithoutTheContextTests(CulpritHistoryMixin, unittest.TestCase):
+    """The notifier's ``culprits`` recipients (``_culprit_addresses``) call culprits_context
+    on the build dict Buildbot handed over: when no route asked for the previous build,
+    nothing was searched before, and the walk searches it itself."""
+
+    @defer.inlineCallbacks
+    def test_culprits_of_a_build_whose_previous_build_was_never_searched(self):
+        from buildbot_mailext.context import PREVIOUS_BUILD_KEY, culprits_context
+
+        build = yield self.get_build(4)  # fails after #3 passed with warnings: E is to blame
+        self.assertNotIn(PREVIOUS_BUILD_KEY, build)
+        section = yield defer.ensureDeferred(culprits_context(self.master, build, build["properties"]))
+        self.assertEqual([(c["revision"], c["address"], c["new"]) for c in section["culprits"]],
+                         [("E", "ed@example.org", True)])
+        self.assertEqual(section["culprits_since"]["number"], 3)

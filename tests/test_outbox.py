@@ -677,6 +677,87 @@ class OutboxTestCase(TestReactorMixin, unittest.TestCase):
         postgresql = mock.Mock(url=sa.engine.make_url("postgresql://bb@127.0.0.1/bb"))  # its URL is all it reads
         self.assertIsNone(sqlite_file(postgresql))
 
+    def test_a_name_that_is_also_a_file_here_is_no_sqlite_file(self):
+        # SQLite opens ":memory:" and "file:" URIs whatever the master's directory holds,
+        # and a PostgreSQL database is never a file, even when its name is a path here.
+        from buildbot_mailext.sqlite_wal import sqlite_file
+
+        here = os.path.dirname(self.db_path)
+        for name in (":memory:", "file:state.sqlite"):
+            with open(os.path.join(here, name), "w"):
+                pass
+        self.addCleanup(os.chdir, os.getcwd())
+        os.chdir(here)
+        self.assertIsNone(sqlite_file(sa.create_engine("sqlite:///:memory:")))
+        self.assertIsNone(sqlite_file(sa.create_engine("sqlite:///file:state.sqlite?mode=rw&uri=true")))
+        self.assertEqual(sqlite_file(sa.create_engine("sqlite:///state.sqlite")), "state.sqlite")
+        postgresql = mock.Mock(url=sa.engine.make_url(f"postgresql://bb@127.0.0.1/{self.db_path}"))
+        self.assertTrue(os.path.isfile(postgresql.url.database))
+        self.assertIsNone(sqlite_file(postgresql))
+
+    @defer.inlineCallbacks
+    def test_a_connection_that_cannot_be_kept_is_logged_and_mail_still_goes(self):
+        from buildbot_mailext import sqlite_wal
+
+        def cannot_open(*args, **kwargs):
+            raise sa.exc.OperationalError("connect", {}, Exception("unable to open database file"))
+
+        box, transport = self.make_outbox(refused())
+        with mock.patch.object(sqlite_wal.sa, "create_engine", cannot_open):
+            yield box.start()  # without the kept connection mail is only slower
+        self.flushLoggedErrors(sa.exc.OperationalError)  # Buildbot's pool logs it, as for any query
+        self.assertFalse(box._kept.is_open)
+        self.assertEqual(len(self.lines(
+            "MailExtNotifier_test: outbox: could not keep a connection to the SQLite database open "
+            "((builtins.Exception) unable to open database file")), 1, self.logged)
+        self.assertEqual(len(self.lines("mail is still stored and sent, each commit is only slower")), 1)
+        row_id = yield box.queue(self.mail())
+        self.assertEqual(len(transport.attempts), 1)
+        self.assertEqual([r.id for r in self.rows()], [row_id])
+        yield box.stop()
+        self.assertFalse(self.wal_exists())
+
+    @defer.inlineCallbacks
+    def test_an_in_memory_database_keeps_no_connection_and_the_outbox_uses_buildbots(self):
+        master = yield fakemaster.make_master(self, wantDb=True)  # sqlite://, in memory
+        master.masterid = 1
+        transport = ScriptedTransport(lambda: [], refused())  # no file to read the rows from
+        box = ob.Outbox(master, "MailExtNotifier_test", transport, digest)
+        yield box.start()
+        self.assertFalse(box._kept.is_open)
+        row_id = yield box.queue(self.mail())
+        rows = yield master.db.pool.do(ob.thd_list)  # Buildbot's own connection sees the row
+        self.assertEqual([r.id for r in rows], [row_id])
+        yield box.stop()
+
+    @defer.inlineCallbacks
+    def test_an_outbox_never_started_stops_on_a_master_whose_database_was_never_opened(self):
+        # `buildbot-mailext preview --sample`: Buildbot's DBConnector before its setup has
+        # no pool (None); the notifier still stops its outbox.
+        master = yield fakemaster.make_master(self)
+        master.db = mock.Mock(pool=None)
+        box, _ = self.make_outbox(accepted(), master=master)
+        yield box.stop()
+        self.assertFalse(box._kept.is_open)
+
+    @defer.inlineCallbacks
+    def test_a_kept_connection_that_fails_to_close_does_not_fail_the_stop(self):
+        # "Never fails": at shutdown the master goes on stopping its other services.
+        box, _ = self.make_outbox(refused())
+        yield box.start()
+        yield box.queue(self.mail())
+        self.assertTrue(box._kept.is_open)
+
+        def broken_dispose(*args, **kwargs):
+            raise sa.exc.OperationalError("close", {}, Exception("disk I/O error"))
+
+        self.patch(box._kept._engine, "dispose", broken_dispose)
+        yield box.stop()
+        self.flushLoggedErrors(sa.exc.OperationalError)
+        self.assertEqual(len(self.lines("1 mails still pending, kept in the database")), 1)
+        self.assertFalse(box._kept.is_open)
+        self.assertEqual(len(self.rows()), 1)
+
 
 class OptionsTestCase(unittest.TestCase):
     def test_defaults_pass(self):
