@@ -50,6 +50,8 @@ _NEEDS_REAL_DB_BEFORE_4_2 = {
     "tests/test_outbox.py::OutboxTestCase": "the outbox needs master.db.pool (and make_master(db_url=))",
     "tests/test_culprits.py::CulpritTests::test_second_failure_lists_new_and_old_culprits":
         "the fake getChangeFromSSid returns one change per sourcestamp",
+    "tests/test_culprits.py::CulpritTests::test_culprits_of_a_build_whose_previous_build_was_not_searched_yet":
+        "the fake getChangeFromSSid returns one change per sourcestamp",
     "tests/test_culprits.py::CulpritTests::test_walk_is_bounded_and_counted":
         "the fake getChangeFromSSid returns one change per sourcestamp",
     "tests/test_culprits.py::ChangesReadOnceTests::test_each_earlier_build_is_read_once_for_the_previous_build_and_the_culprits":
