@@ -30,7 +30,6 @@ in-memory SQLite database: calls then go through ``pool.do`` as any Buildbot que
 from __future__ import annotations
 
 import os
-import sqlite3
 from typing import Any, Callable, Optional
 
 import sqlalchemy as sa
