@@ -88,9 +88,9 @@ async def _head_changes(master, build: dict) -> dict[str, Any]:
     return heads
 
 
-async def _heads(master, build: dict) -> dict[str, int]:
-    """codebase -> changeid of the newest change in the build's sourcestamps."""
-    return {cb: model_field(change, "changeid") for cb, change in (await _head_changes(master, build)).items()}
+def _changeids(heads: dict[str, Any]) -> dict[str, int]:
+    """codebase -> changeid, from ``_head_changes``' codebase -> change."""
+    return {cb: model_field(change, "changeid") for cb, change in heads.items()}
 
 
 async def find_culprits(master, build: dict, earlier_builds) -> dict:
@@ -130,13 +130,13 @@ async def _find_culprits(master, build: dict, earlier_builds) -> dict:
     # changeid -> the builds whose newest change it is (the current one included)
     head_builds: dict[int, list[dict]] = {}
     current_changes = await _head_changes(master, build)
-    current_heads = {cb: model_field(change, "changeid") for cb, change in current_changes.items()}
+    current_heads = _changeids(current_changes)
     for cb, changeid in current_heads.items():
         head_builds.setdefault(changeid, []).append(build)
     for earlier in failing:
-        for changeid in (await _heads(master, earlier)).values():
+        for changeid in _changeids(await _head_changes(master, earlier)).values():
             head_builds.setdefault(changeid, []).append(earlier)
-    stop_at = await _heads(master, since) if since else {}
+    stop_at = _changeids(await _head_changes(master, since)) if since else {}
 
     walked: list[tuple[Any, dict]] = []
     more_unknown = False

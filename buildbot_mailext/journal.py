@@ -1,10 +1,10 @@
 """Group commit for the outbox's own writes: new rows and the deletion of delivered ones.
 
 This module owns *when* the outbox commits, not *what* it writes (that is
-``outbox.thd_add``). A commit is a round trip through Buildbot's DB pool (on SQLite a new
-connection, a write to the WAL and an fsync: ~3 ms on the machine of issue 8): with one
-transaction per new mail and another per delivered mail, the database, not the network,
-would set the pace of mails sent one after another. So:
+``outbox.thd_add``). A commit is a round trip through Buildbot's DB thread and, on SQLite,
+a write to the WAL and an fsync: with one transaction per new mail and another per
+delivered mail, the database, not the network, would set the pace of mails sent one after
+another. So:
 
 * a **new mail** is urgent (its caller waits to know it is stored before the first attempt):
   it starts a transaction at once, or, while one runs, joins the next one;
