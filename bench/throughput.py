@@ -367,7 +367,10 @@ async def report_path_phase(sink: SmtpServer, master, stock_master, builds: int,
 
     for m in (master, stock_master):
         await m.db.insert_test_data(bench_run.build_rows(100))
-    # Every event is a build of its own (claims are per build: one mail per build event),
+    # Every event is a build of its own, on a build request of its own (Buildbot's reporters
+    # handle the events of one build request in turn: with one request for all, "all at
+    # once" would be "one after another"), in the buildset of one commit, as when a bad
+    # commit breaks many builders at once (claims are per build: one mail per build event),
     # failed in its compile step with the same 100-line log as build 20, right after a
     # passing build of the same builder and branch: a bad commit breaking builders that
     # passed before (each notifier looks the previous build up: ours for the context and
@@ -379,9 +382,10 @@ async def report_path_phase(sink: SmtpServer, master, stock_master, builds: int,
     for number in event_numbers:
         for n, results in ((number - 1, SUCCESS), (number, FAILURE)):
             rows += [
-                fakedb.Build(id=n, number=n, builderid=79, buildrequestid=11, workerid=13, masterid=92,
+                fakedb.BuildRequest(id=n, buildsetid=98, builderid=79),
+                fakedb.Build(id=n, number=n, builderid=79, buildrequestid=n, workerid=13, masterid=92,
                              results=results, state_string="failed compile" if results else "build successful",
-                             started_at=10000001, complete_at=10000100),
+                             started_at=10000001 + n, complete_at=10000100 + n),
                 fakedb.BuildProperty(buildid=n, name="branch", value="main", source="Build"),
             ]
         rows += [

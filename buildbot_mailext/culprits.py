@@ -28,6 +28,8 @@ from twisted.python import log
 
 from buildbot.process.results import EXCEPTION, FAILURE, SUCCESS, WARNINGS
 
+from buildbot_mailext.reads import build_sourcestamps, head_change, model_field, parent_ids
+
 __all__ = ["author_address", "author_login", "find_culprits", "MAX_CULPRITS", "MAX_CULPRIT_WALK"]
 
 # Changes listed in a mail; the rest are counted ("and N more").
@@ -63,26 +65,18 @@ def author_login(author: Any) -> str | None:
     return author.strip() or None
 
 
-def model_field(obj: Any, name: str, default: Any = None) -> Any:
-    # Buildbot 4.0 returns dicts from master.db; 4.1+ returns dataclasses.
-    if obj is None:
-        return default
-    if isinstance(obj, dict):
-        return obj.get(name, default)
-    return getattr(obj, name, default)
-
-
 async def _head_changes(master, build: dict) -> dict[str, Any]:
     """codebase -> the newest change in the build's sourcestamps (a ChangeModel). The
     sourcestamps of the build being mailed are in its buildset already (Buildbot's
-    generators fetched it): one query less than asking for them again."""
+    generators fetched it): one query less than asking for them again. The reads are
+    shared with ``reads.build_changes``, which needs the same ones."""
     buildset = build.get("buildset")
     sourcestamps = buildset.get("sourcestamps") if isinstance(buildset, dict) else None
     if sourcestamps is None:
-        sourcestamps = await master.db.sourcestamps.getSourceStampsForBuild(build["buildid"]) or []
+        sourcestamps = await build_sourcestamps(master, build["buildid"])
     heads: dict[str, Any] = {}
     for ss in sourcestamps:
-        change = await master.db.changes.getChangeFromSSid(model_field(ss, "ssid"))
+        change = await head_change(master, model_field(ss, "ssid"))
         if change is not None:
             heads[model_field(ss, "codebase") or ""] = change
     return heads
@@ -150,9 +144,7 @@ async def _find_culprits(master, build: dict, earlier_builds) -> dict:
                     first = candidate
             walked.append((change, first or build))
             count += 1
-            parents = model_field(change, "parent_changeids") or []
-            if isinstance(parents, int):  # Buildbot 4.0's fake DB keeps the bare column value
-                parents = [parents]
+            parents = parent_ids(change)
             if count >= MAX_CULPRIT_WALK:
                 more_unknown = bool(parents)
                 break

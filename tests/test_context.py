@@ -226,14 +226,17 @@ class BranchAndChangesTests(FakeBuildMixin, unittest.TestCase):
         lines = logged_lines(self)
         yield self.insert_build(0, "main", FAILURE, changes=[("Jane <j@example.org>", "fix")])
         build = yield self.get_build(0)
-        real_get = self.master.data.get
+        from buildbot_mailext import reads
 
-        def get(path, *args, **kwargs):
-            if path == ("builds", 100, "changes"):
+        real_get = self.master.db.changes.getChangeFromSSid
+
+        def get(ssid, *args, **kwargs):
+            if ssid == 400:  # the head change of build 100, read for its changes
                 return defer.fail(RuntimeError("db gone"))
-            return real_get(path, *args, **kwargs)
+            return real_get(ssid, *args, **kwargs)
 
-        self.patch(self.master.data, "get", get)
+        self.patch(self.master.db.changes, "getChangeFromSSid", get)
+        self.patch(reads, "TTL", 0)  # nothing kept: every read is made
         ctx = yield build_context(self.master, build, ("failing",), [], 10)
         self.assertEqual(ctx["changes"], [])
         self.assertIn("buildbot-mailext: cannot read changes of build 100: db gone", lines)
