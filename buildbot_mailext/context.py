@@ -374,7 +374,8 @@ def format_duration(seconds: float | None) -> str | None:
 
 
 async def read_log_tail(
-    master, log_dict: dict, n: int, max_chars: int = MAX_TAIL_CHARS_PER_LOG
+    master, log_dict: dict, n: int, max_chars: int = MAX_TAIL_CHARS_PER_LOG,
+    window: excerpts.LogWindow | None = None,
 ) -> dict:
     """Read the last ``n`` lines of a log without reading the rest of it.
 
@@ -386,7 +387,8 @@ async def read_log_tail(
     exit code 2", "command timed out"), the most useful lines of a failed step's tail.
     ``command`` is the command line the worker ran (the first header line of a stdio log,
     read on its own when the tail does not reach back to it). ``truncated`` is True when the
-    log has more lines than are shown.
+    log has more lines than are shown. ``window``: the log's ``excerpts.LogWindow``, when
+    the error scan will read the same log.
     """
     total = int(log_dict.get("num_lines") or 0)
     result: dict[str, Any] = {
@@ -405,8 +407,9 @@ async def read_log_tail(
     # below, and a short step's tail would otherwise be all environment.
     first_line = max(0, total - n - HEADER_SLACK_LINES)
     last_line = total - 1
+    window = window or excerpts.LogWindow(master, log_dict["logid"])
     try:
-        content = await master.db.logs.getLogLines(log_dict["logid"], first_line, last_line)
+        content = await window.read(first_line, last_line)
     except Exception as e:  # e.g. undecodable bytes in a chunk: the mail must still go out
         log.msg(f"buildbot-mailext: cannot read tail of log {log_dict.get('logid')}: {e}")
         result["lines"] = [f"[log tail unavailable: {type(e).__name__}]"]
@@ -419,7 +422,7 @@ async def read_log_tail(
         raw_lines.pop()  # getLogLines ends every line with "\n"
     is_stdio = log_dict.get("type") == "s"
     if is_stdio:
-        result["command"] = await _command_line(master, log_dict, raw_lines if first_line == 0 else None)
+        result["command"] = await _command_line(window, raw_lines if first_line == 0 else None)
     entries = []
     for raw in raw_lines:
         stream = ""
@@ -449,13 +452,13 @@ async def read_log_tail(
     return result
 
 
-async def _command_line(master, log_dict: dict, first_lines: list[str] | None) -> str | None:
+async def _command_line(window: excerpts.LogWindow, first_lines: list[str] | None) -> str | None:
     """The worker writes the command it runs as the first header line of a stdio log
     (``hsh -c 'make all'``; the lines after it are indented details: directory, argv,
     environment). ``first_lines``: the log read from line 0 on, if the tail already did."""
     if first_lines is None:
         try:
-            first_lines = _safe_str(await master.db.logs.getLogLines(log_dict["logid"], 0, 0)).split("\n")
+            first_lines = _safe_str(await window.read(0, 0)).split("\n")
         except Exception:  # the tail itself was readable: go without the command
             return None
     head = first_lines[0] if first_lines else ""
@@ -595,11 +598,13 @@ async def _build_context(
                     log_dict["url"] = utils.get_url_for_log(
                         master, build["builderid"], build["number"], step["number"], log_dict["slug"]
                     )
+                window = _log_window(master, log_dict, log_tail_lines, patterns)
                 tail = await read_log_tail(
-                    master, log_dict, log_tail_lines, max_chars=min(MAX_TAIL_CHARS_PER_LOG, budget)
+                    master, log_dict, log_tail_lines, max_chars=min(MAX_TAIL_CHARS_PER_LOG, budget),
+                    window=window,
                 )
                 budget -= sum(len(l) + 1 for l in tail["lines"])
-                tail["excerpt"] = await _error_excerpt(master, log_dict, tail, patterns, budget)
+                tail["excerpt"] = await _error_excerpt(master, log_dict, tail, patterns, budget, window)
                 budget -= sum(len(l) + 1 for l in (tail["excerpt"] or {}).get("lines", []))
                 summary["log_tail"].append(tail)
         failed_steps.append(summary)
@@ -683,12 +688,24 @@ def safe_url(value: Any, max_chars: int = 500) -> str | None:
     return text
 
 
-async def _error_excerpt(master, log_dict: dict, tail: dict, patterns, budget: int) -> dict | None:
+def _log_window(master, log_dict: dict, tail_lines: int, patterns) -> excerpts.LogWindow | None:
+    """One ``LogWindow`` for the tail and the error scan of a log. When the scan will read
+    the lines above the tail and the whole log is at most one scan chunk longer than the
+    tail's read, the log is read once, from its first line, for both."""
+    if "logid" not in log_dict:
+        return None
+    total = int(log_dict.get("num_lines") or 0)
+    whole = bool(patterns) and total <= tail_lines + HEADER_SLACK_LINES + excerpts.SCAN_CHUNK_LINES
+    return excerpts.LogWindow(master, log_dict["logid"], read_from=0 if whole else None)
+
+
+async def _error_excerpt(master, log_dict: dict, tail: dict, patterns, budget: int,
+                         window: excerpts.LogWindow | None = None) -> dict | None:
     if not patterns or budget <= 0 or not tail.get("lines") or "logid" not in log_dict:
         return None
     tail_first_line = int(tail.get("total_lines") or 0) - len(tail["lines"])
     excerpt = await excerpts.read_error_excerpt(
-        master, log_dict, tail_first_line, patterns, _clean_line
+        master, log_dict, tail_first_line, patterns, _clean_line, window
     )
     if excerpt is not None and excerpt["gap"] <= HEADER_SLACK_LINES:
         # The tail leaves out header lines, so it may start above tail_first_line: an

@@ -24,6 +24,7 @@ from twisted.python import log
 
 __all__ = [
     "DEFAULT_ERROR_PATTERNS",
+    "LogWindow",
     "compile_patterns",
     "error_pattern_errors",
     "read_error_excerpt",
@@ -133,6 +134,36 @@ def read_lines(master, logid: int, first: int, last: int):
     return master.db.pool.do(thd)
 
 
+class LogWindow:
+    """The lines of one log read last (one range): a later read inside that range costs no
+    query. The tail of a failed step, its command line and the error scan above it read
+    the same log; for a log of a few thousand lines one read serves all three (issue 8).
+
+    ``read_from``: the first read starts at this line at the latest (the caller knows the
+    later reads will need the lines above the first one)."""
+
+    def __init__(self, master, logid: int, read_from: int | None = None):
+        self.master = master
+        self.logid = logid
+        self.read_from = read_from
+        self._first = 0
+        self._lines: list[str] | None = None
+
+    async def read(self, first: int, last: int) -> str:
+        """Lines ``first..last`` as :func:`read_lines` gives them (each "\n"-ended)."""
+        held = self._lines
+        if held is not None and self._first <= first and last < self._first + len(held):
+            return "".join(line + "\n" for line in held[first - self._first:last - self._first + 1])
+        start = first if self.read_from is None else min(first, self.read_from)
+        self.read_from = None
+        text = _text(await read_lines(self.master, self.logid, start, last))
+        lines = text.split("\n")
+        if lines and lines[-1] == "":
+            lines.pop()
+        self._first, self._lines = start, lines
+        return "".join(line + "\n" for line in lines[first - start:])
+
+
 def _lines(raw: str, is_stdio: bool, clean_line) -> list[dict]:
     out = []
     lines = raw.split("\n")
@@ -178,6 +209,7 @@ async def read_error_excerpt(
     tail_first_line: int,
     patterns: Sequence[ErrorPattern],
     clean_line,
+    window: LogWindow | None = None,
 ) -> dict | None:
     """The first error line above the tail (which starts at 0-based ``tail_first_line``).
 
@@ -185,19 +217,20 @@ async def read_error_excerpt(
     ``{"first_line": int (1-based), "lines": [...], "entries": [{"stream", "text",
     "match"}], "gap": int (lines between the excerpt and the tail), "scanned_from": int}``.
     Header lines (the command preamble) are never matched. Patterns run over each chunk
-    of lines at once (in C), and only the excerpt's few lines are cleaned.
+    of lines at once (in C), and only the excerpt's few lines are cleaned. ``window``: the
+    log's :class:`LogWindow` when the tail was read through it.
     """
     if not patterns or tail_first_line <= 0:
         return None
     start = max(0, tail_first_line - ERROR_SCAN_LINES)
     is_stdio = log_dict.get("type") == "s"
-    logid = log_dict["logid"]
+    window = window or LogWindow(master, log_dict["logid"])
     try:
         match_line = None
         chunk_start = start
         while chunk_start < tail_first_line and match_line is None:
             chunk_end = min(tail_first_line, chunk_start + SCAN_CHUNK_LINES) - 1
-            text = _text(await read_lines(master, logid, chunk_start, chunk_end))
+            text = await window.read(chunk_start, chunk_end)
             if is_stdio:
                 text = _STDIO_PREFIX.sub("", text)
             offset = _first_match(text, patterns)
@@ -208,7 +241,7 @@ async def read_error_excerpt(
             return None
         first = max(start, match_line - CONTEXT_BEFORE)
         last = min(tail_first_line - 1, match_line + CONTEXT_AFTER)
-        raw = _text(await read_lines(master, logid, first, last))
+        raw = await window.read(first, last)
     except Exception as e:  # the tail still goes out; say why the excerpt does not
         log.msg(f"buildbot-mailext: cannot scan log {log_dict.get('logid')} for errors: "
                 f"{type(e).__name__}: {e}")

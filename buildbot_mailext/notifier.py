@@ -782,7 +782,7 @@ class MailExtNotifier(MailNotifier):
         properties), sorted, from the build's changes as ``reads.build_changes`` keeps them:
         the mail's context needs the same read, made once (issue 8)."""
         changes = yield defer.ensureDeferred(reads.build_changes(master, buildid))
-        properties = (yield master.data.get(("builds", buildid, "properties"))) or {}
+        properties = yield defer.ensureDeferred(reads.build_properties(master, buildid))
         blamelist = {change["author"] for change in changes}
         if "owner" in properties:
             owner = properties["owner"][0]

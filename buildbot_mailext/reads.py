@@ -1,6 +1,6 @@
 """Reads about a finished build that several parts of one mail need, made once and cheaply.
 
-This module owns three reads and the short-lived cache that shares them:
+This module owns these reads and the short-lived cache that shares them:
 
 - :func:`build_changes`: what ``builds/N/changes`` answers (the changes since the previous
   successful build with the same sourcestamps), which stock's blamelist
@@ -8,7 +8,9 @@ This module owns three reads and the short-lived cache that shares them:
   (``context.build_context``) both need;
 - :func:`build_sourcestamps` and :func:`head_change`: a build's sourcestamps and the newest
   change of a sourcestamp, which that answer and the culprits walk (``culprits.py``) both
-  need for the same builds.
+  need for the same builds;
+- :func:`build_properties`, with :func:`remember_build`: the build and properties Buildbot's
+  generators already fetched, which stock's blamelist hook (given only a build id) needs.
 
 Why not ``master.data.get(("builds", N, "changes"))`` itself: Buildbot's
 ``getPrevSuccessfulBuild`` fetches up to 1,000 earlier successful builds of the builder in
@@ -76,12 +78,33 @@ async def _cached(master: Any, key: tuple, read: Callable[[], Awaitable[Any]]) -
     if hit is not None and now - hit[0] < TTL:
         return hit[1]
     value = await read()
+    _store(master, key, value)
+    return value
+
+
+def _store(master: Any, key: tuple, value: Any) -> None:
+    cache = _cache(master)
     if len(cache) >= MAX_ENTRIES:
         # forget the oldest half: a burst of many builds keeps what its events still need
         for old, _ in sorted(cache.items(), key=lambda item: item[1][0])[: MAX_ENTRIES // 2]:
             del cache[old]
-    cache[key] = (now, value)
-    return value
+    cache[key] = (float(master.reactor.seconds()), value)
+
+
+def remember_build(master: Any, build: dict) -> None:
+    """Keep a build dict the generators just prepared (with its properties, when fetched)
+    for :func:`build_properties` and :func:`build_changes`: stock's blamelist hook gets only
+    the build id and would read both again."""
+    _store(master, ("build", build["buildid"]), build)
+    if build.get("properties"):
+        _store(master, ("properties", build["buildid"]), build["properties"])
+
+
+async def build_properties(master: Any, buildid: int) -> dict:
+    """``master.data.get(("builds", buildid, "properties"))`` (shared: do not modify)."""
+    async def read():
+        return await master.data.get(("builds", buildid, "properties")) or {}
+    return await _cached(master, ("properties", buildid), read)
 
 
 async def build_sourcestamps(master: Any, buildid: int) -> list:
@@ -135,7 +158,9 @@ async def _previous_success(master: Any, build: dict, sourcestamps: list) -> dic
 async def _changes_since_previous_success(master: Any, buildid: int) -> list:
     # Buildbot's ChangesConnectorComponent.getChangesForBuild, step for step, with the
     # previous successful build found by _previous_success and the reads shared.
-    build = await master.data.get(("builds", buildid))
+    async def read_build():
+        return await master.data.get(("builds", buildid))
+    build = await _cached(master, ("build", buildid), read_build)
     if not build:
         return []
     sourcestamps = await build_sourcestamps(master, buildid)

@@ -29,6 +29,7 @@ from buildbot.reporters.generators.buildset import BuildSetStatusGenerator
 from buildbot.reporters.generators.worker import WorkerMissingGenerator
 from twisted.internet import defer
 
+from buildbot_mailext import reads
 from buildbot_mailext.addresses import address_errors, is_valid_address
 from buildbot_mailext.context import previous_build_same_branch, transition_for
 from buildbot_mailext.excerpts import error_pattern_errors
@@ -401,6 +402,7 @@ class RouteGenerator(_RouteGeneratorMixin, BuildStatusGenerator):
             want_logs=formatter.want_logs,
             want_logs_content=formatter.want_logs_content,
         )
+        reads.remember_build(master, build)  # the blamelist hook reads it by id
         if not (yield self.route_wants(master, build)):
             return None
         report = yield self.build_message(formatter, master, reporter, build)

@@ -22,6 +22,7 @@ from buildbot_mailext import context as ctxmod
 from buildbot_mailext.context import HEADER_SLACK_LINES
 from buildbot_mailext.context import build_context
 from buildbot_mailext.context import previous_build_same_branch
+from buildbot_mailext import excerpts
 from buildbot_mailext.context import read_log_tail
 from buildbot_mailext.samples import sample_context
 from buildbot_mailext.context import transition_for
@@ -315,13 +316,13 @@ class LogTailTests(FakeBuildMixin, unittest.TestCase):
         lines = [f"oline {i}" for i in range(10000)]
         yield self.insert_build(0, "main", FAILURE, steps=[("compile", FAILURE, lines)])
         requested = []
-        real = self.master.db.logs.getLogLines
+        real = excerpts.read_lines
 
-        def spy(logid, first_line, last_line):
+        def spy(master, logid, first_line, last_line):
             requested.append((first_line, last_line))
-            return real(logid, first_line, last_line)
+            return real(master, logid, first_line, last_line)
 
-        self.patch(self.master.db.logs, "getLogLines", spy)
+        self.patch(excerpts, "read_lines", spy)
         build = yield self.get_build(0)
         # error_patterns=(): the tail alone (the error excerpt's own bound is tested in
         # test_excerpts.py)
@@ -424,7 +425,7 @@ class LogTailTests(FakeBuildMixin, unittest.TestCase):
         def broken(*args):
             return defer.fail(UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte"))
 
-        self.patch(self.master.db.logs, "getLogLines", broken)
+        self.patch(excerpts, "read_lines", broken)
         build = yield self.get_build(0)
         ctx = yield build_context(self.master, build, ("failing",), [], 40)
         tail = ctx["failed_steps"][0]["log_tail"][0]

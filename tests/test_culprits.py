@@ -136,23 +136,17 @@ class CulpritTests(CulpritHistoryMixin, unittest.TestCase):
 
 class ErrorExcerptTests(FakeBuildMixin, unittest.TestCase):
     def spy_reads(self):
-        """Every range read from the log: the tail (getLogLines) and the scan (read_lines);
+        """Every range read from the log (the tail and the scan, both through read_lines);
         the first line alone (the failed command, see context._command_line) is left out."""
         requested = []
-        real_tail = self.master.db.logs.getLogLines
-        real_scan = excerpts.read_lines
+        real = excerpts.read_lines
 
-        def tail_spy(logid, first_line, last_line):
+        def spy(master, logid, first_line, last_line):
             if (first_line, last_line) != (0, 0):  # the failed command line: one line
                 requested.append((first_line, last_line))
-            return real_tail(logid, first_line, last_line)
+            return real(master, logid, first_line, last_line)
 
-        def scan_spy(master, logid, first_line, last_line):
-            requested.append((first_line, last_line))
-            return real_scan(master, logid, first_line, last_line)
-
-        self.patch(self.master.db.logs, "getLogLines", tail_spy)
-        self.patch(excerpts, "read_lines", scan_spy)
+        self.patch(excerpts, "read_lines", spy)
         return requested
 
     @defer.inlineCallbacks
@@ -189,6 +183,31 @@ class ErrorExcerptTests(FakeBuildMixin, unittest.TestCase):
                                   error_patterns=[r"^BOOM"])
         excerpt = ctx["failed_steps"][0]["log_tail"][0]["excerpt"]
         self.assertEqual([e["text"] for e in excerpt["entries"] if e["match"]], ["BOOM custom"])
+
+    @defer.inlineCallbacks
+    def test_a_short_log_is_read_once_for_its_tail_command_and_excerpt(self):
+        # issue 8: 1,500 lines, the error at line 11, a 40-line tail: one query serves the
+        # tail, the command line (line 0) and the scan above the tail
+        lines = ["hmake all", "h using PTY: False"] + [f"onoise {i}" for i in range(8)]
+        lines += ["esrc/a.c:3:1: error: boom"] + [f"onoise {i}" for i in range(1489)]
+        yield self.insert_build(0, "main", FAILURE, steps=[("compile", FAILURE, lines)])
+        requested = []
+        real = excerpts.read_lines
+
+        def spy(master, logid, first_line, last_line):
+            requested.append((first_line, last_line))
+            return real(master, logid, first_line, last_line)
+
+        self.patch(excerpts, "read_lines", spy)
+        build = yield self.get_build(0)
+        ctx = yield build_context(self.master, build, ("failing",), [], 40)
+        (tail,) = ctx["failed_steps"][0]["log_tail"]
+        self.assertEqual(requested, [(0, 1499)])
+        self.assertEqual(tail["command"], "make all")
+        self.assertEqual(tail["lines"][-1], "noise 1488")
+        self.assertEqual([e["text"] for e in tail["excerpt"]["entries"] if e["match"]],
+                         ["src/a.c:3:1: error: boom"])
+        self.assertEqual(tail["excerpt"]["first_line"], 11)
 
     @defer.inlineCallbacks
     def test_reads_are_bounded_whatever_the_log_size(self):

@@ -166,3 +166,28 @@ class SharedReadsTests(std_unittest.TestCase):
         culprits = _sync(find_culprits(master, build, earlier()))
         self.assertEqual([reads.model_field(c, "revision") for c in culprits["changes"]], ["c2"])
         self.assertEqual(calls, read_by_changes)  # the culprits read nothing of these again
+
+    def test_a_remembered_build_is_not_read_again_by_the_blamelist(self):
+        from buildbot_mailext import MailExtNotifier
+
+        builds = [{"results": SUCCESS, "branch": "main", "codebases": ("",), "changes": 1, "complete_at": 5000},
+                  {"results": FAILURE, "branch": "main", "codebases": ("",), "changes": 1, "complete_at": 5010}]
+        master = make_master(builds)
+        _sync(master.db.insert_test_data([
+            fakedb.BuildProperty(buildid=101, name="owner", value="Olivia <olivia@example.org>", source="test")]))
+        build = _sync(master.data.get(("builds", 101)))
+        build["properties"] = _sync(master.data.get(("builds", 101, "properties")))
+        reads.remember_build(master, build)  # as RouteGenerator.generate does
+        paths = []
+        get = master.data.get
+
+        def spy(path, *args, **kwargs):
+            paths.append(path)
+            return get(path, *args, **kwargs)
+
+        master.data.get = spy
+        notifier = MailExtNotifier(fromaddr="bb@example.org", preflight="off")
+        users = _sync(notifier.getResponsibleUsersForBuild(master, 101))
+        self.assertEqual(users, ["A2 <a2@example.org>", "Olivia <olivia@example.org>"])
+        self.assertNotIn(("builds", 101), paths)
+        self.assertNotIn(("builds", 101, "properties"), paths)

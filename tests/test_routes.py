@@ -288,6 +288,27 @@ class RouteFilterTests(TestReactorMixin, ReporterTestMixin, unittest.TestCase):
         return report is not None
 
     @defer.inlineCallbacks
+    def test_the_blamelist_hook_reads_no_build_properties_again(self):
+        # issue 8: the generator keeps the build it prepared (reads.remember_build); our
+        # notifier's getResponsibleUsersForBuild, given only the id, reads it from there
+        from buildbot_mailext import MailExtNotifier
+
+        paths = []
+        get = self.master.data.get
+
+        def spy(path, *args, **kwargs):
+            paths.append(tuple(path))
+            return get(path, *args, **kwargs)
+
+        self.patch(self.master.data, "get", spy)
+        generator = RouteGenerator(MailRoute("dev@example.org"), MailExtFormatter())
+        notifier = MailExtNotifier(fromaddr="bb@example.org", preflight="off")
+        build = yield get(("builds", 20))
+        report = yield generator.generate(self.master, notifier, ("builds", 20, "finished"), build)
+        self.assertIsNotNone(report)
+        self.assertEqual(paths.count(("builds", 20, "properties")), 1, paths)  # getDetailsForBuild's
+
+    @defer.inlineCallbacks
     def test_branches_filter(self):
         self.assertTrue((yield self.reported(branches=[self.BRANCH])))
         self.assertTrue((yield self.reported(branches=["main", self.BRANCH])))
