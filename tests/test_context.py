@@ -102,6 +102,20 @@ class FakeBuildMixin(TestReactorMixin):
     def insert_build(self, *args, **kwargs):
         yield self.master.db.insert_test_data(build_rows(*args, **kwargs))
 
+    def spy_log_reads(self, skip_first_line: bool = False) -> list:
+        """Every (first, last) range read from a log (all reads go through
+        excerpts.read_lines); ``skip_first_line`` leaves out (0, 0), the failed command line."""
+        requested = []
+        real = excerpts.read_lines
+
+        def spy(master, logid, first_line, last_line):
+            if not (skip_first_line and (first_line, last_line) == (0, 0)):
+                requested.append((first_line, last_line))
+            return real(master, logid, first_line, last_line)
+
+        self.patch(excerpts, "read_lines", spy)
+        return requested
+
     @defer.inlineCallbacks
     def get_build(self, number):
         build = yield self.master.data.get(("builders", BUILDER_ID, "builds", number))
@@ -315,14 +329,7 @@ class LogTailTests(FakeBuildMixin, unittest.TestCase):
     def test_reads_only_the_last_n_lines_of_a_big_log(self):
         lines = [f"oline {i}" for i in range(10000)]
         yield self.insert_build(0, "main", FAILURE, steps=[("compile", FAILURE, lines)])
-        requested = []
-        real = excerpts.read_lines
-
-        def spy(master, logid, first_line, last_line):
-            requested.append((first_line, last_line))
-            return real(master, logid, first_line, last_line)
-
-        self.patch(excerpts, "read_lines", spy)
+        requested = self.spy_log_reads()
         build = yield self.get_build(0)
         # error_patterns=(): the tail alone (the error excerpt's own bound is tested in
         # test_excerpts.py)

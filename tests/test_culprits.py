@@ -136,18 +136,8 @@ class CulpritTests(CulpritHistoryMixin, unittest.TestCase):
 
 class ErrorExcerptTests(FakeBuildMixin, unittest.TestCase):
     def spy_reads(self):
-        """Every range read from the log (the tail and the scan, both through read_lines);
-        the first line alone (the failed command, see context._command_line) is left out."""
-        requested = []
-        real = excerpts.read_lines
-
-        def spy(master, logid, first_line, last_line):
-            if (first_line, last_line) != (0, 0):  # the failed command line: one line
-                requested.append((first_line, last_line))
-            return real(master, logid, first_line, last_line)
-
-        self.patch(excerpts, "read_lines", spy)
-        return requested
+        """Every range read from the log (the tail and the scan), but the failed command line."""
+        return self.spy_log_reads(skip_first_line=True)
 
     @defer.inlineCallbacks
     def test_first_error_5000_lines_before_the_end(self):
@@ -191,14 +181,7 @@ class ErrorExcerptTests(FakeBuildMixin, unittest.TestCase):
         lines = ["hmake all", "h using PTY: False"] + [f"onoise {i}" for i in range(8)]
         lines += ["esrc/a.c:3:1: error: boom"] + [f"onoise {i}" for i in range(1489)]
         yield self.insert_build(0, "main", FAILURE, steps=[("compile", FAILURE, lines)])
-        requested = []
-        real = excerpts.read_lines
-
-        def spy(master, logid, first_line, last_line):
-            requested.append((first_line, last_line))
-            return real(master, logid, first_line, last_line)
-
-        self.patch(excerpts, "read_lines", spy)
+        requested = self.spy_log_reads()
         build = yield self.get_build(0)
         ctx = yield build_context(self.master, build, ("failing",), [], 40)
         (tail,) = ctx["failed_steps"][0]["log_tail"]
