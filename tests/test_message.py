@@ -601,3 +601,35 @@ def test_set_recipients_puts_only_addresses_that_pass_the_gate_and_replaces_the_
 def test_buildbot_headers_for_list_filters():
     assert mime.buildbot_headers("linux", "failure", "http://ci/b/1") == {
         "X-Buildbot-Builder": "linux", "X-Buildbot-Result": "failure", "X-Buildbot-URL": "http://ci/b/1"}
+
+
+def test_each_multipart_gets_a_boundary_of_its_own_chosen_when_built():
+    # issue 8: chosen when built (the email package would compile a regex per boundary
+    # while flattening), random per mail, in the "=_" form QP and base64 text cannot hold
+    first, second = sample(attachments=[("a.patch", b"diff\n")]), sample()
+    boundaries = [p.get_boundary() for p in first.walk() if p.is_multipart()]
+    assert len(boundaries) == 2 and len(set(boundaries)) == 2
+    assert all(re.fullmatch(r"=_mailext_[0-9a-f]{32}", b) for b in boundaries)
+    assert second.get_boundary() not in boundaries
+    received = email.message_from_bytes(mime.message_bytes(first), policy=policy.default)
+    assert [p.get_content_type() for p in received.walk()] == [
+        "multipart/mixed", "multipart/alternative", "text/plain", "text/html", "text/plain"]
+
+
+def test_a_body_holding_a_boundary_line_gets_another_boundary(monkeypatch):
+    # 128 random bits cannot be guessed; fixing them here stands in for a body that holds
+    # the delimiter line anyway: the bytes are checked, and the email package chooses again
+    lines = []
+    monkeypatch.setattr(mime.log, "msg", lambda text: lines.append(text))
+    monkeypatch.setattr(mime.secrets, "token_hex", lambda n: "0" * (2 * n))
+    delimiter = "--=_mailext_" + "0" * 32
+    msg = sample(text=f"before\n{delimiter}\nContent-Type: text/html\n\n<script>x</script>\nafter\n")
+    raw = mime.message_bytes(msg, label="route 'x'")
+    received = email.message_from_bytes(raw, policy=policy.default)
+    assert received.get_boundary() != delimiter[2:]
+    plain = received.get_body(("plain",)).get_content()
+    assert delimiter in plain and "<script>x</script>" in plain
+    assert [p.get_content_type() for p in received.walk()] == [
+        "multipart/alternative", "text/plain", "text/html"]
+    (line,) = lines
+    assert "route 'x'" in line and "multipart boundary" in line
