@@ -352,6 +352,23 @@ async def bench_master(basedir: str):
     return master
 
 
+class DbCalls:
+    """Counts the calls into a master's DB thread pool (``pool.do`` and
+    ``pool.do_with_engine``: Buildbot's reads, our reads and the outbox's writes alike)."""
+
+    def __init__(self, master):
+        self.count = 0
+        pool = master.db.pool
+        for name in ("do", "do_with_engine"):
+            real = getattr(pool, name)
+
+            def counting(*args, _real=real, **kwargs):
+                self.count += 1
+                return _real(*args, **kwargs)
+
+            setattr(pool, name, counting)
+
+
 async def report_path_phase(sink: SmtpServer, master, stock_master, builds: int, reps: int, log) -> dict:
     """Failing builds through each notifier's whole report path, on the real reactor.
 
@@ -406,6 +423,7 @@ async def report_path_phase(sink: SmtpServer, master, stock_master, builds: int,
     )
 
     deliveries = Deliveries(ours.transport)
+    db_calls = {ours: DbCalls(master), stock: DbCalls(stock_master)}
     rows: dict[str, list] = {}
     batches = iter(event_numbers[k:k + builds] for k in range(0, len(event_numbers), builds))
     for rep in range(reps):
@@ -417,6 +435,7 @@ async def report_path_phase(sink: SmtpServer, master, stock_master, builds: int,
                     return notifier._got_event(("builds", i, "finished"), copy.deepcopy(events[i]))
 
                 start = len(sink.messages)
+                calls_before = db_calls[notifier].count
                 answered = deliveries.all_answered if notifier is ours else None
                 seconds, errors, unfired = await timed([lambda i=i: event(i) for i in numbers], together, BOUND,
                                                        answered)
@@ -428,7 +447,8 @@ async def report_path_phase(sink: SmtpServer, master, stock_master, builds: int,
                 lost, dup = tally(build_numbers(sink, start), expected)
                 key = f"{who} {'all at once' if together else 'one-by-one'}"
                 rows.setdefault(key, []).append({"rate": (builds - lost) / seconds, "lost": lost, "dup": dup,
-                                                 "errors": errors, "unfired": unfired})
+                                                 "errors": errors, "unfired": unfired,
+                                                 "db_calls": (db_calls[notifier].count - calls_before) / builds})
                 log(f"  report path {key}: {(builds - lost) / seconds:8.1f} msg/s  lost {lost} dup {dup}")
     await stop_notifier(ours)
     await stop_notifier(stock)
@@ -549,6 +569,11 @@ def render(args, send: dict, path: dict, slow: dict, total: float, load: tuple) 
     ]
     out.append(bench_run.table(["notifier", "one after another", "all at once", "lost/dup 1by1", "lost/dup burst"],
                                rows, right={1, 2, 3, 4}))
+    calls = {key: median(rs, "db_calls") for key, rs in path.items()}
+    out.append("   calls into each master's DB thread per mail (reads and writes, counted at pool.do and "
+               "do_with_engine; one after another / all at once):")
+    out.append(f"   stock {calls['stock one-by-one']:.1f} / {calls['stock all at once']:.1f}, "
+               f"ours {calls['ours one-by-one']:.1f} / {calls['ours all at once']:.1f}")
     out.append("")
 
     out.append(f"3. slow relay (every reply after the greeting 200 ms late): {args.slow} mails at once")
