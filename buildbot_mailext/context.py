@@ -407,8 +407,9 @@ async def read_log_tail(
     # below, and a short step's tail would otherwise be all environment.
     first_line = max(0, total - n - HEADER_SLACK_LINES)
     last_line = total - 1
-    window = window or excerpts.LogWindow(master, log_dict["logid"])
     try:
+        # (a log without an id is logged below as unreadable, as any failed read)
+        window = window or excerpts.LogWindow(master, log_dict["logid"])
         content = await window.read(first_line, last_line)
     except Exception as e:  # e.g. undecodable bytes in a chunk: the mail must still go out
         log.msg(f"buildbot-mailext: cannot read tail of log {log_dict.get('logid')}: {e}")
@@ -752,7 +753,7 @@ async def culprits_context(master, build: dict, properties: dict) -> dict:
         }
 
     for change in found["changes"]:
-        raw = {name: culprits_mod.model_field(change, name) for name in _CHANGE_FIELDS}
+        raw = {name: reads.model_field(change, name) for name in _CHANGE_FIELDS}
         summary = _change_summary(raw)
         first = found["first_build"].get(raw["changeid"]) or build
         comment_lines = summary["comments"].strip().splitlines()

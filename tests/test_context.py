@@ -760,6 +760,11 @@ class ReadLogTailEdgeTests(LogStoreMixin, unittest.TestCase):
         self.assertEqual((one["lines"], one["truncated"]), (["a"], False))
         nameless = yield defer.ensureDeferred(read_log_tail(self.master_with([]), {}, 5))
         self.assertEqual((nameless["name"], nameless["url"]), ("", None))
+        # lines but no id: unreadable, said in the tail and the log, never an exception
+        lines = logged_lines(self)
+        idless = yield defer.ensureDeferred(read_log_tail(self.master_with(["oa"]), {"num_lines": 1}, 5))
+        self.assertEqual(idless["lines"], ["[log tail unavailable: KeyError]"])
+        self.assertIn("buildbot-mailext: cannot read tail of log None: 'logid'", lines)
 
     @defer.inlineCallbacks
     def test_truncated_only_when_output_is_left_out(self):
