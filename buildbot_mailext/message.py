@@ -394,23 +394,22 @@ def _set_boundaries(msg: EmailMessage) -> None:
             part.set_boundary(_BOUNDARY_PREFIX + secrets.token_hex(16))
 
 
-def _our_boundaries(msg: EmailMessage) -> list[tuple[str, int]]:
-    """(boundary, number of subparts) of each multipart whose boundary we chose."""
-    return [(part.get_boundary(), len(part.get_payload())) for part in msg.walk()
+def _our_multiparts(msg: EmailMessage) -> list[EmailMessage]:
+    """The multiparts whose boundary we chose (``_set_boundaries``)."""
+    return [part for part in msg.walk()
             if part.is_multipart() and (part.get_boundary() or "").startswith(_BOUNDARY_PREFIX)]
 
 
 def _boundaries_ok(msg: EmailMessage, data: bytes) -> bool:
     # Each delimiter line exactly where the parts are: one before each subpart, one closing.
-    return all(data.count(b"\r\n--" + boundary.encode("ascii")) == parts + 1
-               for boundary, parts in _our_boundaries(msg))
+    return all(data.count(b"\r\n--" + part.get_boundary().encode("ascii")) == len(part.get_payload()) + 1
+               for part in _our_multiparts(msg))
 
 
 def _forget_boundaries(msg: EmailMessage) -> None:
     # The email package then chooses each one, checked against the whole text.
-    for part in msg.walk():
-        if part.is_multipart() and (part.get_boundary() or "").startswith(_BOUNDARY_PREFIX):
-            part.del_param("boundary")
+    for part in _our_multiparts(msg):
+        part.del_param("boundary")
 
 
 # --------------------------------------------------------------------------- the bytes

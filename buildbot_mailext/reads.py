@@ -182,11 +182,13 @@ async def _changes_since_previous_success(master: Any, buildid: int) -> list:
         if stop_at is not None and stop_at == model_field(change, "changeid"):
             continue
         changes.append(change)
-        while parent_ids(change) and stop_at not in parent_ids(change):
-            change = await master.db.changes.getChange(parent_ids(change)[0])
+        parents = parent_ids(change)
+        while parents and stop_at not in parents:
+            change = await master.db.changes.getChange(parents[0])
             if change is None:  # Buildbot ticket 3461: parent ids can be corrupted
                 break
             changes.append(change)
+            parents = parent_ids(change)
     return [await _change_data(master, change) for change in changes]
 
 
