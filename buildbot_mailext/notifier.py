@@ -780,9 +780,16 @@ class MailExtNotifier(MailNotifier):
     def getResponsibleUsersForBuild(self, master, buildid):
         """Stock's blamelist (every change's author, the ``owner`` and ``owners``
         properties), sorted, from the build's changes as ``reads.build_changes`` keeps them:
-        the mail's context needs the same read, made once (issue 8)."""
-        changes = yield defer.ensureDeferred(reads.build_changes(master, buildid))
-        properties = yield defer.ensureDeferred(reads.build_properties(master, buildid))
+        the mail's context needs the same read, made once (issue 8). A read that fails
+        leaves the blamelist empty (one log line): the mail still goes to its other
+        recipients, where stock's would be lost with a traceback."""
+        try:
+            changes = yield defer.ensureDeferred(reads.build_changes(master, buildid))
+            properties = yield defer.ensureDeferred(reads.build_properties(master, buildid))
+        except Exception as e:
+            log.msg(f"{self.name}: cannot read the changes or properties of build {buildid} "
+                    f"({type(e).__name__}: {e}); mailed without its interested users")
+            return []
         blamelist = {change["author"] for change in changes}
         if "owner" in properties:
             owner = properties["owner"][0]

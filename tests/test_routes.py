@@ -309,6 +309,27 @@ class RouteFilterTests(TestReactorMixin, ReporterTestMixin, unittest.TestCase):
         self.assertEqual(paths.count(("builds", 20, "properties")), 1, paths)  # getDetailsForBuild's
 
     @defer.inlineCallbacks
+    def test_a_blamelist_that_cannot_be_read_leaves_the_mail_to_its_route(self):
+        # The changes read fails (a database error): stock's mail would be lost with a
+        # traceback; ours goes to the route's list without interested users, one log line
+        from buildbot_mailext import MailExtNotifier, reads
+        from test_context import logged_lines
+
+        def broken(master, buildid):
+            raise RuntimeError("db gone")
+
+        self.patch(reads, "_changes_since_previous_success", broken)
+        lines = logged_lines(self)
+        generator = RouteGenerator(MailRoute("dev@example.org"), MailExtFormatter())
+        notifier = MailExtNotifier(fromaddr="bb@example.org", preflight="off", name="mailer")
+        build = yield self.master.data.get(("builds", 20))
+        report = yield generator.generate(self.master, notifier, ("builds", 20, "finished"), build)
+        self.assertIsNotNone(report)
+        self.assertEqual(report["users"], [])
+        self.assertIn("mailer: cannot read the changes or properties of build 20 (RuntimeError: db gone); "
+                      "mailed without its interested users", lines)
+
+    @defer.inlineCallbacks
     def test_branches_filter(self):
         self.assertTrue((yield self.reported(branches=[self.BRANCH])))
         self.assertTrue((yield self.reported(branches=["main", self.BRANCH])))
