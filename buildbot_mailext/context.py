@@ -588,7 +588,7 @@ async def _build_context(
         if len(failed_steps) < MAX_FAILED_STEPS_WITH_TAIL and budget > 0 and log_tail_lines > 0:
             logs = step.get("logs")
             if logs is None:
-                logs = list(await master.data.get(("steps", step["stepid"], "logs")) or [])
+                logs = await reads.step_logs(master, step["stepid"])
             for log_dict in [l for l in logs if l.get("type") in _TAIL_LOG_TYPES][
                 :MAX_LOGS_PER_STEP
             ]:
@@ -785,7 +785,7 @@ async def failed_tests_context(master, build: dict) -> dict:
     build recorded no test results."""
     sets_out: list[dict] = []
     try:
-        sets = await master.data.get(("builds", build["buildid"], "test_result_sets")) or []
+        sets = await reads.build_test_result_sets(master, build["builderid"], build["buildid"])
         for result_set in list(sets)[:10]:
             failed = result_set.get("tests_failed") or 0
             if not failed:

@@ -10,7 +10,10 @@ This module owns these reads and the short-lived cache that shares them:
   change of a sourcestamp, which that answer and the culprits walk (``culprits.py``) both
   need for the same builds;
 - :func:`build_properties`, with :func:`remember_build`: the build and properties Buildbot's
-  generators already fetched, which stock's blamelist hook (given only a build id) needs.
+  generators already fetched, which stock's blamelist hook (given only a build id) needs;
+- :func:`step_logs` and :func:`build_test_result_sets`: what the data API answers for a
+  step's logs and a build's test result sets, without the read of the step or the build
+  that those endpoints make first (the context knows both already).
 
 Why not ``master.data.get(("builds", N, "changes"))`` itself: Buildbot's
 ``getPrevSuccessfulBuild`` fetches up to 1,000 earlier successful builds of the builder in
@@ -44,6 +47,8 @@ _CACHE_ATTRIBUTE = "mailext_build_reads"
 _CHANGE_FIELDS = ("changeid", "author", "committer", "comments", "branch", "revision", "revlink",
                   "when_timestamp", "category", "parent_changeids", "repository", "codebase",
                   "project", "files", "properties")
+# The fields of a log as the data API gives them (besides "logid", the model's "id").
+_LOG_FIELDS = ("name", "slug", "stepid", "complete", "num_lines", "type")
 
 
 def model_field(obj: Any, name: str, default: Any = None) -> Any:
@@ -128,6 +133,22 @@ async def build_changes(master: Any, buildid: int) -> list:
     async def read():
         return await _changes_since_previous_success(master, buildid)
     return list(await _cached(master, ("changes", buildid), read))
+
+
+async def step_logs(master: Any, stepid: int) -> list:
+    """What ``master.data.get(("steps", stepid, "logs"))`` answers, without the read of the
+    step that endpoint makes first (to resolve paths that name the step by build and number;
+    this one names it by id)."""
+    return [{"logid": model_field(log, "id"), **{name: model_field(log, name) for name in _LOG_FIELDS}}
+            for log in await master.db.logs.getLogs(stepid=stepid) or []]
+
+
+async def build_test_result_sets(master: Any, builderid: int, buildid: int) -> list:
+    """What ``master.data.get(("builds", buildid, "test_result_sets"))`` answers, without
+    the read of the build that endpoint makes first to learn its builder: the builder's
+    sets, filtered on the build in the query."""
+    return list(await master.data.get(("builders", builderid, "test_result_sets"),
+                                      filters=[resultspec.Filter("buildid", "eq", [buildid])]) or [])
 
 
 def _sourcestamp_keys(sourcestamps: list) -> set:

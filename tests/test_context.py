@@ -1073,15 +1073,19 @@ class FailedTestsSectionTests(unittest.TestCase):
 
     def section(self, sets, results):
         class Data:
-            def get(self, path):
-                if path[0] == "builds":
+            def get(self, path, filters=()):
+                if path[0] == "builders":
+                    # the builder's sets of this build (reads.build_test_result_sets)
+                    assert path == ("builders", 5, "test_result_sets"), path
+                    ((name, op, values),) = [(f.field, f.op, f.values) for f in filters]
+                    assert (name, op, values) == ("buildid", "eq", [1])
                     return defer.succeed(sets)
                 return defer.succeed(results.get(path[1], []))
 
         class M:
             data = Data()
 
-        return defer.ensureDeferred(ctxmod.failed_tests_context(M, {"buildid": 1}))
+        return defer.ensureDeferred(ctxmod.failed_tests_context(M, {"buildid": 1, "builderid": 5}))
 
     @defer.inlineCallbacks
     def test_sets_tests_names_and_bounds(self):
@@ -1126,10 +1130,10 @@ class FailedTestsSectionTests(unittest.TestCase):
         class M:
             class data:
                 @staticmethod
-                def get(path):
+                def get(path, filters=()):
                     return defer.fail(RuntimeError("gone"))
 
-        section = yield defer.ensureDeferred(ctxmod.failed_tests_context(M, {"buildid": 7}))
+        section = yield defer.ensureDeferred(ctxmod.failed_tests_context(M, {"buildid": 7, "builderid": 5}))
         self.assertEqual(section, {"test_results": []})
         self.assertIn("buildbot-mailext: cannot read test results of build 7: RuntimeError: gone", lines)
 

@@ -191,3 +191,51 @@ class SharedReadsTests(std_unittest.TestCase):
         self.assertEqual(users, ["A2 <a2@example.org>", "Olivia <olivia@example.org>"])
         self.assertNotIn(("builds", 101), paths)
         self.assertNotIn(("builds", 101, "properties"), paths)
+
+
+class EndpointWithoutTheReadBeforeTests(std_unittest.TestCase):
+    """reads.step_logs and reads.build_test_result_sets answer what the data API answers for
+    a step's logs and a build's test result sets, without reading the step or the build
+    again (the context knows both): one query each instead of two."""
+
+    def setUp(self):
+        builds = [{"results": FAILURE, "branch": "main", "codebases": ("",), "changes": 0,
+                   "complete_at": 5000 + n} for n in range(2)]
+        self.master = make_master(builds)
+        rows = []
+        for n in range(2):
+            buildid, stepid = 100 + n, 1000 + n
+            rows += [fakedb.Step(id=stepid, buildid=buildid, number=1, name="compile", results=FAILURE),
+                     fakedb.Log(id=2 * stepid, stepid=stepid, name="stdio", slug="stdio", type="s",
+                                num_lines=7, complete=1),
+                     fakedb.Log(id=2 * stepid + 1, stepid=stepid, name="warnings <html>", slug="warnings_html",
+                                type="t", num_lines=0, complete=0)]
+            for k in range(2):  # two sets per build, on the same builder: only the build's count
+                rows.append(fakedb.TestResultSet(
+                    id=10 * buildid + k, builderid=BUILDER_ID, buildid=buildid, stepid=stepid,
+                    description=f"set {k} of build {buildid}", category="pass_fail", value_unit="boolean",
+                    tests_passed=3 + k, tests_failed=k, complete=1))
+        _sync(self.master.db.insert_test_data(rows))
+        self.reads = []
+        for component, name in ((self.master.db.steps, "getStep"), (self.master.db.builds, "getBuild")):
+            def spy(*args, _real=getattr(component, name), _name=name, **kwargs):
+                self.reads.append(_name)
+                return _real(*args, **kwargs)
+            setattr(component, name, spy)
+
+    def test_step_logs_are_the_steps_logs_endpoint(self):
+        for stepid in (1000, 1001, 4242):
+            del self.reads[:]
+            got = _sync(reads.step_logs(self.master, stepid))
+            self.assertEqual(self.reads, [], "step_logs read the step")
+            self.assertEqual(got, list(_sync(self.master.data.get(("steps", stepid, "logs")))))
+        self.assertEqual([(log["logid"], log["slug"], log["type"]) for log in _sync(reads.step_logs(self.master, 1001))],
+                         [(2002, "stdio", "s"), (2003, "warnings_html", "t")])
+
+    def test_build_test_result_sets_are_the_builds_endpoint(self):
+        for buildid in (100, 101):
+            del self.reads[:]
+            got = _sync(reads.build_test_result_sets(self.master, BUILDER_ID, buildid))
+            self.assertEqual(self.reads, [], "build_test_result_sets read the build")
+            self.assertEqual(got, list(_sync(self.master.data.get(("builds", buildid, "test_result_sets")))))
+            self.assertEqual([s["test_result_setid"] for s in got], [10 * buildid, 10 * buildid + 1])
