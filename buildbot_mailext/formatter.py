@@ -78,7 +78,7 @@ class MailExtFormatter(MessageFormatterBase):
         log_tail_lines: int = 40,
         want_properties: bool = True,
         want_steps: bool = True,
-        want_logs: bool = True,
+        want_logs: bool = False,
         want_logs_content: bool | list = False,
         ctx: dict | None = None,
         subject: str | None = None,

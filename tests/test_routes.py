@@ -309,6 +309,34 @@ class RouteFilterTests(TestReactorMixin, ReporterTestMixin, unittest.TestCase):
         self.assertEqual(paths.count(("builds", 20, "properties")), 1, paths)  # getDetailsForBuild's
 
     @defer.inlineCallbacks
+    def test_only_the_logs_of_failed_steps_are_read(self):
+        # issue 8: by default (want_logs=False, as stock's formatters) the generator does
+        # not list the logs of every step (two queries a step: the step, then its logs);
+        # the context reads the logs of each failed step, one query, for its tail.
+        from buildbot_mailext import MailExtNotifier
+
+        yield self.master.db.insert_test_data(
+            [fakedb.Step(id=500 + n, buildid=20, number=n, name=f"passing{n}", results=SUCCESS) for n in range(3)]
+            + [fakedb.Log(id=600 + n, stepid=500 + n, name="stdio", slug="stdio", type="s", num_lines=0)
+               for n in range(3)]
+            + [fakedb.Step(id=510, buildid=20, number=7, name="compile", results=FAILURE),
+               fakedb.Log(id=610, stepid=510, name="stdio", slug="stdio", type="s", num_lines=1),
+               fakedb.LogChunk(logid=610, first_line=0, last_line=0, compressed=0, content="eerror: boom")])
+        steps_read, logs_read = [], []
+        for component, name, seen in ((self.master.db.steps, "getStep", steps_read),
+                                      (self.master.db.logs, "getLogs", logs_read)):
+            def spy(*args, _real=getattr(component, name), _seen=seen, **kwargs):
+                _seen.append(kwargs.get("stepid", args[0] if args else None))
+                return _real(*args, **kwargs)
+            self.patch(component, name, spy)
+        generator = RouteGenerator(MailRoute("dev@example.org"), MailExtFormatter())
+        notifier = MailExtNotifier(fromaddr="bb@example.org", preflight="off")
+        build = yield self.master.data.get(("builds", 20))
+        report = yield generator.generate(self.master, notifier, ("builds", 20, "finished"), build)
+        self.assertIn("error: boom", report["extra_info"]["mailext"]["text"])
+        self.assertEqual((steps_read, logs_read), ([], [510]))
+
+    @defer.inlineCallbacks
     def test_a_blamelist_that_cannot_be_read_leaves_the_mail_to_its_route(self):
         # The changes read fails (a database error): stock's mail would be lost with a
         # traceback; ours goes to the route's list without interested users, one log line
