@@ -690,7 +690,7 @@ class MailExtNotifier(MailNotifier):
             html=mail.html, headers=self._list_headers(route),
             reply_to=route.reply_to if route else None,
         )
-        label = f"route {budget.name!r} digest of {len(held)} build(s) {msg['Message-ID']}"
+        label = f"route {budget.name!r} digest of {len(held)} build(s) {mime.header_value(msg, 'Message-ID')}"
         envelope = mime.envelope_recipients(recipients)
         if not envelope:
             log.msg(f"{self.name}: {label}: no recipients (nobody to mail), nothing sent")
@@ -943,7 +943,7 @@ class MailExtNotifier(MailNotifier):
             subject = f"build {mime.one_line(b['builder']['name'], 80)!r} #{b['number']}"
         else:
             subject = "mail"
-        return f"{what} {subject} {msg['Message-ID']}"
+        return f"{what} {subject} {mime.header_value(msg, 'Message-ID')}"
 
     @staticmethod
     def _bodies(reports) -> tuple[str | None, str | None]:
@@ -983,12 +983,12 @@ class MailExtNotifier(MailNotifier):
     def sendMail(self, m, recipients, label: str | None = None, route: str = "generators"):
         """Write one message to the outbox; its first attempt follows at once. Fires once
         the mail is stored (not when delivered); never errbacks."""
-        label = label or f"mail {m['Message-ID']}"
+        label = label or f"mail {mime.header_value(m, 'Message-ID')}"
         data = mime.message_bytes(m, label) if hasattr(m, "as_bytes") else m.as_string().encode()
         if self.dumpMailsToLog:
             log.msg(f"mail data:\n{data.decode('utf-8', 'replace')}")
         mail = outbox_mod.NewMail(
-            route=route, label=label, subject=mime.one_line(m["Subject"] or "", 200),
+            route=route, label=label, subject=mime.one_line(mime.header_value(m, "Subject"), 200),
             envelope_from=mime.bare_address(self.fromaddr), recipients=list(recipients), message=data,
         )
         d = self.outbox.queue(mail)

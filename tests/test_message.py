@@ -633,3 +633,67 @@ def test_a_body_holding_a_boundary_line_gets_another_boundary(monkeypatch):
         "multipart/alternative", "text/plain", "text/html"]
     (line,) = lines
     assert "route 'x'" in line and "multipart boundary" in line
+
+
+# --- header_value: what the send path reads of every mail --------------------------------
+
+
+def _hostile_header_value_example():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from test_hostile import PROFILE, address, hostile_text
+
+    @settings(settings.get_profile(PROFILE))
+    @given(subject=hostile_text(), to=st.lists(address(), max_size=3), extra=hostile_text(big=False),
+           name=st.sampled_from(["Subject", "Message-ID", "subject", "To", "X-Project", "Date", "MIME-Version",
+                                 "Content-Type", "Cc", "Reply-To"]))
+    def check(subject, to, extra, name):
+        msg = mime.build_email(subject=subject, from_addr="bb@example.org", to=to, text="t", html="<p>h</p>",
+                               extra_headers={"X-Project": extra}, reply_to="r@example.org")
+        mime.message_bytes(msg)  # as the notifier does before reading the label and subject
+        expected = str(msg[name]) if name in msg else ""
+        assert mime.header_value(msg, name) == expected
+
+    return check
+
+
+def test_header_value_is_what_the_email_package_reads():
+    # Cheaper than msg[name] (no header-registry parse of a value without encoded words);
+    # the same string, on hostile subjects, addresses and extra headers (issue 8).
+    _hostile_header_value_example()()
+
+
+def test_header_value_of_encoded_and_missing_headers():
+    msg = mime.build_email(subject="Ünïcode build of 中文 failed", from_addr="bb@example.org",
+                           to=["a@example.org"], text="t", html=None)
+    raw = dict(msg.raw_items())["Subject"]
+    assert "=?" in raw  # stored encoded: the registry decodes it
+    assert mime.header_value(msg, "Subject") == "Ünïcode build of 中文 failed" == str(msg["Subject"])
+    assert mime.header_value(msg, "X-Nothing") == ""
+    legacy = email.message_from_string("Subject: plain\nMessage-ID: <1@x>\n\nbody")  # compat32, as stock builds
+    assert (mime.header_value(legacy, "subject"), mime.header_value(legacy, "Message-ID")) == ("plain", "<1@x>")
+
+
+def _wire_ok_by_lines(data: bytes) -> bool:
+    # The definition: every CR LF line within 998 bytes, of TAB and printable ASCII only.
+    return all(len(line) <= 998 and re.fullmatch(rb"[\t\x20-\x7e]*", line) for line in data.split(b"\r\n"))
+
+
+def test_wire_check_is_the_line_by_line_definition():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from test_hostile import PROFILE
+
+    pieces = st.sampled_from([b"\r\n", b"\r", b"\n", b"\n\r", b"a", b"\t", b" ", b"~", b"\x7f", b"\x00",
+                              b"\xc3\xa9", b"\x1f", b"=", b"x" * 997, b"x" * 998, b"x" * 999])
+
+    @settings(settings.get_profile(PROFILE))
+    @given(st.lists(pieces, max_size=8).map(b"".join))
+    def check(data):
+        assert mime._wire_ok(data) == _wire_ok_by_lines(data), data
+
+    check()
+    for data in (b"", b"a\r\n", b"x" * 998 + b"\r\n", b"x" * 999, b"a\rb", b"a\nb", b"\r\n\r\n", b"caf\xc3\xa9"):
+        assert mime._wire_ok(data) == _wire_ok_by_lines(data), data
