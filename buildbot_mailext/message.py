@@ -500,15 +500,19 @@ def _replace_values(msg: EmailMessage, indexes: Sequence[int]) -> list[str]:
     return names
 
 
-# What _wire_ok refuses, in one pass over the bytes (a search per line cost ~0.1 ms a mail):
-# a byte that is neither TAB, printable ASCII nor part of CR LF; a CR or LF that is not
-# part of CR LF; a line longer than MAX_LINE_BYTES.
-_WIRE_BAD = re.compile(rb"[^\t\x20-\x7e\r\n]|\r(?!\n)|(?<!\r)\n|[\t\x20-\x7e]{%d}" % (MAX_LINE_BYTES + 1))
+# TAB, CR, LF and printable ASCII: what may travel (CR and LF only as CR LF).
+_WIRE_BYTES = b"\t\r\n" + bytes(range(0x20, 0x7F))
 
 
 def _wire_ok(data: bytes) -> bool:
-    """Every CR LF line of ``data`` within MAX_LINE_BYTES, of TAB and printable ASCII only."""
-    return _WIRE_BAD.search(data) is None
+    """Every CR LF line of ``data`` within MAX_LINE_BYTES, of TAB and printable ASCII only.
+    (C-level passes over the bytes: a regex search per line cost ~0.1 ms a mail.)"""
+    crlf = data.count(b"\r\n")
+    return (
+        not data.translate(None, _WIRE_BYTES)  # nothing left once those are deleted
+        and data.count(b"\r") == crlf == data.count(b"\n")  # no CR or LF outside CR LF
+        and max(map(len, data.split(b"\r\n"))) <= MAX_LINE_BYTES
+    )
 
 
 def _text_parts_as_base64(msg: EmailMessage) -> None:
