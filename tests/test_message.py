@@ -213,6 +213,8 @@ def test_transfer_encoding_is_chosen_from_the_final_bytes(text, cte):
     raw = mime.message_bytes(sample(text=text, html=None))
     assert f"Content-Transfer-Encoding: {cte}".encode() in raw
     assert all(len(line) <= 998 for line in raw.split(b"\r\n"))
+    if cte != "7bit":  # RFC 2045: quoted-printable and base64 lines within 76 characters
+        assert max(len(line) for line in raw.split(b"\r\n\r\n", 1)[1].split(b"\r\n")) <= 76
     assert parse(sample(text=text, html=None)).get_content().replace("\r\n", "\n").rstrip("\n") == text.rstrip("\n")
 
 
