@@ -48,6 +48,7 @@ import smtplib
 import statistics
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from email import policy
@@ -279,11 +280,10 @@ async def sendmail_phase(sink: SmtpServer, master, n: int, reps: int, log) -> di
     rows: dict[str, list] = {}
 
     def record(key, seconds, cpu_before, lost, dup, errors=0, unfired=0):
-        cpu_after = cpu_by_thread()  # once the sink has every mail: its parsing is counted too
+        cpu = cpu_ms_per_mail(cpu_before, n)  # once the sink has every mail: its parsing counts too
         rows.setdefault(key, []).append({"rate": (n - lost) / seconds, "lost": lost, "dup": dup,
                                          "errors": errors, "unfired": unfired,
-                                         **{f"cpu_{k}": (cpu_after[k] - cpu_before[k]) * 1000 / n
-                                            for k in cpu_before}})
+                                         **{f"cpu_{part}": ms for part, ms in cpu.items()}})
         log(f"  {key}: {(n - lost) / seconds:8.1f} msg/s  lost {lost} dup {dup} errbacks {errors} unfired {unfired}")
 
     async def run(key, tag, calls, together, answered=None):
@@ -363,8 +363,6 @@ async def bench_master(basedir: str):
 def cpu_by_thread() -> dict[str, float]:
     """CPU seconds used so far by the reactor thread, the DB threads and the rest of the
     process (the SMTP sink's thread above all), from /proc (Linux; the process only, elsewhere)."""
-    import threading
-
     names = {t.native_id: t.name for t in threading.enumerate()}
     main = threading.main_thread().native_id
     out = {"process": time.process_time(), "reactor": 0.0, "db": 0.0}
@@ -385,6 +383,12 @@ def cpu_by_thread() -> dict[str, float]:
         elif "DBThreadPool" in names.get(int(tid), ""):
             out["db"] += seconds
     return out
+
+
+def cpu_ms_per_mail(before: dict[str, float], mails: int) -> dict[str, float]:
+    """CPU milliseconds per mail since ``before`` (a ``cpu_by_thread()``), by part."""
+    after = cpu_by_thread()
+    return {part: (after[part] - before[part]) * 1000 / mails for part in before}
 
 
 class DbCalls:
@@ -475,8 +479,7 @@ async def report_path_phase(sink: SmtpServer, master, stock_master, builds: int,
                 cpu_before = cpu_by_thread()
                 seconds, errors, unfired = await timed([lambda i=i: event(i) for i in numbers], together, BOUND,
                                                        answered)
-                cpu_after = cpu_by_thread()
-                cpu = {k: (cpu_after[k] - cpu_before[k]) * 1000 / builds for k in cpu_before}
+                cpu = cpu_ms_per_mail(cpu_before, builds)
                 if notifier is ours:
                     await settled(ours)
                 expected = {str(i) for i in numbers}
@@ -487,7 +490,7 @@ async def report_path_phase(sink: SmtpServer, master, stock_master, builds: int,
                 rows.setdefault(key, []).append({"rate": (builds - lost) / seconds, "lost": lost, "dup": dup,
                                                  "errors": errors, "unfired": unfired,
                                                  "db_calls": (db_calls[notifier].count - calls_before) / builds,
-                                                 **{f"cpu_{k}": v for k, v in cpu.items()}})
+                                                 **{f"cpu_{part}": ms for part, ms in cpu.items()}})
                 log(f"  report path {key}: {(builds - lost) / seconds:8.1f} msg/s  lost {lost} dup {dup}  "
                     f"CPU {cpu['process']:.1f} ms/mail (reactor {cpu['reactor']:.1f}, DB {cpu['db']:.1f})")
     await stop_notifier(ours)
@@ -553,6 +556,12 @@ def median(rows: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in rows)
 
 
+def cpu_split(rows: list[dict], digits: int) -> str:
+    """"process = reactor + DB + rest", medians of the rows' CPU ms per mail."""
+    p, r, d = (median(rows, f"cpu_{part}") for part in ("process", "reactor", "db"))
+    return f"{p:5.{digits}f} = {r:4.{digits}f} + {d:4.{digits}f} + {p - r - d:4.{digits}f}"
+
+
 def render(args, send: dict, path: dict, slow: dict, total: float, load: tuple) -> str:
     out = ["", "buildbot-mailext throughput: ours (MailExtNotifier) vs stock MailNotifier vs raw smtplib",
            bench_run.machine(),
@@ -594,10 +603,8 @@ def render(args, send: dict, path: dict, slow: dict, total: float, load: tuple) 
     out.append(f"   transport / raw sendmail(bytes) {ts / raw_bytes:17.0%}  {tb / raw_bytes:12.0%}")
     out.append("   CPU per mail, ms: whole process = reactor thread + DB thread + the rest (the SMTP sink "
                "above all), until the sink has the last mail:")
-    for label, key in (("raw send_message", "raw send_message"), ("stock all at once", "stock all at once"),
-                       ("ours all at once", "ours all at once"), ("ours one-by-one", "ours one-by-one")):
-        p, r, d = (median(send[key], f"cpu_{k}") for k in ("process", "reactor", "db"))
-        out.append(f"   {label:31} {p:5.2f} = {r:4.2f} + {d:4.2f} + {p - r - d:4.2f}")
+    for key in ("raw send_message", "stock all at once", "ours all at once", "ours one-by-one"):
+        out.append(f"   {key:31} {cpu_split(send[key], 2)}")
     stock_unfired = sum(r["unfired"] for r in send["stock all at once"])
     stock_err = sum(r["errors"] for r in send["stock all at once"] + send["stock one-by-one"])
     out.append(f"   stock: {stock_err} sendMail Deferreds errbacked, {stock_unfired} never fired within {BOUND:g}s")
@@ -625,12 +632,8 @@ def render(args, send: dict, path: dict, slow: dict, total: float, load: tuple) 
     out.append("   CPU per mail, ms: whole process = reactor thread + DB thread + the rest (the SMTP sink "
                "above all); one after another | all at once:")
     for who in ("stock", "ours"):
-        line = []
-        for mode in ("one-by-one", "all at once"):
-            rs = path[f"{who} {mode}"]
-            p, r, d = (median(rs, f"cpu_{k}") for k in ("process", "reactor", "db"))
-            line.append(f"{p:5.1f} = {r:4.1f} + {d:4.1f} + {p - r - d:4.1f}")
-        out.append(f"   {who:5}  {line[0]}   |   {line[1]}")
+        out.append(f"   {who:5}  {cpu_split(path[who + ' one-by-one'], 1)}   |   "
+                   f"{cpu_split(path[who + ' all at once'], 1)}")
     out.append("")
 
     out.append(f"3. slow relay (every reply after the greeting 200 ms late): {args.slow} mails at once")
