@@ -19,8 +19,8 @@ Phases (each repeated, medians printed; nothing is asserted, this prints):
    ceiling, twice: ``send_message()`` (it serializes each message, as a notifier must) and
    ``sendmail()`` with bytes made beforehand (the wire alone). Two rows for our transport
    without the outbox: on bytes made beforehand (the transport alone), and on each message
-   serialized in the call (``message_bytes``, as ours does): the floor of any sender that
-   serializes each mail as ours does, stored or not.
+   serialized in the call (``message_bytes``, as ours does): the most any sender that
+   serializes each mail as ours does can reach, stored or not.
 2. The whole report path for failing builds (``_got_event`` -> generator -> formatter ->
    message -> transport): each event a failed build of its own (100-line log) right after a
    passing one, so each notifier reads what it reads on a real master.
@@ -331,20 +331,19 @@ async def sendmail_phase(sink: SmtpServer, master, n: int, reps: int, log) -> di
 
         # The transport alone, on bytes made beforehand: what is left once the message is
         # serialized and stored (compare with raw sendmail(bytes)).
+        t = ours.transport
         for together in (False, True):
             tag = f"transport{rep}{'b' if together else 's'}"
             payloads = [mime.message_bytes(m) for m in built_messages(n, tag)]
-            t = ours.transport
             calls = [lambda b=b: t.send("buildbot@example.org", [TO], b, "bench") for b in payloads]
             await run(f"transport {'all at once' if together else 'one-by-one'}", tag, calls, together)
-        # The floor of any sender that serializes each mail as ours does (message_bytes) but
-        # stores nothing: serialization and the transport alone, for issue 8's burst target.
+        # Serialization (message_bytes, as ours does) and the transport, nothing stored: the
+        # most any sender that serializes each mail as ours does can reach (issue 8's burst target).
         for together in (False, True):
-            tag = f"floor{rep}{'b' if together else 's'}"
-            t = ours.transport
+            tag = f"serialized{rep}{'b' if together else 's'}"
             calls = [lambda m=m: t.send("buildbot@example.org", [TO], mime.message_bytes(m), "bench")
                      for m in built_messages(n, tag)]
-            await run(f"floor {'all at once' if together else 'one-by-one'}", tag, calls, together)
+            await run(f"serialize+transport {'all at once' if together else 'one-by-one'}", tag, calls, together)
         await stop_notifier(ours)
     return rows
 
@@ -603,8 +602,9 @@ def render(args, send: dict, path: dict, slow: dict, total: float, load: tuple) 
          f"{median(send['transport all at once'], 'rate'):.1f}", lost_dup(send["transport one-by-one"]),
          lost_dup(send["transport all at once"])],
         ["  its MailTransport.send(message_bytes(m)), nothing stored",
-         f"{median(send['floor one-by-one'], 'rate'):.1f}", f"{median(send['floor all at once'], 'rate'):.1f}",
-         lost_dup(send["floor one-by-one"]), lost_dup(send["floor all at once"])],
+         f"{median(send['serialize+transport one-by-one'], 'rate'):.1f}",
+         f"{median(send['serialize+transport all at once'], 'rate'):.1f}",
+         lost_dup(send["serialize+transport one-by-one"]), lost_dup(send["serialize+transport all at once"])],
     ]
     out.append(bench_run.table(["sender", "one after another", "all at once", "lost/dup 1by1", "lost/dup burst"],
                                rows, right={1, 2, 3, 4}))
@@ -615,13 +615,13 @@ def render(args, send: dict, path: dict, slow: dict, total: float, load: tuple) 
     out.append(f"   ours / raw sendmail(bytes)      {ours_s / raw_bytes:17.0%}  {ours_b / raw_bytes:12.0%}")
     ts, tb = median(send["transport one-by-one"], "rate"), median(send["transport all at once"], "rate")
     out.append(f"   transport / raw sendmail(bytes) {ts / raw_bytes:17.0%}  {tb / raw_bytes:12.0%}")
-    fs, fb = median(send["floor one-by-one"], "rate"), median(send["floor all at once"], "rate")
-    out.append(f"   serialize + transport / stock   {fs / stock_s:17.1f}x  {fb / stock_b:11.1f}x   "
-               "(no store: the floor of a sender that serializes each mail)")
+    ss, sb = (median(send[f"serialize+transport {mode}"], "rate") for mode in ("one-by-one", "all at once"))
+    out.append(f"   serialize + transport / stock   {ss / stock_s:17.1f}x  {sb / stock_b:11.1f}x   "
+               "(nothing stored: the most a sender that serializes each mail can reach)")
     out.append("   CPU per mail, ms: whole process = reactor thread + DB thread + the rest (the SMTP sink "
                "above all), until the sink has the last mail:")
     for key in ("raw send_message", "stock all at once", "ours all at once", "ours one-by-one",
-                "floor all at once", "transport all at once"):
+                "serialize+transport all at once", "transport all at once"):
         out.append(f"   {key:31} {cpu_split(send[key], 2)}")
     stock_unfired = sum(r["unfired"] for r in send["stock all at once"])
     stock_err = sum(r["errors"] for r in send["stock all at once"] + send["stock one-by-one"])
